@@ -1,0 +1,227 @@
+"""The configuration schema: one grouped ml_collections ConfigDict with the reference's defaults.
+
+Field names follow the PyTorch CoT-ICL Lab `Args` where one exists, so a task card ports line by
+line: `Args(vocab_size=64, prompt_strategy="cot")` becomes `config.data.vocab_size = 64` and
+`config.data.prompt_strategy = "cot"`. Groups: `data` (the task distribution), `model` (the Llama
+decoder), `train`, `eval`, `mesh`, `sweep`, `log`; `seed` sits at the top because data, model and
+evaluation all derive their keys from it.
+"""
+
+import math
+
+import ml_collections
+
+PROMPT_STRATEGIES = (
+    "standard",
+    "cot",
+    "standard_special_token",
+    "cot_special_token",
+    "hybrid_special_token",
+)
+ACTIVATIONS = ("identity", "relu", "silu", "leaky_relu")
+RECIPE_TYPES = ("power_law",)
+RECIPE_ORDERS = ("shuffled", "curriculum")
+DAG_STRATEGIES = ("random",)
+NUM_RESERVED_TOKENS = 9
+
+
+def uses_special_tokens(prompt_strategy: str) -> bool:
+    """Special tokens follow from the prompt strategy, as in the reference's task cards."""
+    return prompt_strategy.endswith("_special_token")
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """The task distribution (DESIGN 1.1 - 1.3). Defaults: the papers' default task."""
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=1024,
+            n_dims=10,
+            n_input_choices=(4,),
+            n_parent_choices=(4,),
+            chain_length_choices=(4,),
+            n_example_choices=(40,),
+            data_initializer_range=1.0,
+            dag_strategy="random",
+            ablation_fixed_dag=False,
+            activation="leaky_relu",
+            H_num_layers=1,
+            ablation_fixed_H=False,
+            num_unique_H=-1,
+            prompt_strategy="cot",
+            # None, or {"type": "power_law", "initial_prob", "final_prob", "alpha", "scale"}.
+            cot_example_prob_recipe_info=ml_collections.config_dict.placeholder(dict),
+            # How the recipe's prompt index is drawn: "shuffled" (a uniform random index in
+            # [0, n_tasks), the reference's behaviour) or "curriculum" (the task's position in
+            # training order).
+            cot_example_prob_recipe_order="shuffled",
+        )
+    )
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """The Llama decoder (DESIGN 1.5). Defaults: the reference's depth-4 model."""
+    return ml_collections.ConfigDict(
+        dict(
+            num_hidden_layers=4,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            rms_norm_eps=1e-6,
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=1.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=1000,
+            ),
+            tie_word_embeddings=True,
+            initializer_range=0.02,
+            dtype="bfloat16",  # compute dtype; parameters are always float32
+            remat_policy="none",  # "none", "full", or a jax.checkpoint_policies name
+            attention_impl="auto",  # "auto" (cuDNN where offered), "xla", "cudnn"
+        )
+    )
+
+
+def train_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            n_tasks=64 * 50_000,
+            batch_size=64,
+            lr=5e-5,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            warmup_steps=0,
+            lr_schedule="constant",  # "constant", "cosine", "linear"
+            grad_clip_norm=0.0,  # 0 disables clipping
+            log_every_n_steps=100,
+            checkpoint_every_n_steps=500,
+            keep_checkpoints=3,
+        )
+    )
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            n_eval_tasks=10_000,
+            eval_every_n_steps=500,
+            batch_size=64,
+            max_pred_tokens=100,
+        )
+    )
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    # Axis sizes; -1 takes the remaining devices.
+    return ml_collections.ConfigDict(dict(replica=1, data=-1, fsdp=1, tensor=1))
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """The full configuration with the reference's defaults (DESIGN 1.5)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+    config.data = data_config()
+    config.model = model_config()
+    config.train = train_config()
+    config.eval = eval_config()
+    config.mesh = mesh_config()
+    config.sweep = ml_collections.ConfigDict(dict(name="", member=-1))
+    config.log = ml_collections.ConfigDict(dict(tensorboard=True, progress_bar=True))
+    return config
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names field, value and what is allowed."""
+
+
+def _fail(field: str, value, allowed: str):
+    raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}.")
+
+
+def _check_choices(field: str, value):
+    choices = tuple(value) if isinstance(value, (list, tuple)) else None
+    if not choices:
+        _fail(field, value, "expected a non-empty tuple of positive integers")
+    for choice in choices:
+        if isinstance(choice, bool) or not isinstance(choice, int) or choice < 1:
+            _fail(field, value, "expected a non-empty tuple of positive integers")
+
+
+def _check_positive_int(field: str, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(field, value, "expected a positive integer")
+
+
+def validate_data(data, n_tasks: int = 1) -> None:
+    """Rejects an invalid `config.data` (and the recipe's `n_tasks`) before anything compiles."""
+    for name in ("n_input_choices", "n_parent_choices", "chain_length_choices",
+                 "n_example_choices"):
+        _check_choices(f"data.{name}", data[name])
+    for name in ("vocab_size", "n_dims", "H_num_layers"):
+        _check_positive_int(f"data.{name}", data[name])
+    _check_positive_int("train.n_tasks", n_tasks)
+    if data.activation not in ACTIVATIONS:
+        _fail("data.activation", data.activation, f"expected one of {ACTIVATIONS}")
+    if data.prompt_strategy not in PROMPT_STRATEGIES:
+        _fail("data.prompt_strategy", data.prompt_strategy, f"expected one of {PROMPT_STRATEGIES}")
+    if data.dag_strategy not in DAG_STRATEGIES:
+        _fail("data.dag_strategy", data.dag_strategy, f"expected one of {DAG_STRATEGIES}")
+    if not (isinstance(data.data_initializer_range, (int, float))
+            and data.data_initializer_range > 0):
+        _fail("data.data_initializer_range", data.data_initializer_range,
+              "expected a positive number")
+    special = uses_special_tokens(data.prompt_strategy)
+    usable = data.vocab_size - (NUM_RESERVED_TOKENS if special else 0)
+    if usable < 2:
+        _fail("data.vocab_size", data.vocab_size,
+              f"prompt_strategy {data.prompt_strategy!r} reserves "
+              f"{NUM_RESERVED_TOKENS if special else 0} ids; at least 2 usable ids are needed, so "
+              f"vocab_size must be >= {NUM_RESERVED_TOKENS * special + 2}")
+    if data.ablation_fixed_H:
+        _check_positive_int("data.num_unique_H", data.num_unique_H)
+    elif data.num_unique_H != -1:
+        _fail("data.num_unique_H", data.num_unique_H,
+              "a processor pool needs data.ablation_fixed_H=True; leave num_unique_H=-1 otherwise")
+    if data.ablation_fixed_dag:
+        for name in ("n_input_choices", "n_parent_choices", "chain_length_choices"):
+            if len(data[name]) != 1:
+                _fail(f"data.{name}", data[name],
+                      "data.ablation_fixed_dag draws one DAG for every task, so n, m and c need a "
+                      "single choice each")
+    _validate_recipe(data)
+
+
+def _validate_recipe(data) -> None:
+    recipe = data.cot_example_prob_recipe_info
+    if data.cot_example_prob_recipe_order not in RECIPE_ORDERS:
+        _fail("data.cot_example_prob_recipe_order", data.cot_example_prob_recipe_order,
+              f"expected one of {RECIPE_ORDERS}")
+    if data.prompt_strategy == "hybrid_special_token" and recipe is None:
+        _fail("data.cot_example_prob_recipe_info", recipe,
+              "prompt_strategy 'hybrid_special_token' needs a recipe, e.g. {'type': 'power_law', "
+              "'initial_prob': 0.0, 'final_prob': 1.0, 'alpha': 1.0, 'scale': 1.0}")
+    if recipe is None:
+        return
+    if data.prompt_strategy != "hybrid_special_token":
+        _fail("data.cot_example_prob_recipe_info", dict(recipe),
+              "a CoT-probability recipe applies only to prompt_strategy 'hybrid_special_token'")
+    field = "data.cot_example_prob_recipe_info"
+    if recipe.get("type") not in RECIPE_TYPES:
+        _fail(f"{field}.type", recipe.get("type"), f"expected one of {RECIPE_TYPES}")
+    for key in ("initial_prob", "final_prob", "alpha", "scale"):
+        value = recipe.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            _fail(f"{field}.{key}", value, "expected a number")
+    if recipe["alpha"] < 0:
+        _fail(f"{field}.alpha", recipe["alpha"], "expected alpha >= 0 (inf means no CoT)")
+    for key in ("initial_prob", "final_prob"):
+        if not 0.0 <= recipe[key] <= 1.0:
+            _fail(f"{field}.{key}", recipe[key], "expected a probability in [0, 1]")
+    if not math.isfinite(recipe["scale"]):
+        _fail(f"{field}.scale", recipe["scale"], "expected a finite number")
