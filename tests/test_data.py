@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import oracle
 from cotlab_jax import config as config_lib
 from cotlab_jax import data
+from cotlab_jax import numpy_reference as oracle
 
 STRATEGIES = config_lib.PROMPT_STRATEGIES
 RECIPE = {"type": "power_law", "initial_prob": 0.0, "final_prob": 1.0, "alpha": 1.0, "scale": 1.0}

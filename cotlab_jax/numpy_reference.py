@@ -1,5 +1,6 @@
-"""A plain NumPy implementation of DESIGN.md 1.1 - 1.3, one example at a time, as the reference
-writes it: the independent oracle the JAX sampler is checked against. Lists, loops, no masks."""
+"""A plain NumPy implementation of DESIGN.md 1.1 - 1.3, one example at a time, as the PyTorch
+reference writes it: lists, loops, no masks, no JAX. The tests check the JAX sampler against it, and
+`python -m cotlab_jax.bench sampler` times it side by side."""
 
 import numpy as np
 
@@ -98,3 +99,36 @@ def left_pad(seq, length, pad):
 def power_law(initial_prob, final_prob, alpha, scale, prompt_index, n_prompts):
     x = prompt_index / n_prompts
     return min(scale * x**alpha + initial_prob, final_prob)
+
+
+def sample_task(rng, spec, embeddings):
+    """One task drawn the reference's way: returns (tokens, labels, query, target), lists.
+
+    `spec` is a `cotlab_jax.data.TaskSpec` (read for its fields only), `embeddings` float32
+    [V, d]; the draws follow DESIGN 1.1 with NumPy's generator, so the tasks are distributed like
+    the sampler's, not equal to them.
+    """
+    n = int(rng.choice(spec.n_input_choices))
+    m = min(int(rng.choice(spec.n_parent_choices)), n)
+    c = int(rng.choice(spec.chain_length_choices))
+    k = int(rng.choice(spec.n_example_choices))
+    special = spec.prompt_strategy.endswith("_special_token")
+    usable = spec.vocab_size - (9 if special else 0)
+    adj = []
+    for j in range(c):
+        adj.append(list(rng.choice(n + j, size=m, replace=False)))
+    d = spec.n_dims
+    processors = rng.normal(size=(c, spec.H_num_layers, d, d)).astype(np.float32)
+    examples = []
+    for _ in range(k):
+        inputs = list(rng.integers(0, usable, size=n))
+        examples.append((inputs, chain(embeddings, processors, adj, n, m, c, inputs,
+                                       spec.activation, range(usable, spec.vocab_size))))
+    if spec.prompt_strategy == "hybrid_special_token":
+        initial_prob, final_prob, alpha, scale = spec.recipe
+        p = power_law(initial_prob, final_prob, alpha, scale, rng.integers(spec.n_tasks),
+                      spec.n_tasks)
+        is_cot = list(rng.random(k) < p)
+    else:
+        is_cot = [spec.prompt_strategy in ("cot", "cot_special_token")] * k
+    return prompt(spec.prompt_strategy, examples, is_cot, spec.vocab_size)

@@ -1,0 +1,520 @@
+"""The Llama decoder (DESIGN 1.5) in Flax NNX, used functionally.
+
+    graphdef, state = init(config, key)              # split once
+    logits = apply(graphdef, state, ids, positions, mask)   # jit over the state pytree
+
+Numerically it is Hugging Face's `LlamaForCausalLM` (see `cotlab_jax.hf_convert`): RMSNorm,
+rotary embeddings with rotate-half pairing and optional llama3 frequency scaling, grouped-query
+attention, SwiGLU MLP, no biases, tied or untied output embedding. Parameters are float32 and
+cast to the compute dtype (`config.dtype`) where used; norms, rotary angles and softmax run in
+float32 and logits come back in float32.
+
+The layers' parameters are stacked along a leading `layers` axis and run by one `lax.scan`, so
+compile time does not grow with depth. Every parameter carries logical axis names (`embed`,
+`vocab`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`) as flax `out_sharding` metadata,
+which `cotlab_jax.sharding` maps onto a mesh.
+
+Sequences are left-padded: `attention_mask` marks real tokens, and callers pass `positions`
+(cumsum(mask) - 1), so padding never shifts a token's rotary position.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cotlab_jax import sharding
+from cotlab_jax.config import ConfigError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# "none", "full" (save nothing), or a jax.checkpoint_policies policy that takes no arguments.
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
+)
+ROPE_TYPES = ("default", "llama3")
+
+
+def _invalid(field: str, value, allowed: str):
+    raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's rotary frequency scaling (HF `rope_type="llama3"`)."""
+
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 1000
+
+    def __post_init__(self):
+        field = "model.rope_scaling"
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                _invalid(f"{field}.{name}", value, "expected a positive number")
+        if self.high_freq_factor <= self.low_freq_factor:
+            _invalid(
+                f"{field}.high_freq_factor",
+                self.high_freq_factor,
+                f"expected more than low_freq_factor={self.low_freq_factor}",
+            )
+        if not (
+            _is_int(self.original_max_position_embeddings)
+            and self.original_max_position_embeddings > 0
+        ):
+            _invalid(
+                f"{field}.original_max_position_embeddings",
+                self.original_max_position_embeddings,
+                "expected a positive integer",
+            )
+
+    @classmethod
+    def from_dict(cls, rope_scaling) -> "Llama3RopeScaling | None":
+        """From `config.model.rope_scaling`: None, {"rope_type": "default"} or a llama3 dict."""
+        if rope_scaling is None:
+            return None
+        rope_scaling = dict(rope_scaling)
+        rope_type = rope_scaling.pop("rope_type", rope_scaling.pop("type", None))
+        if rope_type not in ROPE_TYPES:
+            _invalid("model.rope_scaling.rope_type", rope_type, f"expected one of {ROPE_TYPES}")
+        if rope_type == "default":
+            return None
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(rope_scaling) - names)
+        if unknown:
+            _invalid("model.rope_scaling", unknown, f"unknown keys; llama3 takes {sorted(names)}")
+        return cls(**rope_scaling)
+
+    def to_dict(self) -> dict:
+        return dict(rope_type="llama3", **dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The decoder's hyperparameters; validated on construction (raises `ConfigError`).
+
+    Defaults are the reference's depth-4 model (DESIGN 1.5). `head_dim=None` means
+    hidden_size // num_attention_heads. Hashable, so it can sit in a jit-static graphdef.
+    """
+
+    vocab_size: int
+    num_hidden_layers: int = 4
+    hidden_size: int = 2048
+    intermediate_size: int = 8192
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = 64
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 500000.0
+    rope_scaling: Llama3RopeScaling | None = Llama3RopeScaling()
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    dtype: str = "bfloat16"
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        if not (_is_int(self.vocab_size) and self.vocab_size > 0):
+            _invalid("data.vocab_size", self.vocab_size, "expected a positive integer")
+        for name in (
+            "num_hidden_layers",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+        ):
+            value = getattr(self, name)
+            if not (_is_int(value) and value > 0):
+                _invalid(f"model.{name}", value, "expected a positive integer")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                _invalid(
+                    "model.hidden_size",
+                    self.hidden_size,
+                    f"with head_dim=None it must be divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; or set model.head_dim",
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if not (_is_int(self.head_dim) and self.head_dim > 0 and self.head_dim % 2 == 0):
+            _invalid(
+                "model.head_dim",
+                self.head_dim,
+                "expected a positive even integer (rotary embeddings rotate pairs), or None",
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            _invalid(
+                "model.num_key_value_heads",
+                self.num_key_value_heads,
+                f"expected a divisor of num_attention_heads={self.num_attention_heads}",
+            )
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                _invalid(f"model.{name}", value, "expected a positive number")
+        if not (self.rope_scaling is None or isinstance(self.rope_scaling, Llama3RopeScaling)):
+            _invalid(
+                "model.rope_scaling",
+                self.rope_scaling,
+                "expected None or a Llama3RopeScaling (see LlamaConfig.from_config)",
+            )
+        if not isinstance(self.tie_word_embeddings, bool):
+            _invalid("model.tie_word_embeddings", self.tie_word_embeddings, "expected a bool")
+        if self.dtype not in DTYPES:
+            _invalid("model.dtype", self.dtype, f"expected one of {tuple(DTYPES)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            _invalid("model.remat_policy", self.remat_policy, f"expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            _invalid(
+                "model.attention_impl", self.attention_impl, f"expected one of {ATTENTION_IMPLS}"
+            )
+
+    @classmethod
+    def from_config(cls, model_cfg, vocab_size: int) -> "LlamaConfig":
+        """From the project's `config.model` group and `config.data.vocab_size`."""
+        fields = {field.name for field in dataclasses.fields(cls)} - {"vocab_size"}
+        values = dict(model_cfg)
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            _invalid("model", unknown, f"unknown fields; known are {sorted(fields)}")
+        values["rope_scaling"] = Llama3RopeScaling.from_dict(values.get("rope_scaling"))
+        return cls(vocab_size=vocab_size, **values)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def _param(key, shape, axes, std):
+    """A float32 parameter drawn normal(0, std), annotated with logical axis names.
+
+    `eager_sharding=False`: parameters are created unsharded (or sharded by a jit's
+    out_shardings, see `init_sharded`), whatever mesh is current.
+    """
+    return nnx.Param(
+        std * jax.random.normal(key, shape, jnp.float32), out_sharding=axes, eager_sharding=False
+    )
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, config: LlamaConfig):
+        self.eps = config.rms_norm_eps
+        self.scale = nnx.Param(
+            jnp.ones((config.hidden_size,), jnp.float32),
+            out_sharding=("embed",),
+            eager_sharding=False,
+        )
+
+    def __call__(self, x):
+        # As HF: normalise in float32, round to the compute dtype, then scale.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Per-pair rotary frequencies [head_dim // 2], with llama3 scaling if configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    # HF `_compute_llama3_parameters`: keep high frequencies, divide low ones by `factor`,
+    # interpolate smoothly in between.
+    old_context = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context / scaling.low_freq_factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotates x [B, L, heads, head_dim] by positions [B, L] (HF's rotate-half pairing)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, head_dim / 2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def _attention_implementation(config: LlamaConfig, query, key) -> str:
+    """The `jax.nn.dot_product_attention` implementation, "xla" or "cudnn", resolving "auto"."""
+    on_gpu = jax.default_backend() == "gpu"
+    if config.attention_impl == "cudnn":
+        if not on_gpu:
+            _invalid(
+                "model.attention_impl",
+                "cudnn",
+                f"cuDNN attention needs a GPU backend, this one is {jax.default_backend()!r}",
+            )
+        return "cudnn"
+    if config.attention_impl == "xla":
+        return "xla"
+    # cuDNN flash attention takes 16-bit inputs, head dims that are multiples of 8 up to 128
+    # (256 on Hopper), and, when a mask is given and gradients are taken, even lengths.
+    fits = (
+        query.dtype == jnp.bfloat16
+        and config.head_dim % 8 == 0
+        and config.head_dim <= 128
+        and query.shape[1] % 2 == 0
+        and key.shape[1] % 2 == 0
+    )
+    return "cudnn" if on_gpu and fits else "xla"
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        self.config = config
+        d, h, kv, hd = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        std = config.initializer_range
+        self.q_proj = _param(rngs.params(), (d, h, hd), ("embed", "heads", "head_dim"), std)
+        self.k_proj = _param(rngs.params(), (d, kv, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.v_proj = _param(rngs.params(), (d, kv, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.o_proj = _param(rngs.params(), (h, hd, d), ("heads", "head_dim", "embed"), std)
+
+    def __call__(self, x, positions, mask, kv_cache, cache_index):
+        """x [B, L, D]; mask [B, 1, L, S] (True = attend); kv_cache None or (k, v) [B, S, KV, hd].
+
+        Without a cache the keys are this call's tokens (S = L); with one, this call's keys and
+        values are written into it at slot `cache_index` and attention runs over all S slots.
+        Returns the output [B, L, D] and the (updated) keys and values.
+        """
+        dtype = x.dtype
+        query = jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(dtype))
+        key = jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(dtype))
+        value = jnp.einsum("bld,dhk->blhk", x, self.v_proj[...].astype(dtype))
+        inv_freq = rope_inverse_frequencies(self.config)
+        query = sharding.constrain(
+            apply_rope(query, positions, inv_freq), ("batch", "length", "heads", "head_dim")
+        )
+        key = apply_rope(key, positions, inv_freq)
+        if kv_cache is not None:
+            cache_key, cache_value = kv_cache
+            key = jax.lax.dynamic_update_slice_in_dim(cache_key, key, cache_index, axis=1)
+            value = jax.lax.dynamic_update_slice_in_dim(cache_value, value, cache_index, axis=1)
+        key = sharding.constrain(key, ("batch", "length", "kv_heads", "head_dim"))
+        value = sharding.constrain(value, ("batch", "length", "kv_heads", "head_dim"))
+        out = jax.nn.dot_product_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            implementation=_attention_implementation(self.config, query, key),
+        )
+        out = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(dtype))
+        return out, (key, value)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        d, m, std = config.hidden_size, config.intermediate_size, config.initializer_range
+        self.gate_proj = _param(rngs.params(), (d, m), ("embed", "mlp"), std)
+        self.up_proj = _param(rngs.params(), (d, m), ("embed", "mlp"), std)
+        self.down_proj = _param(rngs.params(), (m, d), ("mlp", "embed"), std)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        gate = jnp.einsum("bld,dm->blm", x, self.gate_proj[...].astype(dtype))
+        up = jnp.einsum("bld,dm->blm", x, self.up_proj[...].astype(dtype))
+        hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return jnp.einsum("blm,md->bld", hidden, self.down_proj[...].astype(dtype))
+
+
+class Block(nnx.Module):
+    """One decoder layer: pre-norm attention and pre-norm SwiGLU MLP, each residual."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config)
+        self.self_attn = Attention(config, rngs)
+        self.post_attention_layernorm = RMSNorm(config)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x, positions, mask, kv_cache, cache_index):
+        attended, kv = self.self_attn(
+            self.input_layernorm(x), positions, mask, kv_cache, cache_index
+        )
+        x = x + attended
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return sharding.constrain(x, ("batch", "length", "embed")), kv
+
+
+def _remat(fn, policy_name: str):
+    if policy_name == "none":
+        return fn
+    policy = None if policy_name == "full" else getattr(jax.checkpoint_policies, policy_name)
+    # prevent_cse=False is safe (and faster) inside scan, which already keeps the forward and
+    # the recomputation apart.
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+class Llama(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        self.config = config
+        std = config.initializer_range
+        self.embed_tokens = _param(
+            rngs.params(), (config.vocab_size, config.hidden_size), ("vocab", "embed"), std
+        )
+
+        # One Block whose parameters have a leading `layers` axis, one slice per layer.
+        @nnx.split_rngs(splits=config.num_hidden_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_blocks(rngs):
+            return Block(config, rngs)
+
+        self.layers = stacked_blocks(rngs)
+        self.norm = RMSNorm(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(
+                rngs.params(), (config.hidden_size, config.vocab_size), ("embed", "vocab"), std
+            )
+
+    def __call__(self, input_ids, positions, key_mask, kv_cache=None, cache_index=0):
+        """Logits [B, L, V] (float32) and the updated cache.
+
+        input_ids, positions: [B, L]. Without a cache, key_mask [B, L] marks the real tokens.
+        With a cache (k, v), each [layers, B, S, KV, hd], this call's tokens fill slots
+        cache_index .. cache_index + L - 1 and key_mask [B, S] marks the slots that hold real
+        tokens once they are written. Token i attends to the real slots up to its own.
+        """
+        config = self.config
+        dtype = config.compute_dtype
+        length = input_ids.shape[1]
+        # The lookup reads a whole replicated table: a gather from a table sharded over vocab and
+        # embed cannot produce batch-sharded rows without a full rematerialisation.
+        table = sharding.constrain(self.embed_tokens[...].astype(dtype), (None, None))
+        x = jnp.take(table, input_ids, axis=0)
+        x = sharding.constrain(x, ("batch", "length", "embed"))
+        query_slots = cache_index + jnp.arange(length)
+        key_slots = jnp.arange(key_mask.shape[1])
+        causal = key_slots[None, :] <= query_slots[:, None]
+        mask = causal[None, None] & key_mask.astype(bool)[:, None, None, :]
+
+        layers_graphdef, layers_state = nnx.split(self.layers)
+
+        def layer(x, layer_inputs):
+            layer_state, layer_cache = layer_inputs
+            block = nnx.merge(layers_graphdef, layer_state)
+            return block(x, positions, mask, layer_cache, cache_index)
+
+        if kv_cache is None:
+            # Keys and values are not kept without a cache: `None` makes scan drop them.
+            def body(x, layer_state):
+                x, _ = layer(x, (layer_state, None))
+                return x, None
+        else:
+            body = layer
+            kv_cache = tuple(
+                sharding.constrain(c, ("layers", "batch", "length", "kv_heads", "head_dim"))
+                for c in kv_cache
+            )
+        xs = layers_state if kv_cache is None else (layers_state, kv_cache)
+        x, new_cache = jax.lax.scan(_remat(body, config.remat_policy), x, xs)
+
+        x = self.norm(x)
+        if config.tie_word_embeddings:
+            head = self.embed_tokens[...].astype(dtype).T
+        else:
+            head = self.lm_head[...].astype(dtype)
+        logits = jnp.einsum("bld,dv->blv", x, head, preferred_element_type=jnp.float32)
+        return sharding.constrain(logits, ("batch", "length", "vocab")), new_cache
+
+    def init_cache(self, batch_size: int, cache_length: int):
+        """An empty key/value cache: (k, v), each [layers, B, S, KV heads, head_dim]."""
+        config = self.config
+        shape = (
+            config.num_hidden_layers,
+            batch_size,
+            cache_length,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        return (jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
+
+
+def init(config: LlamaConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
+    """A freshly initialised model, split into its static graphdef and its parameter state.
+
+    Works under `jax.eval_shape` (abstract state) and `jax.jit` (see `init_sharded`).
+    """
+    return nnx.split(Llama(config, rngs=nnx.Rngs(params=key)))
+
+
+def init_sharded(config: LlamaConfig, key: jax.Array, mesh: jax.sharding.Mesh):
+    """`init`, with the state created directly sharded over `mesh` by its logical axis rules."""
+    graphdef, abstract_state = jax.eval_shape(functools.partial(init, config), key)
+    shardings = sharding.state_shardings(abstract_state, mesh)
+    state = jax.jit(lambda key: init(config, key)[1], out_shardings=shardings)(key)
+    return graphdef, state
+
+
+def apply(graphdef: nnx.GraphDef, state: nnx.State, input_ids, positions, attention_mask):
+    """Float32 logits [B, L, V] for left-padded input_ids [B, L].
+
+    positions: [B, L] rotary positions, cumsum(attention_mask) - 1 for left padding.
+    attention_mask: [B, L], True/1 for real tokens. Call it inside a jit.
+    """
+    logits, _ = nnx.merge(graphdef, state)(input_ids, positions, attention_mask)
+    return logits
+
+
+def positions_from_mask(attention_mask) -> jax.Array:
+    """Rotary positions counting real tokens only: cumsum(mask) - 1 (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def count_params(state: nnx.State) -> int:
+    """Number of parameters (a tied embedding counts once)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+def matmul_params(config: LlamaConfig) -> int:
+    """Parameters that take part in a matmul per token: all but the input embedding lookup
+    and norms (the output projection counts, tied or not)."""
+    d, hd = config.hidden_size, config.head_dim
+    attention = 2 * d * config.num_attention_heads * hd + 2 * d * config.num_key_value_heads * hd
+    mlp = 3 * d * config.intermediate_size
+    return config.num_hidden_layers * (attention + mlp) + d * config.vocab_size
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token at sequence length `seq_len`, for MFU (PaLM appendix B).
+
+    Forward: 2 per matmul parameter, plus 4 * layers * heads * head_dim * seq_len for the
+    attention scores and weighted values (causal masking not discounted). Training (forward and
+    backward) is three times the forward.
+    """
+    attention = 4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+    forward = 2 * matmul_params(config) + attention * seq_len
+    return float(3 * forward if training else forward)

@@ -1,0 +1,234 @@
+"""The decoder itself: configuration, parameters, padding, precision, remat, layer scan, FLOPs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
+from model_helpers import forward, random_batch, random_state, tiny_config
+
+from cotlab_jax import model
+from cotlab_jax.config import ConfigError, model_config
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def test_from_config_gives_the_reference_model():
+    config = model.LlamaConfig.from_config(model_config(), vocab_size=1024)
+    assert config == model.LlamaConfig(vocab_size=1024)
+    sizes = (config.num_hidden_layers, config.hidden_size, config.intermediate_size)
+    assert sizes == (4, 2048, 8192)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (32, 8, 64)
+    assert config.rope_scaling == model.Llama3RopeScaling(1.0, 1.0, 4.0, 1000)
+    assert config.tie_word_embeddings and config.dtype == "bfloat16"
+
+
+def test_from_config_reads_default_rope_and_derives_head_dim():
+    cfg = model_config()
+    cfg.rope_scaling = None
+    cfg.head_dim = None
+    config = model.LlamaConfig.from_config(cfg, vocab_size=64)
+    assert config.rope_scaling is None and config.head_dim == 2048 // 32
+    cfg.rope_scaling = {"rope_type": "default"}
+    assert model.LlamaConfig.from_config(cfg, vocab_size=64).rope_scaling is None
+
+
+@pytest.mark.parametrize(
+    "overrides, field, value",
+    [
+        (dict(hidden_size=30, head_dim=None), "model.hidden_size", 30),
+        (dict(num_attention_heads=4, num_key_value_heads=3), "model.num_key_value_heads", 3),
+        (dict(num_hidden_layers=0), "model.num_hidden_layers", 0),
+        (dict(intermediate_size=-8), "model.intermediate_size", -8),
+        (dict(vocab_size=0), "data.vocab_size", 0),
+        (dict(head_dim=7), "model.head_dim", 7),
+        (dict(rms_norm_eps=0.0), "model.rms_norm_eps", 0.0),
+        (dict(rope_theta=-1.0), "model.rope_theta", -1.0),
+        (dict(dtype="float16"), "model.dtype", "float16"),
+        (dict(remat_policy="save_only_these_names"), "model.remat_policy", "save_only_these_names"),
+        (dict(attention_impl="flash"), "model.attention_impl", "flash"),
+        (dict(tie_word_embeddings=1), "model.tie_word_embeddings", 1),
+    ],
+)
+def test_invalid_config_names_field_value_and_allowed(overrides, field, value):
+    with pytest.raises(ConfigError, match=r"is invalid: (expected|with head_dim=None)") as error:
+        tiny_config(**overrides)
+    assert str(error.value).startswith(f"config.{field}={value!r} is invalid: ")
+
+
+@pytest.mark.parametrize(
+    "rope_scaling, field",
+    [
+        ({"rope_type": "yarn", "factor": 2.0}, "model.rope_scaling.rope_type"),
+        ({"rope_type": "llama3", "factor": 0.0}, "model.rope_scaling.factor"),
+        (
+            {"rope_type": "llama3", "low_freq_factor": 4.0, "high_freq_factor": 4.0},
+            "model.rope_scaling.high_freq_factor",
+        ),
+        (
+            {"rope_type": "llama3", "original_max_position_embeddings": 1.5},
+            "model.rope_scaling.original_max_position_embeddings",
+        ),
+        ({"rope_type": "llama3", "beta_fast": 32}, "model.rope_scaling"),
+    ],
+)
+def test_invalid_rope_scaling(rope_scaling, field):
+    cfg = model_config()
+    cfg.rope_scaling = rope_scaling
+    with pytest.raises(ConfigError, match=f"^config.{field}="):
+        model.LlamaConfig.from_config(cfg, vocab_size=64)
+
+
+def test_unknown_model_field_is_rejected():
+    cfg = model_config().to_dict()
+    cfg["n_layers"] = 3
+    with pytest.raises(ConfigError, match="n_layers"):
+        model.LlamaConfig.from_config(cfg, vocab_size=64)
+
+
+def test_cudnn_attention_on_cpu_is_a_config_error():
+    config = tiny_config(attention_impl="cudnn", dtype="bfloat16")
+    graphdef, state = random_state(config, 0)
+    ids, mask = random_batch(0, 2, 8, config.vocab_size)
+    with pytest.raises(ConfigError, match="model.attention_impl"):
+        forward(graphdef, state, ids, mask)
+
+
+# --- parameters ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth, millions", [(4, 245), (8, 489), (12, 732)])
+def test_reference_parameter_counts(depth, millions):
+    config = model.LlamaConfig(vocab_size=1024, num_hidden_layers=depth)
+    _, state = jax.eval_shape(functools.partial(model.init, config), jax.random.key(0))
+    assert round(model.count_params(state) / 1e6) == millions
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameters_are_float32_stacked_and_annotated(tied):
+    config = tiny_config(tie_word_embeddings=tied, dtype="bfloat16")
+    _, state = model.init(config, jax.random.key(0))
+    allowed = {"embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "layers"}
+    flat = dict(nnx.to_flat_state(state))
+    assert (("lm_head",) in flat) == (not tied)
+    for path, variable in flat.items():
+        names = variable.get_metadata()["out_sharding"]
+        assert variable.get_value().dtype == jnp.float32, path
+        assert len(names) == variable.get_value().ndim and set(names) <= allowed, (path, names)
+        if path[0] == "layers":
+            assert (
+                names[0] == "layers" and variable.get_value().shape[0] == config.num_hidden_layers
+            )
+    q = flat[("layers", "self_attn", "q_proj")].get_value()
+    assert q.shape == (2, 32, 4, 8)
+    # Initialised like HF: normal(0, initializer_range) matrices, unit norm scales.
+    assert abs(float(jnp.std(q)) - config.initializer_range) < 0.02
+    assert np.all(np.asarray(flat[("norm", "scale")].get_value()) == 1.0)
+
+
+# --- forward -------------------------------------------------------------------------------------
+
+
+def test_left_padding_does_not_change_real_logits():
+    config = tiny_config()
+    graphdef, state = random_state(config, 1)
+    ids, _ = random_batch(1, 1, 10, config.vocab_size, pads=(0,))
+    padded = jnp.concatenate([jnp.full((1, 5), 3, jnp.int32), ids], axis=1)
+    padded_mask = jnp.arange(15)[None, :] >= 5
+    plain = forward(graphdef, state, ids, jnp.ones((1, 10), bool))
+    with_pads = forward(graphdef, state, padded, padded_mask)
+    np.testing.assert_allclose(with_pads[:, 5:], plain, atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(with_pads)))
+
+
+def test_logits_are_causal():
+    config = tiny_config()
+    graphdef, state = random_state(config, 2)
+    ids, mask = random_batch(2, 2, 12, config.vocab_size, pads=(0,))
+    changed = ids.at[:, 8].set((ids[:, 8] + 1) % config.vocab_size)
+    before, after = forward(graphdef, state, ids, mask), forward(graphdef, state, changed, mask)
+    np.testing.assert_array_equal(before[:, :8], after[:, :8])
+    assert np.abs(np.asarray(before[:, 8:] - after[:, 8:])).max() > 1e-3
+
+
+def test_bfloat16_compute_is_within_bfloat16_tolerance_of_float32():
+    config32 = tiny_config()
+    graphdef32, state = random_state(config32, 3)
+    graphdef16, _ = random_state(tiny_config(dtype="bfloat16"), 3)
+    ids, mask = random_batch(3, 3, 16, config32.vocab_size)
+    logits32 = np.asarray(forward(graphdef32, state, ids, mask))[np.asarray(mask)]
+    logits16 = forward(graphdef16, state, ids, mask)
+    assert logits16.dtype == jnp.float32
+    logits16 = np.asarray(logits16)[np.asarray(mask)]
+    error = np.abs(logits16 - logits32)
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-8 ~ 0.4%); through two layers of
+    # matmuls, norms and a softmax the logits drift by a few percent at most, and not at all
+    # by the O(1) a wrong cast or a float32-only code path would give.
+    assert 0 < error.max() < 0.05 * np.abs(logits32).max()
+    assert error.mean() < 0.03 * np.abs(logits32).mean()
+
+
+def _loss(graphdef, state, ids, mask):
+    logits = model.apply(graphdef, state, ids, model.positions_from_mask(mask), mask)
+    targets = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - targets)
+
+
+def _saved_layer_residuals(graphdef, state, ids, mask, capsys) -> int:
+    """How many arrays the backward pass keeps from the layer scan."""
+    capsys.readouterr()
+    print_saved_residuals(lambda state: _loss(graphdef, state, ids, mask), state)
+    return sum("output of scan" in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_remat_keeps_loss_and_gradients_and_saves_less(capsys):
+    config = tiny_config()
+    graphdef, state = random_state(config, 4)
+    ids, mask = random_batch(4, 2, 12, config.vocab_size)
+    grad_fn = jax.jit(jax.value_and_grad(_loss, argnums=1))
+    value, grads = grad_fn(graphdef, state, ids, mask)
+    full_graphdef, _ = random_state(tiny_config(remat_policy="full"), 4)
+    full_value, full_grads = grad_fn(full_graphdef, state, ids, mask)
+    np.testing.assert_allclose(full_value, value, rtol=1e-6)
+    for g, full_g in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads), strict=True):
+        assert np.abs(np.asarray(g)).max() > 0
+        np.testing.assert_allclose(full_g, g, atol=1e-6)
+
+    saved = {}
+    for policy in ("none", "full", "dots_with_no_batch_dims_saveable"):
+        policy_graphdef, _ = random_state(tiny_config(remat_policy=policy), 4)
+        saved[policy] = _saved_layer_residuals(policy_graphdef, state, ids, mask, capsys)
+    # "full" keeps only each layer's input; the dots policy also keeps the projections.
+    assert saved["full"] < saved["dots_with_no_batch_dims_saveable"] < saved["none"], saved
+
+
+def test_layers_run_in_one_scan():
+    """The traced program does not grow with depth: one scan over stacked layers."""
+
+    def program(depth):
+        config = tiny_config(num_hidden_layers=depth)
+        graphdef, state = jax.eval_shape(functools.partial(model.init, config), jax.random.key(0))
+        ids = jnp.zeros((2, 8), jnp.int32)
+        mask = jnp.ones((2, 8), bool)
+        return jax.make_jaxpr(forward.__wrapped__)(graphdef, state, ids, mask)
+
+    shallow, deep = str(program(2)), str(program(8))
+    assert shallow.count("scan[") == 1
+    assert len(shallow.splitlines()) == len(deep.splitlines())
+
+
+def test_flops_per_token_matches_compiled_cost():
+    # One layer, because XLA's cost analysis counts a loop body once.
+    config = tiny_config(
+        num_hidden_layers=1, hidden_size=128, intermediate_size=512, head_dim=32, vocab_size=256
+    )
+    graphdef, state = random_state(config, 0)
+    ids = jnp.zeros((4, 64), jnp.int32)
+    mask = jnp.ones((4, 64), bool)
+    compiled = forward.lower(graphdef, state, ids, mask).compile()
+    measured = compiled.cost_analysis()["flops"] / ids.size
+    assert measured == pytest.approx(model.flops_per_token(config, 64, training=False), rel=0.05)
+    assert model.flops_per_token(config, 64) == 3 * model.flops_per_token(config, 64, False)
