@@ -225,3 +225,58 @@ def _validate_recipe(data) -> None:
             _fail(f"{field}.{key}", recipe[key], "expected a probability in [0, 1]")
     if not math.isfinite(recipe["scale"]):
         _fail(f"{field}.scale", recipe["scale"], "expected a finite number")
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def validate_train(train) -> None:
+    """Rejects an invalid `config.train` before anything compiles."""
+    for name in ("n_tasks", "batch_size", "log_every_n_steps", "checkpoint_every_n_steps",
+                 "keep_checkpoints"):
+        _check_positive_int(f"train.{name}", train[name])
+    if train.n_tasks < train.batch_size:
+        _fail("train.n_tasks", train.n_tasks,
+              f"expected at least one batch (train.batch_size={train.batch_size})")
+    for name in ("lr", "eps"):
+        if not _is_number(train[name]) or train[name] <= 0:
+            _fail(f"train.{name}", train[name], "expected a positive number")
+    for name in ("b1", "b2"):
+        if not _is_number(train[name]) or not 0 <= train[name] < 1:
+            _fail(f"train.{name}", train[name], "expected a number in [0, 1)")
+    for name in ("weight_decay", "grad_clip_norm"):
+        if not _is_number(train[name]) or train[name] < 0:
+            _fail(f"train.{name}", train[name], "expected a number >= 0 (0 disables it)")
+    if isinstance(train.warmup_steps, bool) or not isinstance(train.warmup_steps, int) \
+            or train.warmup_steps < 0:
+        _fail("train.warmup_steps", train.warmup_steps, "expected an integer >= 0")
+    if train.lr_schedule not in LR_SCHEDULES:
+        _fail("train.lr_schedule", train.lr_schedule, f"expected one of {LR_SCHEDULES}")
+
+
+def validate_eval(eval_cfg) -> None:
+    """Rejects an invalid `config.eval` before anything compiles."""
+    for name in ("n_eval_tasks", "eval_every_n_steps", "batch_size", "max_pred_tokens"):
+        _check_positive_int(f"eval.{name}", eval_cfg[name])
+
+
+def _is_number(value) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+def run_name(config) -> str:
+    """A run name in the reference's style, so results from both codebases line up."""
+    data, model = config.data, config.model
+
+    def choices(values):
+        return "-".join(str(v) for v in values)
+
+    recipe = data.cot_example_prob_recipe_info
+    recipe_name = "none" if recipe is None else f"{recipe['type']}_alpha_{recipe['alpha']}"
+    return (f"llama_L_{model.num_hidden_layers}_D_{model.hidden_size}_V_{data.vocab_size}"
+            f"_d_{data.n_dims}_N_{choices(data.n_input_choices)}"
+            f"_M_{choices(data.n_parent_choices)}_C_{choices(data.chain_length_choices)}"
+            f"_K_{choices(data.n_example_choices)}_act_{data.activation}"
+            f"_H_{data.H_num_layers}_uH_{data.num_unique_H}_seed_{config.seed}"
+            f"_prompt_{data.prompt_strategy}_recipe_{recipe_name}")

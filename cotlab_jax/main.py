@@ -1,12 +1,53 @@
-"""`python -m cotlab_jax.main --config=configs/<file>.py --workdir=DIR`."""
+"""`python -m cotlab_jax.main --config=configs/<file>.py[:arg] [--workdir=DIR] [--config.x=y]`.
 
+Trains (or resumes) the run in `--workdir` (default `runs/<run name>`), evaluating on the frozen
+eval set as it goes; see README.md for the run directory's contents.
+"""
+
+import os
 import sys
 
+import jax
+from absl import app, flags
+from ml_collections import config_flags
 
-def main() -> None:
-    sys.exit("cotlab_jax.main: training arrives with the trainer (issue 4); the task sampler is "
-             "in cotlab_jax.data and its tests run with the README's test command.")
+from cotlab_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<run name>.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", None,
+    "Call jax.distributed.initialize() (default: when a coordinator is configured, as on a TPU "
+    "pod slice, under SLURM, or with JAX_COORDINATOR_ADDRESS set).")
+
+
+def _launched_multihost() -> bool:
+    if _MULTIHOST.value is not None:
+        return _MULTIHOST.value
+    return any(os.environ.get(name) for name in (
+        "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")) or \
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config=configs/<file>.py is required")
+    if _launched_multihost():
+        jax.distributed.initialize()
+    from cotlab_jax import train  # after initialize(): it touches the devices
+
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", config_lib.run_name(config))
+    try:
+        results = train.train_and_evaluate(config, workdir)
+    except (config_lib.ConfigError, train.RunError) as e:
+        sys.exit(f"error: {e}")
+    if jax.process_index() == 0 and "eval" in results:
+        print(train.summary(results, workdir))
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,9 +1,9 @@
-"""`python -m cotlab_jax.bench {sampler,model} [--flags]`."""
+"""`python -m cotlab_jax.bench {sampler,model,train} [--flags]`."""
 
 import importlib
 import sys
 
-BENCHMARKS = ("sampler", "model")
+BENCHMARKS = ("sampler", "model", "train")
 
 
 def main() -> None:

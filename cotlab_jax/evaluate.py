@@ -1,0 +1,459 @@
+"""Evaluation on the frozen eval set (DESIGN 1.4), its variants, and a command line.
+
+    metrics = evaluate(graphdef, state, eval_set, spec, batch_size=64, max_pred_tokens=100)
+
+One jitted `eval_step` turns a batch of eval tasks (fields as `data.sample_tasks`) into per-task
+arrays; `aggregate` reduces them on host in float64, so the metrics do not depend on the eval
+batch size. Metric names:
+
+- `loss`: teacher-forced cross-entropy over every labelled token of the eval set (one mean over
+  all tokens, as HF computes it for one batch; the reference instead averages batch means).
+- `answer_acc`: the fraction of tasks whose final answer `chain[k-1, c-1]` was predicted.
+- Without special tokens (`standard`, `cot`), greedy decoding of `spec.target_len` tokens:
+  `chain_acc_{j}` and `chain_loss_{j}` per chain index j (over the tasks whose chain has index j;
+  NaN if none does), and `answer_loss`, the cross-entropy at each task's answer index. The model's
+  own earlier chain tokens are fed back, so `answer_acc` is free-running CoT accuracy.
+- With special tokens, greedy decoding up to `max_pred_tokens` or `<eos>`: `format_acc` (the
+  output ends `<ans_s> a <ans_e> <eos>` with `a` an ordinary token), and `gen_len_p{25,50,75,90,99}`
+  (percentiles of the generated lengths, eos included).
+
+Variants (the second paper) are pure functions of an eval set, applied before `evaluate`:
+`drop_think_spans` (think spans removed from k demonstrations), `force_token` (`<think_s>` or
+`<ans_s>` appended to every query), and an eval set built from `spec.with_changes(...)` for another
+chain length or example count. The model has no maximum length: rotary position embeddings take
+any position, so longer prompts than in training only leave the trained distribution.
+
+Command line:
+
+    python -m cotlab_jax.evaluate --workdir=DIR [--step=latest|N] [--drop_think=first|last|random
+        --drop_k=K] [--force=think|answer] [--chain_length=C] [--n_examples=K]
+        [--n_eval_tasks=N] [--out=FILE.json]
+"""
+
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from cotlab_jax import data, decode, model
+
+IGNORE_INDEX = data.IGNORE_INDEX
+GEN_LEN_PERCENTILES = (25, 50, 75, 90, 99)
+# The fields of an eval set that `eval_step` reads.
+EVAL_FIELDS = ("input_ids", "labels", "attention_mask", "positions", "query_ids", "query_mask",
+               "target_ids", "chain", "c", "k")
+DROP_CHOICES = ("first", "last", "random")
+FORCE_TOKENS = {"think": "think_start", "answer": "answer_start"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses.
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy of logits [..., V] against labels [...], in float32, and the label mask.
+
+    Positions labelled -100 get 0 and False.
+    """
+    logits = logits.astype(jnp.float32)
+    valid = labels != IGNORE_INDEX
+    picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0), valid
+
+
+def teacher_forced_loss(logits: jax.Array,
+                        labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """HF `LlamaForCausalLM`'s loss: logits at t-1 against the label at t, -100 ignored.
+
+    Args:
+      logits: [B, L, V] (upcast to float32, as HF does).
+      labels: [B, L] int, aligned with the inputs.
+    Returns:
+      loss: the mean over every labelled token of the batch (0, not HF's NaN, if there is none).
+      sums: float32 [B], each sequence's summed cross-entropy.
+      counts: int32 [B], each sequence's number of labelled tokens (its first label never counts).
+    `sums.sum() / counts.sum()` over several batches is the mean over all of them.
+    """
+    # Shifting the labels left (as HF does) instead of slicing the logits copies no [B, L, V].
+    shifted = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    ce, valid = token_cross_entropy(logits, shifted)
+    sums, counts = ce.sum(-1), valid.sum(-1, dtype=jnp.int32)
+    return sums.sum() / jnp.maximum(counts.sum(), 1), sums, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# One batch.
+
+
+def score_generations(last_prompt_token: jax.Array, tokens: jax.Array, lengths: jax.Array,
+                      answers: jax.Array, spec: data.TaskSpec) -> tuple[jax.Array, jax.Array]:
+    """The special-token answer rule: (correct [B], format_ok [B]).
+
+    The output checked is the prompt's last token followed by the first `lengths` generated
+    `tokens` [B, T] (later ones are ignored). Its format is right iff it ends
+    `<ans_s> a <ans_e> <eos>` with `a` an ordinary (non-reserved) token; it is correct iff also
+    `a == answers`. Prepending the prompt's last token lets a forced `<ans_s>` count as the start of
+    the ending; an ordinary query ends with `<in_e>` (a forced `<think_s>` likewise) and can never
+    be part of it, so there the model must produce the whole ending itself.
+    """
+    output = jnp.concatenate([last_prompt_token[:, None], tokens], axis=1)
+    # The last generated token sits at index `lengths` of `output`.
+    tail = jnp.take_along_axis(
+        output, jnp.maximum(lengths[:, None] + jnp.arange(-3, 1), 0), axis=1)
+    answer = tail[:, 1]
+    format_ok = ((lengths >= 3)
+                 & (tail[:, 0] == spec.token_id("answer_start"))
+                 & (answer >= 0) & (answer < spec.usable_vocab_size)
+                 & (tail[:, 2] == spec.token_id("answer_end"))
+                 & (tail[:, 3] == spec.token_id("eos")))
+    return format_ok & (answer == answers), format_ok
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "max_pred_tokens"))
+def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
+              spec: data.TaskSpec, max_pred_tokens: int | None = None) -> dict[str, jax.Array]:
+    """Per-task evaluation of a batch of eval tasks (the `EVAL_FIELDS` of `data.sample_tasks`).
+
+    Returns, each with leading axis B:
+      loss_sum float32, loss_count int32   the teacher-forced loss of `input_ids`/`labels`.
+      predictions int32 [B, T]             the greedily generated tokens (pad after an eos).
+      answer_correct bool
+    and without special tokens (T = spec.target_len, no eos):
+      chain_correct bool [B, T], chain_loss float32 [B, T]
+                                           per step: token == target, and the cross-entropy of
+                                           the step's logits against the target (False / 0 where
+                                           the target is -100: beyond the task's chain).
+      chain_mask bool [B, T]               target_ids != -100.
+    or with special tokens (T = max_pred_tokens, stopping at `<eos>`):
+      format_ok bool, gen_len int32        see `score_generations`; gen_len counts the eos.
+    """
+    logits = model.apply(graphdef, state, batch["input_ids"], batch["positions"],
+                         batch["attention_mask"])
+    _, loss_sum, loss_count = teacher_forced_loss(logits, batch["labels"])
+    out = dict(loss_sum=loss_sum, loss_count=loss_count)
+    pad = spec.token_id("pad")
+    query_ids, query_mask = batch["query_ids"], batch["query_mask"]
+    if spec.special_tokens:
+        if max_pred_tokens is None:
+            raise ValueError("max_pred_tokens is needed with special tokens")
+        tokens, _, lengths = decode.greedy_decode(
+            graphdef, state, query_ids, query_mask, max_pred_tokens, spec.token_id("eos"), pad)
+        last = (batch["k"] - 1)[:, None, None]
+        answers = jnp.take_along_axis(
+            jnp.take_along_axis(batch["chain"], last, axis=1)[:, 0],
+            (batch["c"] - 1)[:, None], axis=1)[:, 0]
+        correct, format_ok = score_generations(query_ids[:, -1], tokens, lengths, answers, spec)
+        out.update(predictions=tokens, answer_correct=correct, format_ok=format_ok,
+                   gen_len=lengths)
+    else:
+        tokens, step_logits, _ = decode.greedy_decode(
+            graphdef, state, query_ids, query_mask, spec.target_len, None, pad)
+        targets = batch["target_ids"]
+        chain_loss, chain_mask = token_cross_entropy(step_logits, targets)
+        chain_correct = tokens == targets  # never true where the target is -100
+        # The answer is each task's last target: chain index c-1 (cot) or 0 (standard).
+        answer_index = (chain_mask.sum(-1) - 1)[:, None]
+        out.update(
+            predictions=tokens, chain_correct=chain_correct, chain_loss=chain_loss,
+            chain_mask=chain_mask,
+            answer_correct=jnp.take_along_axis(chain_correct, answer_index, axis=1)[:, 0])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole eval set.
+
+
+def aggregate(per_task: dict[str, np.ndarray], spec: data.TaskSpec) -> dict[str, float]:
+    """The eval set's metrics (names in the module docstring) from `eval_step`'s per-task arrays
+    of every task, reduced in float64."""
+    f64 = {name: np.asarray(value, np.float64) for name, value in per_task.items()}
+    metrics = dict(
+        loss=f64["loss_sum"].sum() / max(f64["loss_count"].sum(), 1.0),
+        answer_acc=f64["answer_correct"].mean(),
+    )
+    if spec.special_tokens:
+        metrics["format_acc"] = f64["format_ok"].mean()
+        for q, value in zip(GEN_LEN_PERCENTILES,
+                            np.percentile(f64["gen_len"], GEN_LEN_PERCENTILES), strict=True):
+            metrics[f"gen_len_p{q}"] = value
+    else:
+        mask = per_task["chain_mask"]
+        counts = mask.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN for an index no task has
+            acc = np.where(mask, f64["chain_correct"], 0.0).sum(0) / counts
+            loss = f64["chain_loss"].sum(0) / counts
+        for j in range(mask.shape[1]):
+            metrics[f"chain_acc_{j}"] = acc[j]
+            metrics[f"chain_loss_{j}"] = loss[j]
+        answer_index = mask.sum(1) - 1
+        metrics["answer_loss"] = np.take_along_axis(
+            f64["chain_loss"], answer_index[:, None], axis=1).mean()
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def evaluate(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.ndarray],
+             spec: data.TaskSpec, *, batch_size: int, max_pred_tokens: int,
+             return_predictions: bool = False, batch_sharding: jax.sharding.Sharding | None = None):
+    """Metrics of the model on an eval set (a dict of NumPy arrays, as `data.build_eval_set`).
+
+    The set runs in batches of `batch_size`; the last one is filled up with copies of the last task
+    (every query needs a real token) whose results are dropped, so there is one compilation.
+    `max_pred_tokens` is the decoding budget with special tokens (unused without).
+    `batch_sharding` places every batch (e.g. over a mesh's data axes); default: one device.
+
+    Returns the metrics dict, or with `return_predictions` (metrics, per_task): `eval_step`'s
+    per-task arrays for every task, `predictions` among them.
+    """
+    n_tasks = len(eval_set["k"])
+    if n_tasks == 0:
+        raise ValueError("the eval set is empty")
+    if eval_set["input_ids"].shape[1] != spec.seq_len:
+        raise ValueError(f"the eval set's sequences have length {eval_set['input_ids'].shape[1]}, "
+                         f"spec {spec.prompt_strategy!r} expects {spec.seq_len}: another spec?")
+    max_pred_tokens = max_pred_tokens if spec.special_tokens else None
+    outputs = []
+    for start in range(0, n_tasks, batch_size):
+        rows = np.minimum(np.arange(start, start + batch_size), n_tasks - 1)
+        batch = jax.device_put({name: eval_set[name][rows] for name in EVAL_FIELDS},
+                               batch_sharding)
+        outputs.append(eval_step(graphdef, state, batch, spec, max_pred_tokens))
+    outputs = jax.device_get(outputs)
+    per_task = {name: np.concatenate([out[name] for out in outputs])[:n_tasks]
+                for name in outputs[0]}
+    metrics = aggregate(per_task, spec)
+    return (metrics, per_task) if return_predictions else metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants (the second paper).
+
+
+def _replace_queries(eval_set, query_ids, query_mask, **extra) -> dict[str, np.ndarray]:
+    out = dict(eval_set)
+    out.update(query_ids=np.asarray(query_ids), query_mask=np.asarray(query_mask),
+               query_positions=np.asarray(data.positions_from_mask(query_mask)),
+               **{name: np.asarray(value) for name, value in extra.items()})
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "which"))
+def _drop_think_queries(inputs, chain, n, c, k, is_cot, n_drop, key, spec, which):
+    K = spec.K
+    cot_demo = is_cot & (jnp.arange(K) < (k - 1)[:, None])
+    if which == "random":
+        # Keyed by the task's index in the set, so a task's choice does not depend on the others.
+        score = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (K,)))(
+            jnp.arange(is_cot.shape[0]))
+    else:
+        score = jnp.broadcast_to(jnp.arange(K) * (1.0 if which == "first" else -1.0), is_cot.shape)
+    rank = jnp.argsort(jnp.argsort(jnp.where(cot_demo, score, jnp.inf), axis=1), axis=1)
+    dropped = cot_demo & (rank < n_drop)
+    tasks = jax.vmap(data.layout_task, (0, 0, 0, 0, 0, 0, None))(
+        inputs, chain, n, c, k, is_cot & ~dropped, spec)
+    return tasks["query_ids"], tasks["query_mask"], dropped
+
+
+def drop_think_spans(eval_set: dict[str, np.ndarray], spec: data.TaskSpec, n_drop: int,
+                     which: str, key: jax.Array | None = None) -> dict[str, np.ndarray]:
+    """The eval set with `<think_s> .. <think_e>` removed from `n_drop` demonstrations per query.
+
+    The demonstrations are chosen among the query's CoT demonstrations (examples before the last
+    one that have a think span): the `first` or `last` n_drop of them, or `random` ones (drawn from
+    `key`, per task by its index in the set). A task with fewer CoT demonstrations loses all its
+    think spans (the reference asserts there are enough instead). A special-token CoT example
+    without its think span is exactly the direct form, so the query is re-laid out by
+    `data.layout_task` with those examples' `is_cot` set to False. Targets, the teacher-forced
+    sequences and `is_cot` are unchanged; `think_dropped` bool [tasks, K] records the choice.
+    """
+    if spec.prompt_strategy not in ("cot_special_token", "hybrid_special_token"):
+        raise ValueError(f"prompt_strategy {spec.prompt_strategy!r} has no think spans to drop")
+    if which not in DROP_CHOICES:
+        raise ValueError(f"which={which!r}: expected one of {DROP_CHOICES}")
+    if which == "random" and key is None:
+        raise ValueError("dropping random think spans needs a key")
+    if n_drop < 0:
+        raise ValueError(f"n_drop={n_drop}: expected >= 0")
+    fields = (eval_set[name] for name in ("inputs", "chain", "n", "c", "k", "is_cot"))
+    query_ids, query_mask, dropped = _drop_think_queries(
+        *fields, n_drop, key if which == "random" else None, spec, which)
+    return _replace_queries(eval_set, query_ids, query_mask, think_dropped=dropped)
+
+
+def force_token(eval_set: dict[str, np.ndarray], spec: data.TaskSpec,
+                which: str) -> dict[str, np.ndarray]:
+    """The eval set with `<think_s>` (`which="think"`) or `<ans_s>` (`"answer"`) appended to every
+    query, which becomes one token longer.
+
+    The forced token is part of the prompt: generation, `gen_len` and `predictions` are the
+    model's continuation only, while the answer rule reads the forced token and the continuation
+    (see `score_generations`), so after a forced `<ans_s>` the model must generate
+    `a <ans_e> <eos>`. Targets and the teacher-forced sequences are unchanged.
+    """
+    if which not in FORCE_TOKENS:
+        raise ValueError(f"which={which!r}: expected one of {tuple(FORCE_TOKENS)}")
+    if not spec.special_tokens:
+        raise ValueError(f"prompt_strategy {spec.prompt_strategy!r} has no special tokens to force")
+    query_ids, query_mask = eval_set["query_ids"], eval_set["query_mask"]
+    forced = np.full((len(query_ids), 1), spec.token_id(FORCE_TOKENS[which]), query_ids.dtype)
+    return _replace_queries(
+        eval_set, np.concatenate([query_ids, forced], axis=1),
+        np.concatenate([query_mask, np.ones_like(query_mask[:, :1])], axis=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def define_flags() -> None:
+    """The command line's flags; defined only when it runs, so that importing this module
+    (the trainer does) adds no flags to another program."""
+    flags.DEFINE_string("workdir", None, "The run directory (as written by cotlab_jax.main).")
+    flags.DEFINE_string("step", "latest", "The checkpoint step to evaluate: `latest` or a number.")
+    flags.DEFINE_enum("drop_think", None, list(DROP_CHOICES),
+                      "Drop the think span of --drop_k demonstrations: the first, last or random "
+                      "ones.")
+    flags.DEFINE_integer("drop_k", None, "How many think spans --drop_think drops.", lower_bound=0)
+    flags.DEFINE_integer("drop_seed", 0, "The key for --drop_think=random.")
+    flags.DEFINE_enum("force", None, list(FORCE_TOKENS),
+                      "Append <think_s> (think) or <ans_s> (answer) to every query.")
+    flags.DEFINE_integer("chain_length", None,
+                         "Evaluate on a fresh eval set with this chain length.", lower_bound=1)
+    flags.DEFINE_integer("n_examples", None,
+                         "Evaluate on a fresh eval set with this example count.", lower_bound=1)
+    flags.DEFINE_integer("n_eval_tasks", None, "Eval tasks (default: the run's config.eval; with "
+                         "the frozen set, its first N tasks).", lower_bound=1)
+    flags.DEFINE_integer("batch_size", None, "Eval batch size (default: the run's config.eval).",
+                         lower_bound=1)
+    flags.DEFINE_integer("max_pred_tokens", None,
+                         "Decoding budget with special tokens (default: the run's config.eval).",
+                         lower_bound=1)
+    flags.DEFINE_string("out", None, "Write the JSON result here (it is always printed).")
+    flags.DEFINE_bool("save_predictions", False, "Also write the per-task arrays to OUT.npz.")
+
+
+def parse_step(step: str) -> int | None:
+    """`latest` -> None, a non-negative number -> int; anything else exits with a message."""
+    if step == "latest":
+        return None
+    if not step.isdigit():
+        raise SystemExit(f"--step={step!r}: expected `latest` or a non-negative integer")
+    return int(step)
+
+
+def check_variant(spec: data.TaskSpec, drop_think: str | None, force: str | None,
+                  chain_length: int | None) -> None:
+    """Exits with a one-line message if the variant does not apply to the run's task spec."""
+    if drop_think is not None and spec.prompt_strategy not in ("cot_special_token",
+                                                               "hybrid_special_token"):
+        raise SystemExit(f"--drop_think: prompt_strategy {spec.prompt_strategy!r} has no think "
+                         "spans")
+    if force is not None and not spec.special_tokens:
+        raise SystemExit(f"--force: prompt_strategy {spec.prompt_strategy!r} has no special "
+                         "tokens")
+    if chain_length is not None and spec.ablation_fixed_dag and (chain_length != spec.C):
+        raise SystemExit("--chain_length: the run's single fixed DAG (data.ablation_fixed_dag) "
+                         f"has {spec.C} chain tokens")
+
+
+def variant_eval_set(run, workdir, drop_think=None, drop_k=None, drop_seed=0, force=None,
+                     chain_length=None, n_examples=None, n_eval_tasks=None):
+    """(eval set, spec) of the requested variant for a run loaded by `train.load_run` from
+    `workdir`."""
+    spec = run.spec
+    if chain_length is not None or n_examples is not None:
+        changes = {}
+        if chain_length is not None:
+            changes["chain_length_choices"] = (chain_length,)
+        if n_examples is not None:
+            changes["n_example_choices"] = (n_examples,)
+        spec = spec.with_changes(**changes)
+        eval_set = data.build_eval_set(run.world, data.root_keys(run.config.seed)["eval"], spec,
+                                       n_eval_tasks or run.config.eval.n_eval_tasks)
+    else:
+        path = os.path.join(workdir, "eval_set.npz")
+        if not os.path.exists(path):
+            raise SystemExit(f"no frozen eval set at {path}")
+        eval_set = data.load_eval_set(path, spec)
+        n_frozen = len(eval_set["k"])
+        if n_eval_tasks is not None:
+            if n_eval_tasks > n_frozen:
+                raise SystemExit(f"--n_eval_tasks={n_eval_tasks}: the frozen eval set has "
+                                 f"{n_frozen} tasks")
+            eval_set = {name: value[:n_eval_tasks] for name, value in eval_set.items()}
+    if drop_think is not None:
+        eval_set = drop_think_spans(eval_set, spec, drop_k, drop_think,
+                                    jax.random.key(drop_seed))
+    if force is not None:
+        eval_set = force_token(eval_set, spec, force)
+    return eval_set, spec
+
+
+def _json_value(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, drop_seed=0,
+            force=None, chain_length=None, n_examples=None, n_eval_tasks=None, batch_size=None,
+            max_pred_tokens=None, out=None, save_predictions=False) -> dict:
+    """The command line's work, with its flags as arguments; returns the JSON result."""
+    if not workdir:
+        raise SystemExit("--workdir is required")
+    if not os.path.isdir(workdir):
+        raise SystemExit(f"--workdir={workdir}: no such directory")
+    step_number = parse_step(step)
+    if (drop_think is None) != (drop_k is None):
+        raise SystemExit("--drop_think and --drop_k go together")
+    if save_predictions and out is None:
+        raise SystemExit("--save_predictions needs --out")
+    from cotlab_jax import train  # the trainer's imports are not needed for the library above
+
+    try:
+        loaded = train.load_run(workdir, step_number)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"cannot load {workdir} at step {step}: {error}") from None
+    check_variant(loaded.spec, drop_think, force, chain_length)
+    eval_set, spec = variant_eval_set(loaded, workdir, drop_think, drop_k, drop_seed, force,
+                                      chain_length, n_examples, n_eval_tasks)
+    metrics, per_task = evaluate(
+        loaded.graphdef, loaded.params, eval_set, spec,
+        batch_size=batch_size or loaded.config.eval.batch_size,
+        max_pred_tokens=max_pred_tokens or loaded.config.eval.max_pred_tokens,
+        return_predictions=True)
+    result = dict(
+        workdir=workdir, step=int(loaded.step), prompt_strategy=spec.prompt_strategy,
+        n_eval_tasks=len(eval_set["k"]),
+        variant=dict(drop_think=drop_think, drop_k=drop_k,
+                     drop_seed=drop_seed if drop_think == "random" else None, force=force,
+                     chain_length=chain_length, n_examples=n_examples),
+        metrics={name: _json_value(value) for name, value in metrics.items()},
+    )
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
+        if save_predictions:
+            np.savez(os.path.splitext(out)[0] + ".npz", **per_task)
+    return result
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    run_cli(f.workdir, f.step, drop_think=f.drop_think, drop_k=f.drop_k, drop_seed=f.drop_seed,
+            force=f.force, chain_length=f.chain_length, n_examples=f.n_examples,
+            n_eval_tasks=f.n_eval_tasks, batch_size=f.batch_size,
+            max_pred_tokens=f.max_pred_tokens, out=f.out, save_predictions=f.save_predictions)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,202 @@
+"""End-to-end training runs: the main command, exact resumption, preemption, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cotlab_jax import config as config_lib
+from cotlab_jax import data, evaluate, train
+from cotlab_jax.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "configs", "tiny.py")
+TIMING = ("tokens_per_s", "step_time_s")
+
+
+def tiny_config(strategy="cot"):
+    sys.path.insert(0, os.path.dirname(TINY))
+    try:
+        import tiny
+    finally:
+        sys.path.pop(0)
+    return tiny.get_config(strategy)
+
+
+def main_command(workdir, *overrides, strategy=None):
+    config = TINY + (f":{strategy}" if strategy else "")
+    return [sys.executable, "-m", "cotlab_jax.main", f"--config={config}", f"--workdir={workdir}",
+            *overrides]
+
+
+def run_main(workdir, *overrides, strategy=None, check=True):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(main_command(workdir, *overrides, strategy=strategy), cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def records(workdir):
+    return [{k: v for k, v in r.items() if k not in TIMING}
+            for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted run of the main command, shared by the tests below."""
+    workdir = str(tmp_path_factory.mktemp("runs") / "full")
+    run_main(workdir)
+    return workdir
+
+
+def test_run_directory_and_metrics(finished_run):
+    for name in ("config.json", "metrics.jsonl", "eval_set.npz", "results.json", "checkpoints",
+                 "tb"):
+        assert os.path.exists(os.path.join(finished_run, name)), name
+    recs = records(finished_run)
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == list(range(5, 41, 5))
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.3
+    assert all(r["n_cot"] > 0 and r["n_direct"] == 0 for r in train_recs)
+    eval_recs = [r for r in recs if r["kind"] == "eval"]
+    assert [r["step"] for r in eval_recs] == [20, 40]
+    with open(os.path.join(finished_run, "results.json")) as f:
+        results = json.load(f)
+    assert results["step"] == 40
+    assert results["eval"] == {k: v for k, v in eval_recs[-1].items() if k not in ("step", "kind")}
+    assert results["run_name"].startswith("llama_L_2_") and "prompt_cot" in results["run_name"]
+
+
+def test_final_eval_matches_the_checkpoint(finished_run):
+    """The logged evaluation is what the saved parameters give on the saved eval set."""
+    run = train.load_run(finished_run)
+    assert run.step == 40
+    eval_set = data.load_eval_set(os.path.join(finished_run, "eval_set.npz"), run.spec)
+    again = evaluate.evaluate(run.graphdef, run.params, eval_set, run.spec,
+                              batch_size=run.config.eval.batch_size,
+                              max_pred_tokens=run.config.eval.max_pred_tokens)
+    with open(os.path.join(finished_run, "results.json")) as f:
+        logged = json.load(f)["eval"]
+    assert again.keys() == logged.keys()
+    for name in logged:
+        np.testing.assert_allclose(again[name], logged[name], rtol=1e-6, err_msg=name)
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(finished_run, tmp_path):
+    workdir = str(tmp_path / "killed")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    process = subprocess.Popen(main_command(workdir), cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    checkpoints = os.path.join(workdir, "checkpoints")
+    while time.time() < deadline and process.poll() is None:
+        if os.path.isdir(os.path.join(checkpoints, "10")):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    run_main(workdir)
+    assert records(workdir) == records(finished_run)
+    # Relaunching a finished run changes nothing.
+    run_main(workdir)
+    assert records(workdir) == records(finished_run)
+
+
+def test_sigterm_saves_and_exits_cleanly(finished_run, tmp_path):
+    workdir = str(tmp_path / "preempted")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    process = subprocess.Popen(main_command(workdir, "--config.train.n_tasks=8000"), cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints",
+                                                                     "10")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    assert "Preempted (SIGTERM) at step" in out
+    step = int(out.split("Preempted (SIGTERM) at step ")[1].split(";")[0])
+    saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                   if s.isdigit())
+    assert saved[-1] == step > 10
+    assert max(r["step"] for r in records(workdir)) <= step
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config()
+    config.train.lr = 1e30  # Adam steps of size lr: the loss overflows within a few steps
+    config.train.checkpoint_every_n_steps = 1
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(train.NonFiniteLossError, match="became non-finite at step") as error:
+        train.train_and_evaluate(config, workdir)
+    bad_step = int(str(error.value).split("at step ")[1].split(";")[0])
+    run = train.load_run(workdir)
+    assert run.step < bad_step
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(run.params))
+
+
+def test_train_step_freezes_the_state_after_a_non_finite_loss():
+    exp = train.setup(tiny_config())
+    graphdef, state = train.init_state(exp)
+    keys = data.root_keys(0)
+    world = data.make_world(keys["world"], exp.spec)
+    state["params"] = jax.tree.map(lambda x: x * np.nan, state["params"])
+    before = jax.tree.map(np.asarray, state)
+    step = jax.jit(lambda s: train.sampled_train_step(s, world, keys["train"],
+                                                      graphdef=graphdef, exp=exp))
+    after = jax.device_get(step(state))
+    assert int(after["nonfinite_step"]) == 0 and int(after["step"]) == 1
+    for x, y in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_with_other_shapes_is_refused(finished_run):
+    config = tiny_config()
+    config.model.hidden_size = 64
+    config.data.vocab_size = 40
+    with pytest.raises(train.RunError, match=r"model\.hidden_size .*data\.vocab_size|"
+                                             r"data\.vocab_size .*model\.hidden_size"):
+        train.train_and_evaluate(config, finished_run)
+
+
+@pytest.mark.parametrize("group, field, value, message", [
+    ("train", "lr", -1.0, "config.train.lr=-1.0 is invalid: expected a positive number"),
+    ("train", "batch_size", 0, "config.train.batch_size=0 is invalid"),
+    ("train", "lr_schedule", "step", "config.train.lr_schedule='step' is invalid"),
+    ("train", "b2", 1.0, r"config.train.b2=1.0 is invalid: expected a number in \[0, 1\)"),
+    ("eval", "n_eval_tasks", 0, "config.eval.n_eval_tasks=0 is invalid"),
+    ("model", "num_key_value_heads", 3, "num_key_value_heads"),
+    ("data", "activation", "tanh", "config.data.activation='tanh' is invalid"),
+])
+def test_invalid_config_is_rejected_before_compiling(group, field, value, message, tmp_path):
+    config = tiny_config()
+    config[group][field] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "never"))
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_main_command_errors_are_one_line(tmp_path):
+    result = run_main(str(tmp_path / "x"), "--config.train.lr=-1.0", check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config.train.lr=-1.0 is invalid: expected a positive number.")
+    assert "Traceback" not in result.stderr
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    result = run_main(str(blocked / "run"), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write to workdir")
+    with pytest.raises(train.RunError, match="no config.json"):
+        train.load_run(str(tmp_path))
