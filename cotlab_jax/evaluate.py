@@ -23,11 +23,15 @@ Variants (the second paper) are pure functions of an eval set, applied before `e
 chain length or example count. The model has no maximum length: rotary position embeddings take
 any position, so longer prompts than in training only leave the trained distribution.
 
-Command line:
+Command line (a run written by `cotlab_jax.main`; prints the JSON result):
 
-    python -m cotlab_jax.evaluate --workdir=DIR [--step=latest|N] [--drop_think=first|last|random
-        --drop_k=K] [--force=think|answer] [--chain_length=C] [--n_examples=K]
-        [--n_eval_tasks=N] [--out=FILE.json]
+    python -m cotlab_jax.evaluate --workdir=DIR [--step=latest|N]
+        [--drop_think=first|last|random --drop_k=K [--drop_seed=S]] [--force=think|answer]
+        [--chain_length=C] [--n_examples=K] [--n_eval_tasks=N] [--batch_size=B]
+        [--max_pred_tokens=T] [--out=FILE.json [--save_predictions]]
+
+Without --chain_length/--n_examples it evaluates the run's frozen eval set (its first N tasks with
+--n_eval_tasks); with them, a fresh eval set of the changed spec from the same seed and world.
 """
 
 import functools
@@ -144,10 +148,7 @@ def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Arr
             raise ValueError("max_pred_tokens is needed with special tokens")
         tokens, _, lengths = decode.greedy_decode(
             graphdef, state, query_ids, query_mask, max_pred_tokens, spec.token_id("eos"), pad)
-        last = (batch["k"] - 1)[:, None, None]
-        answers = jnp.take_along_axis(
-            jnp.take_along_axis(batch["chain"], last, axis=1)[:, 0],
-            (batch["c"] - 1)[:, None], axis=1)[:, 0]
+        answers = batch["chain"][jnp.arange(len(query_ids)), batch["k"] - 1, batch["c"] - 1]
         correct, format_ok = score_generations(query_ids[:, -1], tokens, lengths, answers, spec)
         out.update(predictions=tokens, answer_correct=correct, format_ok=format_ok,
                    gen_len=lengths)
@@ -187,7 +188,7 @@ def aggregate(per_task: dict[str, np.ndarray], spec: data.TaskSpec) -> dict[str,
         mask = per_task["chain_mask"]
         counts = mask.sum(0)
         with np.errstate(invalid="ignore", divide="ignore"):  # NaN for an index no task has
-            acc = np.where(mask, f64["chain_correct"], 0.0).sum(0) / counts
+            acc = f64["chain_correct"].sum(0) / counts
             loss = f64["chain_loss"].sum(0) / counts
         for j in range(mask.shape[1]):
             metrics[f"chain_acc_{j}"] = acc[j]
@@ -337,10 +338,10 @@ def define_flags() -> None:
     flags.DEFINE_bool("save_predictions", False, "Also write the per-task arrays to OUT.npz.")
 
 
-def parse_step(step: str) -> int | None:
-    """`latest` -> None, a non-negative number -> int; anything else exits with a message."""
+def parse_step(step: str) -> int | str:
+    """`latest` or a step number, as `train.load_run` takes it; anything else exits."""
     if step == "latest":
-        return None
+        return step
     if not step.isdigit():
         raise SystemExit(f"--step={step!r}: expected `latest` or a non-negative integer")
     return int(step)
@@ -361,10 +362,10 @@ def check_variant(spec: data.TaskSpec, drop_think: str | None, force: str | None
                          f"has {spec.C} chain tokens")
 
 
-def variant_eval_set(run, workdir, drop_think=None, drop_k=None, drop_seed=0, force=None,
+def variant_eval_set(run, drop_think=None, drop_k=None, drop_seed=0, force=None,
                      chain_length=None, n_examples=None, n_eval_tasks=None):
-    """(eval set, spec) of the requested variant for a run loaded by `train.load_run` from
-    `workdir`."""
+    """(eval set, spec) of the requested variant for a `train.Run` (config, spec, world,
+    workdir)."""
     spec = run.spec
     if chain_length is not None or n_examples is not None:
         changes = {}
@@ -376,7 +377,7 @@ def variant_eval_set(run, workdir, drop_think=None, drop_k=None, drop_seed=0, fo
         eval_set = data.build_eval_set(run.world, data.root_keys(run.config.seed)["eval"], spec,
                                        n_eval_tasks or run.config.eval.n_eval_tasks)
     else:
-        path = os.path.join(workdir, "eval_set.npz")
+        path = os.path.join(run.workdir, "eval_set.npz")
         if not os.path.exists(path):
             raise SystemExit(f"no frozen eval set at {path}")
         eval_set = data.load_eval_set(path, spec)
@@ -406,19 +407,19 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
         raise SystemExit("--workdir is required")
     if not os.path.isdir(workdir):
         raise SystemExit(f"--workdir={workdir}: no such directory")
-    step_number = parse_step(step)
+    step = parse_step(step)
     if (drop_think is None) != (drop_k is None):
         raise SystemExit("--drop_think and --drop_k go together")
     if save_predictions and out is None:
         raise SystemExit("--save_predictions needs --out")
-    from cotlab_jax import train  # the trainer's imports are not needed for the library above
+    from cotlab_jax import train  # not at the top: train imports this module
 
     try:
-        loaded = train.load_run(workdir, step_number)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"cannot load {workdir} at step {step}: {error}") from None
+        loaded = train.load_run(workdir, step)
+    except (train.RunError, FileNotFoundError) as error:
+        raise SystemExit(f"cannot load the run: {error}") from None
     check_variant(loaded.spec, drop_think, force, chain_length)
-    eval_set, spec = variant_eval_set(loaded, workdir, drop_think, drop_k, drop_seed, force,
+    eval_set, spec = variant_eval_set(loaded, drop_think, drop_k, drop_seed, force,
                                       chain_length, n_examples, n_eval_tasks)
     metrics, per_task = evaluate(
         loaded.graphdef, loaded.params, eval_set, spec,

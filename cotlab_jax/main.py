@@ -8,7 +8,7 @@ import os
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cotlab_jax import config as config_lib
@@ -35,6 +35,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/<file>.py is required")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if _launched_multihost():
         jax.distributed.initialize()
     from cotlab_jax import train  # after initialize(): it touches the devices

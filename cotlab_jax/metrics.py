@@ -6,6 +6,7 @@ file holds each step exactly once, as an uninterrupted run would.
 """
 
 import json
+import math
 import os
 
 from tensorboardX import SummaryWriter
@@ -41,6 +42,9 @@ class MetricsWriter:
                     if tensorboard else None)
 
     def write(self, step: int, kind: str, values: dict) -> None:
+        # NaN (a metric with no data, e.g. a chain index no task reaches) is written as null.
+        values = {name: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for name, v in values.items()}
         record = {"step": int(step), "kind": kind, **values}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()

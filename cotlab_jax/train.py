@@ -132,11 +132,13 @@ def train_step(state, batch, *, graphdef, exp: Experiment):
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    # After a non-finite loss the state stops changing, so no checkpoint ever holds it.
-    healthy = jnp.isfinite(loss) & (state["nonfinite_step"] < 0)
+    # After a non-finite loss (or update) the state stops changing, so no checkpoint holds it.
+    finite = jnp.isfinite(loss) & jax.tree.reduce(
+        jnp.logical_and, jax.tree.map(lambda x: jnp.isfinite(x).all(), params))
+    healthy = finite & (state["nonfinite_step"] < 0)
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(healthy, new, old),
                                      (params, opt_state), (state["params"], state["opt_state"]))
-    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~jnp.isfinite(loss), step,
+    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, step,
                                state["nonfinite_step"])
     # Window sums restart at every logging boundary, a function of the step alone, so a resumed
     # run logs exactly the numbers of an uninterrupted one.
@@ -148,7 +150,7 @@ def train_step(state, batch, *, graphdef, exp: Experiment):
         n_cot=window["n_cot"] + batch["n_cot"].sum(),
         n_direct=window["n_direct"] + batch["n_direct"].sum(),
         tokens=window["tokens"] + batch["attention_mask"].sum(dtype=jnp.int32),
-        grad_norm=optax.global_norm(grads),
+        grad_norm=optax.tree.norm(grads),
     )
     return dict(step=step + 1, params=params, opt_state=opt_state, window=window,
                 nonfinite_step=nonfinite_step)
@@ -301,8 +303,9 @@ def _check_finite(state, manager) -> None:
         latest = manager.latest_step()
         kept = f"the last good checkpoint is step {latest}" if latest is not None else \
             "no checkpoint was written"
-        raise NonFiniteLossError(f"the training loss became non-finite at step {bad + 1}; "
-                                 f"stopping ({kept}). Try a lower train.lr or train.grad_clip_norm.")
+        raise NonFiniteLossError(
+            f"the training loss (or the updated parameters) became non-finite at step {bad + 1}; "
+            f"stopping ({kept}). Try a lower train.lr, or set train.grad_clip_norm.")
 
 
 def _window_metrics(state, seconds: float) -> dict:

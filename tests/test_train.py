@@ -200,3 +200,43 @@ def test_main_command_errors_are_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write to workdir")
     with pytest.raises(train.RunError, match="no config.json"):
         train.load_run(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def special_token_run(tmp_path_factory):
+    """A tiny trained hybrid_special_token run, for the standalone evaluation's variants."""
+    config = tiny_config("hybrid_special_token")
+    config.train.n_tasks = 8 * 10
+    config.eval.eval_every_n_steps = 10
+    workdir = str(tmp_path_factory.mktemp("runs") / "special")
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def test_standalone_evaluation_variants(special_token_run, tmp_path):
+    run = train.load_run(special_token_run)
+    think_start = run.spec.token_id("think_start")
+    plain, _ = evaluate.variant_eval_set(run)
+    assert (plain["query_ids"] == think_start).any()
+    dropped, _ = evaluate.variant_eval_set(run, drop_think="first", drop_k=run.spec.K)
+    assert not (dropped["query_ids"][dropped["query_mask"]] == think_start).any()
+    forced, _ = evaluate.variant_eval_set(run, force="answer")
+    assert (forced["query_ids"][:, -1] == run.spec.token_id("answer_start")).all()
+
+    out = tmp_path / "variant.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "cotlab_jax.evaluate", f"--workdir={special_token_run}",
+         "--drop_think=last", "--drop_k=2", "--force=think", "--n_examples=5", f"--out={out}"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads(out.read_text())
+    assert written["step"] == 10 and written["variant"]["force"] == "think"
+    assert written["variant"]["n_examples"] == 5
+    assert {"answer_acc", "format_acc", "gen_len_p50"} <= written["metrics"].keys()
+    missing = subprocess.run(
+        [sys.executable, "-m", "cotlab_jax.evaluate", f"--workdir={special_token_run}",
+         "--step=7"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+        text=True, timeout=600)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "no checkpoint at step 7" in missing.stderr.strip().splitlines()[-1]
