@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cotlab_jax import config as config_lib
+from cotlab_jax.model import positions_from_mask
 
 IGNORE_INDEX = -100
 
@@ -425,11 +426,6 @@ def _pack_left(tokens, present, length: int, pad):
     packed = [jnp.full((length,), pad, t.dtype).at[dest].set(t, mode="drop") for t in tokens]
     mask = jnp.arange(length) >= offset
     return packed, mask
-
-
-def positions_from_mask(mask: jax.Array) -> jax.Array:
-    """Position ids that count real tokens only (0 on padding)."""
-    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32) * mask
 
 
 def layout_task(inputs, chain, n, c, k, is_cot, spec: TaskSpec) -> dict[str, jax.Array]:

@@ -239,7 +239,7 @@ def evaluate(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.nd
 def _replace_queries(eval_set, query_ids, query_mask, **extra) -> dict[str, np.ndarray]:
     out = dict(eval_set)
     out.update(query_ids=np.asarray(query_ids), query_mask=np.asarray(query_mask),
-               query_positions=np.asarray(data.positions_from_mask(query_mask)),
+               query_positions=np.asarray(model.positions_from_mask(query_mask)),
                **{name: np.asarray(value) for name, value in extra.items()})
     return out
 

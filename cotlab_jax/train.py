@@ -411,8 +411,8 @@ def summary(results: dict, workdir: str) -> str:
     """A one-screen summary of a finished run."""
     lines = [f"run        {results['run_name']}", f"workdir    {workdir}",
              f"steps      {results['step']}", f"parameters {results['n_params']:,}"]
-    for name, value in results["train"].items():
-        lines.append(f"train/{name:<22s} {value:,.4g}")
-    for name, value in results["eval"].items():
-        lines.append(f"eval/{name:<23s} {value:,.4g}")
+    for kind in ("train", "eval"):
+        for name, value in results[kind].items():
+            shown = f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+            lines.append(f"{kind + '/' + name:<28s} {shown}")
     return "\n".join(lines)

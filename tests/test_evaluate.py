@@ -22,7 +22,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 import cotlab_jax
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, sharding
+from cotlab_jax import data, model, sharding
 from cotlab_jax import evaluate as ev
 
 N_TASKS = 30  # with BATCH 8, the last batch is padded
@@ -277,7 +277,7 @@ def check_dropped(eval_set, dropped_set, dropped, spec):
                         for token in (without_think(example, spec) if dropped[t, e] else example)]
         assert new[t] == want, t
     np.testing.assert_array_equal(dropped_set["query_positions"],
-                                  data.positions_from_mask(dropped_set["query_mask"]))
+                                  model.positions_from_mask(dropped_set["query_mask"]))
     for name in ("input_ids", "labels", "target_ids", "is_cot"):
         np.testing.assert_array_equal(dropped_set[name], eval_set[name])
 
