@@ -1,0 +1,37 @@
+"""Every shipped config validates, and the quickstart stays CPU-sized."""
+
+import glob
+import importlib.util
+import os
+
+import jax
+import pytest
+
+from cotlab_jax import config as config_lib
+from cotlab_jax import model, train
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_validates(path):
+    config = load(path)
+    exp = train.setup(config)
+    assert exp.total_steps >= 1
+    assert config_lib.run_name(config).startswith(f"llama_L_{config.model.num_hidden_layers}_")
+
+
+def test_default_is_the_reference():
+    config = load(os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+    exp = train.setup(config)
+    assert exp.total_steps == 50_000 and config.train.batch_size == 64
+    assert (config.train.lr, config.train.weight_decay) == (5e-5, 0.01)
+    shapes = jax.eval_shape(lambda: model.init(exp.model_config, train.model_key(0))[1])
+    assert round(model.count_params(shapes) / 1e6) == 245  # DESIGN 1.5
