@@ -63,7 +63,16 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
     model_config = model.LlamaConfig.from_config(config.model, config.data.vocab_size)
     config_lib.validate_train(config.train)
     config_lib.validate_eval(config.eval)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    try:
+        mesh = sharding.make_mesh(dict(config.mesh))
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.mesh is invalid: {e}") from None
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for group in ("train", "eval"):
+        if config[group].batch_size % batch_shards:
+            raise config_lib.ConfigError(
+                f"config.{group}.batch_size={config[group].batch_size} is invalid: expected a "
+                f"multiple of the mesh's data x fsdp size, {batch_shards}")
     return Experiment(config=config, spec=spec, model_config=model_config,
                       total_steps=config.train.n_tasks // config.train.batch_size, mesh=mesh)
 

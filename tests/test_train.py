@@ -178,6 +178,8 @@ def test_resume_with_other_shapes_is_refused(finished_run):
     ("eval", "n_eval_tasks", 0, "config.eval.n_eval_tasks=0 is invalid"),
     ("model", "num_key_value_heads", 3, "num_key_value_heads"),
     ("data", "activation", "tanh", "config.data.activation='tanh' is invalid"),
+    ("mesh", "tensor", 3, "config.mesh is invalid: .*do not multiply to the"),
+    ("mesh", "data", 0, "config.mesh is invalid: .*expected positive sizes"),
 ])
 def test_invalid_config_is_rejected_before_compiling(group, field, value, message, tmp_path):
     config = tiny_config()
@@ -185,6 +187,16 @@ def test_invalid_config_is_rejected_before_compiling(group, field, value, messag
     with pytest.raises(config_lib.ConfigError, match=message):
         train.train_and_evaluate(config, str(tmp_path / "never"))
     assert not os.path.exists(tmp_path / "never")
+
+
+def test_batch_must_divide_over_the_mesh(tmp_path):
+    config = tiny_config()
+    config.mesh.update(dict(data=4, fsdp=2))  # 8 devices in the tests; batch 8 fits
+    train.setup(config)
+    config.eval.batch_size = 12
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"config.eval.batch_size=12 is invalid: .*multiple of .* 8"):
+        train.setup(config)
 
 
 def test_main_command_errors_are_one_line(tmp_path):
