@@ -14,17 +14,21 @@ RECIPE = {"type": "power_law", "initial_prob": 0.0, "final_prob": 1.0, "alpha": 
 VOCAB = 16  # small, so that a random model's greedy tokens hit chain tokens now and then
 
 
-def make_spec(**data_fields) -> data.TaskSpec:
-    """Variable n, c and k, so masks matter everywhere."""
+def task_spec(**data_fields) -> data.TaskSpec:
+    """The spec of the base config with these `config.data` fields (and a recipe for hybrid)."""
     config = config_lib.get_base_config()
-    config.data.update(dict(vocab_size=VOCAB, n_dims=6, n_input_choices=(3, 4),
-                            n_parent_choices=(2,), chain_length_choices=(2, 3, 4),
-                            n_example_choices=(3, 5)))
     config.train.n_tasks = 1000
     if data_fields.get("prompt_strategy") == "hybrid_special_token":
         config.data.cot_example_prob_recipe_info = RECIPE
     config.data.update(data_fields)
     return data.TaskSpec.from_config(config)
+
+
+def make_spec(**data_fields) -> data.TaskSpec:
+    """Variable n, c and k, so masks matter everywhere."""
+    return task_spec(**{**dict(vocab_size=VOCAB, n_dims=6, n_input_choices=(3, 4),
+                               n_parent_choices=(2,), chain_length_choices=(2, 3, 4),
+                               n_example_choices=(3, 5)), **data_fields})
 
 
 @functools.cache

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from eval_helpers import RECIPE, task_spec
 from scipy import stats
 
 from cotlab_jax import config as config_lib
@@ -13,17 +14,10 @@ from cotlab_jax import data
 from cotlab_jax import numpy_reference as oracle
 
 STRATEGIES = config_lib.PROMPT_STRATEGIES
-RECIPE = {"type": "power_law", "initial_prob": 0.0, "final_prob": 1.0, "alpha": 1.0, "scale": 1.0}
 
 
 def make_spec(**data_fields) -> data.TaskSpec:
-    config = config_lib.get_base_config()
-    config.data.update(dict(vocab_size=48, n_dims=6, n_example_choices=(6,)))
-    config.train.n_tasks = 1000
-    if data_fields.get("prompt_strategy") == "hybrid_special_token":
-        config.data.cot_example_prob_recipe_info = RECIPE
-    config.data.update(data_fields)
-    return data.TaskSpec.from_config(config)
+    return task_spec(**{**dict(vocab_size=48, n_dims=6, n_example_choices=(6,)), **data_fields})
 
 
 @functools.cache
