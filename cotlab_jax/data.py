@@ -362,10 +362,11 @@ def nearest_token(x: jax.Array, embeddings: jax.Array, forbidden: jax.Array) -> 
     # it, and is then mapped back to it; no masking inside the fused reductions.
     table = jnp.where(forbidden[:, None], embeddings[first_allowed], embeddings)
     best = (rows @ table.T).max(-1, keepdims=True)
-    gap = best - rows @ table.T - TIE_TOLERANCE * jnp.abs(best)
-    below_best = jnp.minimum(jnp.maximum(gap, 0.0) * 2.0**126, 1.0)  # exactly 0 or 1
+    # Just below the tie band, so the best score itself clears it by at least 2**-100.
+    threshold = best - TIE_TOLERANCE * jnp.abs(best) - 2.0**-100
+    tied = jnp.minimum(jnp.maximum(rows @ table.T - threshold, 0.0) * 2.0**126, 1.0)  # 0 or 1
     reversed_ids = (vocab - jnp.arange(vocab)).astype(x.dtype)
-    token = (vocab - ((1.0 - below_best) * reversed_ids).max(-1)).astype(jnp.int32)
+    token = (vocab - (tied * reversed_ids).max(-1)).astype(jnp.int32)
     token = jnp.where(forbidden[token], first_allowed, token)
     return token.astype(jnp.int32).reshape(x.shape[:-1])
 
