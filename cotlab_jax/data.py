@@ -563,9 +563,9 @@ def save_eval_set(path: str, eval_set: dict[str, np.ndarray], spec: TaskSpec) ->
 
     Written to a temporary name and renamed, so a crash never leaves a half-written set.
     """
-    spec_json = np.asarray(_spec_json(spec))
+    spec_id = np.asarray(_eval_set_id(spec))
     tmp = f"{path}.tmp.npz"
-    np.savez(tmp, __spec__=spec_json, **eval_set)
+    np.savez(tmp, __spec__=spec_id, **eval_set)
     os.replace(tmp, path)
 
 
@@ -574,13 +574,22 @@ def load_eval_set(path: str, spec: TaskSpec | None = None) -> dict[str, np.ndarr
     with np.load(path, allow_pickle=False) as f:
         data = {name: f[name] for name in f.files}
     saved = str(data.pop("__spec__"))
-    if spec is not None and saved != _spec_json(spec):
+    if spec is not None and saved != _eval_set_id(spec):
         raise ValueError(f"eval set {path} was made from another task spec: {saved}")
     return data
 
 
-def _spec_json(spec: TaskSpec) -> str:
+def spec_json(spec: TaskSpec, exclude: tuple[str, ...] = ()) -> str:
+    """The spec as canonical JSON (infinite recipe values as strings), less `exclude`."""
     fields = dataclasses.asdict(spec)
     fields["recipe"] = None if spec.recipe is None else [
         v if math.isfinite(v) else str(v) for v in spec.recipe]
-    return json.dumps(fields, sort_keys=True)
+    return json.dumps({k: v for k, v in fields.items() if k not in exclude}, sort_keys=True)
+
+
+# Fields that shape training only: an eval set made under other values is the same set.
+TRAIN_ONLY_FIELDS = ("n_tasks", "recipe_order")
+
+
+def _eval_set_id(spec: TaskSpec) -> str:
+    return spec_json(spec, exclude=TRAIN_ONLY_FIELDS)

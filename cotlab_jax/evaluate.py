@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from cotlab_jax import data, decode, model
 
@@ -225,7 +226,8 @@ def evaluate(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.nd
         batch = jax.device_put({name: eval_set[name][rows] for name in EVAL_FIELDS},
                                batch_sharding)
         outputs.append(eval_step(graphdef, state, batch, spec, max_pred_tokens))
-    outputs = jax.device_get(outputs)
+    # Global arrays of a multi-host mesh are gathered to every process (a no-op on one).
+    outputs = multihost_utils.process_allgather(outputs, tiled=True)
     per_task = {name: np.concatenate([out[name] for out in outputs])[:n_tasks]
                 for name in outputs[0]}
     metrics = aggregate(per_task, spec)

@@ -52,8 +52,10 @@ def to_hf_state_dict(state: nnx.State, config: LlamaConfig) -> dict[str, np.ndar
     """
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
 
-    def copy(array) -> np.ndarray:  # writable float32, as torch.from_numpy wants
-        return np.array(array, np.float32)
+    def copy(array) -> np.ndarray:
+        # Writable (torch.from_numpy) and C-ordered: writers such as safetensors.numpy save an
+        # array's memory as it lies, so a transposed (Fortran-ordered) view would load transposed.
+        return np.array(array, np.float32, order="C")
 
     out = {"model.embed_tokens.weight": copy(params["embed_tokens"])}
     for layer in range(config.num_hidden_layers):

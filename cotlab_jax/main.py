@@ -19,12 +19,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<ru
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", None,
     "Call jax.distributed.initialize() (default: when a coordinator is configured, as on a TPU "
-    "pod slice, under SLURM, or with JAX_COORDINATOR_ADDRESS set).")
+    "pod slice, under SLURM, with JAX_COORDINATOR_ADDRESS set, or with the flags below).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (default: detected from the cluster).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def _launched_multihost() -> bool:
     if _MULTIHOST.value is not None:
         return _MULTIHOST.value
+    if _COORDINATOR.value or _NUM_PROCESSES.value is not None:
+        return True
     return any(os.environ.get(name) for name in (
         "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")) or \
         int(os.environ.get("SLURM_NTASKS", "1")) > 1
@@ -37,7 +43,7 @@ def main(argv) -> None:
         raise app.UsageError("--config=configs/<file>.py is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if _launched_multihost():
-        jax.distributed.initialize()
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from cotlab_jax import train  # after initialize(): it touches the devices
 
     config = _CONFIG.value

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import signal
+import tempfile
 import time
 
 import jax
@@ -96,7 +97,7 @@ def make_optimizer(train_cfg, total_steps: int) -> optax.GradientTransformation:
     return optimizer
 
 
-def _empty_window():
+def empty_window():
     return dict(loss_sum=jnp.float32(0), steps=jnp.int32(0), n_cot=jnp.int32(0),
                 n_direct=jnp.int32(0), tokens=jnp.int32(0), grad_norm=jnp.float32(0))
 
@@ -110,7 +111,7 @@ def init_state(exp: Experiment):
     graphdef, params = model.init_sharded(exp.model_config, model_key(exp.config.seed), exp.mesh)
     optimizer = make_optimizer(exp.config.train, exp.total_steps)
     opt_state = jax.jit(optimizer.init)(params)
-    state = dict(step=jnp.int32(0), params=params, opt_state=opt_state, window=_empty_window(),
+    state = dict(step=jnp.int32(0), params=params, opt_state=opt_state, window=empty_window(),
                  nonfinite_step=jnp.int32(-1))
     return graphdef, state
 
@@ -205,10 +206,8 @@ def _prepare_workdir(workdir: str, config) -> None:
     """Creates the run directory, or checks that a resumed run keeps the state's shapes."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w"):
+        with tempfile.NamedTemporaryFile(dir=workdir):  # unique: processes may probe at once
             pass
-        os.remove(probe)
     except OSError as e:
         raise RunError(f"cannot write to workdir {workdir}: {e.strerror}") from None
     path = os.path.join(workdir, "config.json")
@@ -232,7 +231,7 @@ def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
                                              cleanup_tmp_directories=True))
 
 
-def _eval_set(workdir: str, exp: Experiment, world) -> dict[str, np.ndarray]:
+def _eval_set(workdir: str, exp: Experiment) -> dict[str, np.ndarray]:
     """The frozen eval set: made once from `seed + 1000`, then reloaded from the run directory."""
     path = os.path.join(workdir, "eval_set.npz")
     if os.path.exists(path):
@@ -240,8 +239,9 @@ def _eval_set(workdir: str, exp: Experiment, world) -> dict[str, np.ndarray]:
             return data.load_eval_set(path, exp.spec)
         except ValueError as e:
             raise RunError(f"{e}; the task config changed since this run started") from None
-    eval_set = data.build_eval_set(world, data.root_keys(exp.config.seed)["eval"], exp.spec,
-                                   exp.config.eval.n_eval_tasks)
+    keys = data.root_keys(exp.config.seed)
+    world = data.make_world(keys["world"], exp.spec)  # on this process's default device
+    eval_set = data.build_eval_set(world, keys["eval"], exp.spec, exp.config.eval.n_eval_tasks)
     if jax.process_index() == 0:
         data.save_eval_set(path, eval_set, exp.spec)
     return eval_set
@@ -331,9 +331,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exp = setup(config)
     _prepare_workdir(workdir, config)
     cfg_train, cfg_eval = config.train, config.eval
-    keys = data.root_keys(config.seed)
-    world = data.make_world(keys["world"], exp.spec)
-    eval_set = _eval_set(workdir, exp, world)
+    eval_set = _eval_set(workdir, exp)
+
+    # Global (replicated) copies, made on every process alike, as the train step's inputs.
+    replicated = jax.sharding.NamedSharding(exp.mesh, jax.P())
+    world, train_key = jax.jit(
+        lambda: (data.make_world(data.root_keys(config.seed)["world"], exp.spec),
+                 data.root_keys(config.seed)["train"]), out_shardings=replicated)()
+    eval_sharding = jax.sharding.NamedSharding(exp.mesh, jax.P(("data", "fsdp")))
 
     with jax.set_mesh(exp.mesh):
         graphdef, state = init_state(exp)
@@ -353,7 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def run_eval(step):
         metrics = evaluate.evaluate(graphdef, state["params"], eval_set, exp.spec,
                                     batch_size=cfg_eval.batch_size,
-                                    max_pred_tokens=cfg_eval.max_pred_tokens)
+                                    max_pred_tokens=cfg_eval.max_pred_tokens,
+                                    batch_sharding=eval_sharding)
         log(step, "eval", metrics)
         return metrics
 
@@ -365,7 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         with _Preemption() as preemption, jax.set_mesh(exp.mesh):
             while step < exp.total_steps:
-                state = step_fn(state, world, keys["train"])
+                state = step_fn(state, world, train_key)
                 step += 1
                 bar.update(1)
                 last = step == exp.total_steps

@@ -293,6 +293,8 @@ def test_eval_set_is_independent_of_chunking_and_round_trips(tmp_path):
         np.testing.assert_array_equal(loaded[name], a[name])
     with pytest.raises(ValueError, match="another task spec"):
         data.load_eval_set(path, spec.with_changes(vocab_size=64))
+    # Training-only fields (a longer run, another recipe order) keep the same eval set.
+    data.load_eval_set(path, spec.with_changes(n_tasks=5 * spec.n_tasks, recipe_order="curriculum"))
     # Train and eval tasks differ (eval comes from seed + 1000) but share the world.
     train = data.sample_batch(world, keys["train"], 0, spec, 40)
     assert not np.array_equal(np.asarray(train["inputs"]), a["inputs"])
