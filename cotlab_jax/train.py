@@ -264,16 +264,16 @@ def load_run(workdir: str, step: int | str = "latest") -> Run:
     """The config, model and parameters of a run's checkpoint (`latest` or a step number)."""
     config = load_config(workdir)
     exp = setup(config)
-    manager = _checkpoint_manager(workdir, config.train.keep_checkpoints)
-    steps = manager.all_steps()
-    if not steps:
-        raise RunError(f"{workdir} has no checkpoint")
-    if step == "latest":
-        step = max(steps)
-    elif int(step) not in steps:
-        raise RunError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
-    graphdef, state = init_state(exp)
-    state = _restore(manager, int(step), state)
+    with _checkpoint_manager(workdir, config.train.keep_checkpoints) as manager:
+        steps = manager.all_steps()
+        if not steps:
+            raise RunError(f"{workdir} has no checkpoint")
+        if step == "latest":
+            step = max(steps)
+        elif int(step) not in steps:
+            raise RunError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
+        graphdef, state = init_state(exp)
+        state = _restore(manager, int(step), state)
     world = data.make_world(data.root_keys(config.seed)["world"], exp.spec)
     return Run(config=config, spec=exp.spec, graphdef=graphdef, params=state["params"],
                step=int(step), world=world, workdir=workdir)
@@ -401,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     return {"preempted_at_step": step}
     finally:
         bar.close()
-        manager.wait_until_finished()
+        manager.close()  # waits for a save in flight
         if writer is not None:
             writer.close()
 
