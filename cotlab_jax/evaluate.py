@@ -28,7 +28,7 @@ Command line (a run written by `cotlab_jax.main`; prints the JSON result):
     python -m cotlab_jax.evaluate --workdir=DIR [--step=latest|N]
         [--drop_think=first|last|random --drop_k=K [--drop_seed=S]] [--force=think|answer]
         [--chain_length=C] [--n_examples=K] [--n_eval_tasks=N] [--batch_size=B]
-        [--max_pred_tokens=T] [--out=FILE.json [--save_predictions]]
+        [--max_pred_tokens=T] [--eval_dataset=TFDS_DIR] [--out=FILE.json [--save_predictions]]
 
 Without --chain_length/--n_examples it evaluates the run's frozen eval set (its first N tasks with
 --n_eval_tasks); with them, a fresh eval set of the changed spec from the same seed and world.
@@ -336,6 +336,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_pred_tokens", None,
                          "Decoding budget with special tokens (default: the run's config.eval).",
                          lower_bound=1)
+    flags.DEFINE_string("eval_dataset", None, "Evaluate on this TFDS dataset's test split (a "
+                        "directory written by `python -m cotlab_jax.tfds_builder`) instead of "
+                        "the run's frozen eval set.")
     flags.DEFINE_string("out", None, "Write the JSON result here (it is always printed).")
     flags.DEFINE_bool("save_predictions", False, "Also write the per-task arrays to OUT.npz.")
 
@@ -365,11 +368,21 @@ def check_variant(spec: data.TaskSpec, drop_think: str | None, force: str | None
 
 
 def variant_eval_set(run, drop_think=None, drop_k=None, drop_seed=0, force=None,
-                     chain_length=None, n_examples=None, n_eval_tasks=None):
+                     chain_length=None, n_examples=None, n_eval_tasks=None, eval_dataset=None):
     """(eval set, spec) of the requested variant for a `train.Run` (config, spec, world,
     workdir)."""
     spec = run.spec
-    if chain_length is not None or n_examples is not None:
+    if eval_dataset is not None:
+        if chain_length is not None or n_examples is not None:
+            raise SystemExit("--eval_dataset fixes the tasks: it excludes --chain_length and "
+                             "--n_examples")
+        from cotlab_jax import tfds_builder  # TFDS is imported only when asked for
+
+        try:
+            eval_set = tfds_builder.load_eval_set(eval_dataset, spec)
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(f"--eval_dataset={eval_dataset}: {error}") from None
+    elif chain_length is not None or n_examples is not None:
         changes = {}
         if chain_length is not None:
             changes["chain_length_choices"] = (chain_length,)
@@ -403,7 +416,7 @@ def _json_value(value: float) -> float | None:
 
 def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, drop_seed=0,
             force=None, chain_length=None, n_examples=None, n_eval_tasks=None, batch_size=None,
-            max_pred_tokens=None, out=None, save_predictions=False) -> dict:
+            max_pred_tokens=None, out=None, save_predictions=False, eval_dataset=None) -> dict:
     """The command line's work, with its flags as arguments; returns the JSON result."""
     if not workdir:
         raise SystemExit("--workdir is required")
@@ -422,7 +435,7 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
         raise SystemExit(f"cannot load the run: {error}") from None
     check_variant(loaded.spec, drop_think, force, chain_length)
     eval_set, spec = variant_eval_set(loaded, drop_think, drop_k, drop_seed, force,
-                                      chain_length, n_examples, n_eval_tasks)
+                                      chain_length, n_examples, n_eval_tasks, eval_dataset)
     metrics, per_task = evaluate(
         loaded.graphdef, loaded.params, eval_set, spec,
         batch_size=batch_size or loaded.config.eval.batch_size,
@@ -433,7 +446,8 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
         n_eval_tasks=len(eval_set["k"]),
         variant=dict(drop_think=drop_think, drop_k=drop_k,
                      drop_seed=drop_seed if drop_think == "random" else None, force=force,
-                     chain_length=chain_length, n_examples=n_examples),
+                     chain_length=chain_length, n_examples=n_examples,
+                     eval_dataset=eval_dataset),
         metrics={name: _json_value(value) for name, value in metrics.items()},
     )
     text = json.dumps(result, indent=2)
@@ -454,7 +468,8 @@ def main(argv) -> None:
     run_cli(f.workdir, f.step, drop_think=f.drop_think, drop_k=f.drop_k, drop_seed=f.drop_seed,
             force=f.force, chain_length=f.chain_length, n_examples=f.n_examples,
             n_eval_tasks=f.n_eval_tasks, batch_size=f.batch_size,
-            max_pred_tokens=f.max_pred_tokens, out=f.out, save_predictions=f.save_predictions)
+            max_pred_tokens=f.max_pred_tokens, out=f.out, save_predictions=f.save_predictions,
+            eval_dataset=f.eval_dataset)
 
 
 if __name__ == "__main__":

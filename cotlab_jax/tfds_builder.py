@@ -20,6 +20,23 @@ generation order (`disable_shuffling`).
 
     python -m cotlab_jax.tfds_builder --config=configs/quickstart.py --data_dir=DIR \\
         [--n_train_tasks=N]
+
+A second builder, `SymbolicChats` (version 1.0.0), holds the symbolic string tasks of DESIGN 1.7
+(`cotlab_jax.symbolic`) as chats, for fine-tuning or prompting pretrained LLMs. Its config is a
+`symbolic.SymbolicConfig`, a seed and the two split sizes (`SymbolicChatsConfig.create`):
+- `train`: `symbolic.sample_task(seed, i, n_train, config)` for i = 0 .. n_train - 1, in order,
+  i.e. the chats `symbolic.write_jsonl(path, n_train, seed, config)` writes.
+- `test`: `symbolic.sample_task(seed + 1000, i, n_test, config)` for i = 0 .. n_test - 1: another
+  seed (as the token tasks' eval set), not another index range, so the test split does not change
+  with n_train. Each split is its own recipe denominator (`n_tasks` of `sample_task`).
+Features (`symbolic_feature_docs`): `task_id`, `messages` (the `render_chat` chat as a JSON
+string), `answer`, `n`, `m`, `c`, `k`, `is_cot` [K] (K the largest k choice), `n_cot`,
+`cot_prob`; the SymbolicConfig (JSON) and the seed are in the metadata. `read_split` reads it
+(text as `str`, `messages` still JSON), `read_symbolic_split` as one dict per chat with the
+messages parsed.
+
+    python -m cotlab_jax.tfds_builder --symbolic --data_dir=DIR --n_train_tasks=N \\
+        [--n_test_tasks=100] [--seed=0] [--n_inputs=4 --n_parents=2 ... as cotlab_jax.symbolic]
 """
 
 import dataclasses
@@ -35,7 +52,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import data
+from cotlab_jax import data, symbolic
 
 FILE_FORMAT = "array_record"
 
@@ -158,13 +175,16 @@ def build(run_config: ml_collections.ConfigDict, data_dir: str, n_train_tasks: i
 
 
 def read_split(dataset_dir: str, split: str) -> dict[str, np.ndarray]:
-    """A split as stacked NumPy arrays (the `data.sample_tasks` fields and `task_id`), read with
+    """A split as stacked NumPy arrays (the `data.sample_tasks` fields and `task_id`; for
+    `SymbolicChats`, its features, text as object arrays of `str`), read with
     `tfds.builder_from_directory` (no builder code, no TensorFlow)."""
     builder = tfds.builder_from_directory(dataset_dir)
     source = builder.as_data_source()[split]
     records = [source[i] for i in range(len(source))]
-    # Scalars come back as Python numbers: the stored dtype restores int32 / float32.
-    return {name: np.asarray([r[name] for r in records], feature.np_dtype)
+    # Scalars come back as Python numbers: the stored dtype restores int32 / float32. Text comes
+    # back as UTF-8 bytes.
+    return {name: np.asarray([r[name].decode() if isinstance(feature, tfds.features.Text)
+                              else r[name] for r in records], feature.np_dtype)
             for name, feature in builder.info.features.items()}
 
 
@@ -184,27 +204,221 @@ def load_eval_set(dataset_dir: str, spec: data.TaskSpec) -> dict[str, np.ndarray
     return eval_set
 
 
+# Symbolic string tasks (DESIGN 1.7) as chats.
+
+SYMBOLIC_TEST_SEED_OFFSET = 1000  # test split seed = seed + 1000, as data.root_keys' eval key
+
+
+def symbolic_feature_docs(config: symbolic.SymbolicConfig) -> dict[str, tuple]:
+    """Every feature's (shape, dtype, doc) for `SymbolicChats`; dtype `None` is a text feature."""
+    K = max(config.n_example_choices)
+    i32, b, f32 = np.int32, np.bool_, np.float32
+    return {
+        "task_id": ((), i32, "The task's index i in its split: symbolic.sample_task(seed', i, "
+                             "split size, config), seed' = seed (train) or seed + 1000 (test)."),
+        "messages": ((), None, "The chat, symbolic.render_chat(task), as a JSON list of "
+                               "{role, content}: the system prompt, then a user/assistant turn "
+                               "pair per example; the last assistant turn is the target."),
+        "answer": ((), None, "The last example's last chain word (the boxed answer)."),
+        "n": ((), i32, "Input words per example."),
+        "m": ((), i32, "Parents per chain word."),
+        "c": ((), i32, "Chain words per example."),
+        "k": ((), i32, "Examples (user/assistant turn pairs) in the chat."),
+        "is_cot": ((K,), b, "Whether each example's answer is in CoT form (Step lines, then the "
+                            "boxed answer); False beyond k."),
+        "n_cot": ((), i32, "CoT examples (is_cot.sum())."),
+        "cot_prob": ((), f32, "The CoT probability the task was drawn with (the recipe)."),
+    }
+
+
+def symbolic_config_json(config: symbolic.SymbolicConfig) -> str:
+    """The config as sorted JSON, numbers of float fields as floats (alpha=1 is alpha=1.0)."""
+    fields = dataclasses.asdict(config)
+    for name in ("initial_prob", "final_prob", "alpha", "scale"):
+        fields[name] = float(fields[name])
+    return json.dumps(fields, sort_keys=True)
+
+
+@dataclasses.dataclass(eq=False)
+class SymbolicChatsConfig(tfds.core.BuilderConfig):
+    """A symbolic task distribution (SymbolicConfig as JSON), its seed and the split sizes."""
+
+    symbolic_config_json: str = dataclasses.field(default="", repr=False)
+    seed: int = 0
+    n_train: int = 0
+    n_test: int = 0
+
+    @classmethod
+    def create(cls, config: symbolic.SymbolicConfig, n_train: int, n_test: int,
+               seed: int = 0) -> "SymbolicChatsConfig":
+        """Named by the sizes, the seed and a hash of everything that decides the records."""
+        if not isinstance(config, symbolic.SymbolicConfig):
+            raise ValueError(f"config={config!r}: expected a symbolic.SymbolicConfig")
+        for name, value in (("n_train", n_train), ("n_test", n_test)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        if not (isinstance(seed, int) and seed >= 0):
+            raise ValueError(f"seed={seed!r}: expected a non-negative integer")
+        config_json = symbolic_config_json(config)
+        digest = hashlib.sha256(
+            f"{config_json}|{seed}|{n_train}|{n_test}".encode()).hexdigest()[:12]
+        return cls(name=f"seed{seed}_train{n_train}_test{n_test}_{digest}",
+                   description=f"{n_train} training and {n_test} test chats of the symbolic "
+                               f"string tasks (DESIGN 1.7), seed {seed}.",
+                   symbolic_config_json=config_json, seed=seed, n_train=n_train, n_test=n_test)
+
+    @property
+    def symbolic_config(self) -> symbolic.SymbolicConfig:
+        fields = json.loads(self.symbolic_config_json)
+        return symbolic.SymbolicConfig(**{name: tuple(value) if isinstance(value, list) else value
+                                          for name, value in fields.items()})
+
+
+class SymbolicChats(tfds.core.GeneratorBasedBuilder):
+    """Symbolic string task chats; build with `build_symbolic(config, data_dir, ...)`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Train/test chats (JSON messages), answer, n/m/c/k, CoT flags."}
+    code_path = None  # as CotIcl: no files ship beside the builder
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {}
+        for name, (shape, dtype, doc) in symbolic_feature_docs(
+                self.builder_config.symbolic_config).items():
+            features[name] = (tfds.features.Text(doc=doc) if dtype is None else
+                              tfds.features.Tensor(shape=shape, dtype=dtype, doc=doc))
+        return tfds.core.DatasetInfo(
+            builder=self, description=self.builder_config.description,
+            features=tfds.features.FeaturesDict(features), disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(
+                symbolic_config=self.builder_config.symbolic_config_json,
+                seed=self.builder_config.seed,
+                test_seed=self.builder_config.seed + SYMBOLIC_TEST_SEED_OFFSET))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples("train"),
+                "test": self._generate_examples("test")}
+
+    def _generate_examples(self, split: str):
+        max_k = max(self.builder_config.symbolic_config.n_example_choices)
+        for index, task in enumerate(_symbolic_tasks(self.builder_config, split)):
+            yield index, symbolic_record(index, task, max_k)
+
+
+def _symbolic_tasks(builder_config: SymbolicChatsConfig, split: str):
+    """The split's tasks, in order (see the module docstring)."""
+    config = builder_config.symbolic_config
+    if split == "train":
+        return symbolic.generate(builder_config.n_train, builder_config.seed, config)
+    return symbolic.generate(builder_config.n_test,
+                             builder_config.seed + SYMBOLIC_TEST_SEED_OFFSET, config)
+
+
+def symbolic_record(task_id: int, task: symbolic.SymbolicTask, max_k: int) -> dict:
+    """One `SymbolicChats` record of a task."""
+    is_cot = np.zeros(max_k, np.bool_)
+    is_cot[:task.k] = task.is_cot
+    return dict(task_id=np.int32(task_id), messages=json.dumps(symbolic.render_chat(task)),
+                answer=task.chain[task.k - 1][task.c - 1], n=np.int32(task.n),
+                m=np.int32(task.m), c=np.int32(task.c), k=np.int32(task.k), is_cot=is_cot,
+                n_cot=np.int32(sum(task.is_cot)), cot_prob=np.float32(task.cot_prob))
+
+
+def build_symbolic(config: symbolic.SymbolicConfig, data_dir: str, n_train: int, n_test: int,
+                   seed: int = 0) -> str:
+    """Writes (or finds already written) the symbolic chats dataset; returns its directory."""
+    builder = SymbolicChats(config=SymbolicChatsConfig.create(config, n_train, n_test, seed),
+                            data_dir=data_dir, file_format=FILE_FORMAT)
+    builder.download_and_prepare()
+    return os.fspath(builder.data_path)
+
+
+def read_symbolic_split(dataset_dir: str, split: str) -> list[dict]:
+    """A `SymbolicChats` split as one dict per chat: `messages` parsed (the `render_chat` list),
+    text as `str`, scalars as Python numbers, `is_cot` cut to the task's k examples."""
+    fields = read_split(dataset_dir, split)
+    records = []
+    for i in range(len(fields["task_id"])):
+        record = {name: value[i] if value.dtype == object else value[i].item()
+                  for name, value in fields.items() if name != "is_cot"}
+        record["messages"] = json.loads(record["messages"])
+        record["is_cot"] = [bool(v) for v in fields["is_cot"][i][:record["k"]]]
+        records.append(record)
+    return records
+
+
 def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                     lock_config=False)
     flags.DEFINE_string("data_dir", None, "TFDS data directory to write into.")
     flags.DEFINE_integer("n_train_tasks", None,
-                         "Training tasks to write (default: one batch).", lower_bound=1)
+                         "Training tasks to write (default: one batch; required with --symbolic).",
+                         lower_bound=1)
+    # --symbolic: the SymbolicChats builder; the task flags are those of cotlab_jax.symbolic.
+    defaults = symbolic.SymbolicConfig()
+    flags.DEFINE_bool("symbolic", False, "Build SymbolicChats (DESIGN 1.7 chats) instead of a "
+                                         "--config's token tasks.")
+    flags.DEFINE_integer("n_test_tasks", 100, "(--symbolic) Test chats to write.", lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "(--symbolic) Train task i is a function of (seed, i), test "
+                                    "task i of (seed + 1000, i).", lower_bound=0)
+    flags.DEFINE_list("n_inputs", list(map(str, defaults.n_input_choices)),
+                      "(--symbolic) Choices of n.")
+    flags.DEFINE_list("n_parents", list(map(str, defaults.n_parent_choices)),
+                      "(--symbolic) Choices of m.")
+    flags.DEFINE_list("chain_length", list(map(str, defaults.chain_length_choices)),
+                      "(--symbolic) Choices of c.")
+    flags.DEFINE_list("n_examples", list(map(str, defaults.n_example_choices)),
+                      "(--symbolic) Choices of k.")
+    flags.DEFINE_integer("word_length", defaults.word_length,
+                         "(--symbolic) Letters per input word.")
+    flags.DEFINE_integer("char_offset", defaults.char_offset,
+                         "(--symbolic) Alphabet shift of chain words.")
+    for name in ("initial_prob", "final_prob", "alpha", "scale"):
+        flags.DEFINE_float(name, getattr(defaults, name),
+                           f"(--symbolic) Power-law CoT recipe: {name}.")
+    flags.DEFINE_enum("recipe_order", defaults.recipe_order, list(symbolic.RECIPE_ORDERS),
+                      "(--symbolic) The recipe's prompt index: a uniform draw, or the task's "
+                      "index.")
+
+
+def _int_choices(name: str, values: list[str]) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise SystemExit(f"--{name}={','.join(values)}: expected comma-separated integers") \
+            from None
+
+
+def _symbolic_main(f) -> str:
+    if f.config is not None:
+        raise SystemExit("--symbolic takes no --config")
+    if not f.data_dir or f.n_train_tasks is None:
+        raise SystemExit("--symbolic needs --data_dir and --n_train_tasks")
+    config = symbolic.SymbolicConfig(
+        n_input_choices=_int_choices("n_inputs", f.n_inputs),
+        n_parent_choices=_int_choices("n_parents", f.n_parents),
+        chain_length_choices=_int_choices("chain_length", f.chain_length),
+        n_example_choices=_int_choices("n_examples", f.n_examples),
+        word_length=f.word_length, char_offset=f.char_offset, initial_prob=f.initial_prob,
+        final_prob=f.final_prob, alpha=f.alpha, scale=f.scale, recipe_order=f.recipe_order)
+    return build_symbolic(config, f.data_dir, f.n_train_tasks, f.n_test_tasks, f.seed)
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
-    run_config = f.config
-    if run_config is None or not f.data_dir:
-        raise SystemExit("--config and --data_dir are required")
     try:
-        path = build(run_config, f.data_dir, f.n_train_tasks or run_config.train.batch_size)
+        if f.symbolic:
+            path = _symbolic_main(f)
+        else:
+            run_config = f.config
+            if run_config is None or not f.data_dir:
+                raise SystemExit("--config and --data_dir are required")
+            path = build(run_config, f.data_dir, f.n_train_tasks or run_config.train.batch_size)
     except (ValueError, config_lib.ConfigError) as error:
         raise SystemExit(str(error)) from None
     print(f"wrote {path}")
-
 
 if __name__ == "__main__":
     define_flags()

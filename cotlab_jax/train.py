@@ -68,6 +68,12 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
         mesh = sharding.make_mesh(dict(config.mesh))
     except ValueError as e:
         raise config_lib.ConfigError(f"config.mesh is invalid: {e}") from None
+    tensor = mesh.shape["tensor"]
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if config.model[name] % tensor:
+            raise config_lib.ConfigError(
+                f"config.model.{name}={config.model[name]} is invalid: expected a multiple of "
+                f"config.mesh.tensor={tensor}")
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     for group in ("train", "eval"):
         if config[group].batch_size % batch_shards:

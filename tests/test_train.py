@@ -197,6 +197,12 @@ def test_batch_must_divide_over_the_mesh(tmp_path):
     with pytest.raises(config_lib.ConfigError,
                        match=r"config.eval.batch_size=12 is invalid: .*multiple of .* 8"):
         train.setup(config)
+    config = tiny_config()  # 2 heads, 1 KV head
+    config.mesh.update(dict(data=4, tensor=2))
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.num_key_value_heads=1 is "
+                                                     r"invalid: expected a multiple of "
+                                                     r"config.mesh.tensor=2"):
+        train.setup(config)
 
 
 def test_main_command_errors_are_one_line(tmp_path):
@@ -252,3 +258,18 @@ def test_standalone_evaluation_variants(special_token_run, tmp_path):
         text=True, timeout=600)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "no checkpoint at step 7" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_standalone_evaluation_on_a_tfds_dataset(special_token_run, tmp_path):
+    """The TFDS dataset of the run's config holds its frozen eval set: same metrics."""
+    from cotlab_jax import tfds_builder
+
+    run = train.load_run(special_token_run)
+    dataset = tfds_builder.build(run.config, str(tmp_path / "tfds"),
+                                 n_train_tasks=run.config.train.batch_size)
+    result = evaluate.run_cli(special_token_run, "latest", eval_dataset=dataset)
+    with open(os.path.join(special_token_run, "results.json")) as f:
+        logged = json.load(f)["eval"]
+    assert result["variant"]["eval_dataset"] == dataset
+    for name, value in logged.items():
+        assert result["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
