@@ -192,11 +192,9 @@ def write_jsonl(path: str, n_tasks: int, seed: int, config: SymbolicConfig) -> N
     os.replace(tmp, path)
 
 
-def define_flags() -> None:
+def define_task_flags() -> None:
+    """The flags of a `SymbolicConfig` (also used by `python -m cotlab_jax.tfds_builder`)."""
     defaults = SymbolicConfig()
-    flags.DEFINE_integer("n_tasks", None, "How many chats to write.")
-    flags.DEFINE_string("out", None, "The .jsonl file to write.")
-    flags.DEFINE_integer("seed", 0, "Task i is a function of (seed, i).")
     flags.DEFINE_list("n_inputs", list(map(str, defaults.n_input_choices)), "Choices of n.")
     flags.DEFINE_list("n_parents", list(map(str, defaults.n_parent_choices)), "Choices of m.")
     flags.DEFINE_list("chain_length", list(map(str, defaults.chain_length_choices)),
@@ -208,6 +206,27 @@ def define_flags() -> None:
         flags.DEFINE_float(name, getattr(defaults, name), f"Power-law CoT recipe: {name}.")
     flags.DEFINE_enum("recipe_order", defaults.recipe_order, list(RECIPE_ORDERS),
                       "The recipe's prompt index: a uniform draw, or the task's index.")
+
+
+def config_from_flags(f) -> SymbolicConfig:
+    """The `SymbolicConfig` of the task flags; a bad value exits with a one-line message."""
+    try:
+        return SymbolicConfig(
+            n_input_choices=_int_choices("n_inputs", f.n_inputs),
+            n_parent_choices=_int_choices("n_parents", f.n_parents),
+            chain_length_choices=_int_choices("chain_length", f.chain_length),
+            n_example_choices=_int_choices("n_examples", f.n_examples),
+            word_length=f.word_length, char_offset=f.char_offset, initial_prob=f.initial_prob,
+            final_prob=f.final_prob, alpha=f.alpha, scale=f.scale, recipe_order=f.recipe_order)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+
+
+def define_flags() -> None:
+    flags.DEFINE_integer("n_tasks", None, "How many chats to write.")
+    flags.DEFINE_string("out", None, "The .jsonl file to write.")
+    flags.DEFINE_integer("seed", 0, "Task i is a function of (seed, i).")
+    define_task_flags()
 
 
 def _int_choices(name: str, values: list[str]) -> tuple[int, ...]:
@@ -224,14 +243,8 @@ def main(argv) -> None:
     f = flags.FLAGS
     if f.n_tasks is None or not f.out:
         raise SystemExit("--n_tasks and --out are required")
+    config = config_from_flags(f)
     try:
-        config = SymbolicConfig(
-            n_input_choices=_int_choices("n_inputs", f.n_inputs),
-            n_parent_choices=_int_choices("n_parents", f.n_parents),
-            chain_length_choices=_int_choices("chain_length", f.chain_length),
-            n_example_choices=_int_choices("n_examples", f.n_examples),
-            word_length=f.word_length, char_offset=f.char_offset, initial_prob=f.initial_prob,
-            final_prob=f.final_prob, alpha=f.alpha, scale=f.scale, recipe_order=f.recipe_order)
         write_jsonl(f.out, f.n_tasks, f.seed, config)
     except ValueError as error:
         raise SystemExit(str(error)) from None

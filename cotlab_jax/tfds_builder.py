@@ -354,39 +354,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("n_train_tasks", None,
                          "Training tasks to write (default: one batch; required with --symbolic).",
                          lower_bound=1)
-    # --symbolic: the SymbolicChats builder; the task flags are those of cotlab_jax.symbolic.
-    defaults = symbolic.SymbolicConfig()
+    # --symbolic: the SymbolicChats builder, with cotlab_jax.symbolic's task flags.
     flags.DEFINE_bool("symbolic", False, "Build SymbolicChats (DESIGN 1.7 chats) instead of a "
                                          "--config's token tasks.")
     flags.DEFINE_integer("n_test_tasks", 100, "(--symbolic) Test chats to write.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "(--symbolic) Train task i is a function of (seed, i), test "
                                     "task i of (seed + 1000, i).", lower_bound=0)
-    flags.DEFINE_list("n_inputs", list(map(str, defaults.n_input_choices)),
-                      "(--symbolic) Choices of n.")
-    flags.DEFINE_list("n_parents", list(map(str, defaults.n_parent_choices)),
-                      "(--symbolic) Choices of m.")
-    flags.DEFINE_list("chain_length", list(map(str, defaults.chain_length_choices)),
-                      "(--symbolic) Choices of c.")
-    flags.DEFINE_list("n_examples", list(map(str, defaults.n_example_choices)),
-                      "(--symbolic) Choices of k.")
-    flags.DEFINE_integer("word_length", defaults.word_length,
-                         "(--symbolic) Letters per input word.")
-    flags.DEFINE_integer("char_offset", defaults.char_offset,
-                         "(--symbolic) Alphabet shift of chain words.")
-    for name in ("initial_prob", "final_prob", "alpha", "scale"):
-        flags.DEFINE_float(name, getattr(defaults, name),
-                           f"(--symbolic) Power-law CoT recipe: {name}.")
-    flags.DEFINE_enum("recipe_order", defaults.recipe_order, list(symbolic.RECIPE_ORDERS),
-                      "(--symbolic) The recipe's prompt index: a uniform draw, or the task's "
-                      "index.")
-
-
-def _int_choices(name: str, values: list[str]) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in values)
-    except ValueError:
-        raise SystemExit(f"--{name}={','.join(values)}: expected comma-separated integers") \
-            from None
+    symbolic.define_task_flags()
 
 
 def _symbolic_main(f) -> str:
@@ -394,13 +368,7 @@ def _symbolic_main(f) -> str:
         raise SystemExit("--symbolic takes no --config")
     if not f.data_dir or f.n_train_tasks is None:
         raise SystemExit("--symbolic needs --data_dir and --n_train_tasks")
-    config = symbolic.SymbolicConfig(
-        n_input_choices=_int_choices("n_inputs", f.n_inputs),
-        n_parent_choices=_int_choices("n_parents", f.n_parents),
-        chain_length_choices=_int_choices("chain_length", f.chain_length),
-        n_example_choices=_int_choices("n_examples", f.n_examples),
-        word_length=f.word_length, char_offset=f.char_offset, initial_prob=f.initial_prob,
-        final_prob=f.final_prob, alpha=f.alpha, scale=f.scale, recipe_order=f.recipe_order)
+    config = symbolic.config_from_flags(f)
     return build_symbolic(config, f.data_dir, f.n_train_tasks, f.n_test_tasks, f.seed)
 
 
