@@ -24,7 +24,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -75,49 +74,15 @@ def parse_mesh(text: str) -> dict[str, int]:
     return axes
 
 
-def _opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, replicated):
-    """Optimizer moments mirror the parameters (and take their shardings); the rest (step
-    counts) is replicated."""
-    params_structure = jax.tree.structure(abstract_params)
-
-    def is_params_like(x):
-        return isinstance(x, type(abstract_params)) and jax.tree.structure(x) == params_structure
-
-    def shard(x):
-        if is_params_like(x):
-            return param_shardings
-        if x.ndim:
-            raise ValueError(f"optimizer state leaf of shape {x.shape} mirrors no parameter")
-        return replicated
-
-    return jax.tree.map(shard, abstract_opt_state, is_leaf=is_params_like)
-
-
 def abstract_train_inputs(exp: train.Experiment):
     """(graphdef, state, world, train_key) as sharded `jax.ShapeDtypeStruct`s over `exp.mesh`:
     what `train.init_state` and `train.train_and_evaluate` would place, without allocating."""
-    mesh = exp.mesh
-    replicated = NamedSharding(mesh, PartitionSpec())
-    optimizer = train.make_optimizer(exp.config.train, exp.total_steps)
-    graphdef, abstract_params = jax.eval_shape(
-        functools.partial(model.init, exp.model_config), train.model_key(exp.config.seed))
-    with jax.set_mesh(mesh):
-        param_shardings = sharding.state_shardings(abstract_params, mesh)
-    abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    abstract_state = dict(step=scalar, params=abstract_params, opt_state=abstract_opt_state,
-                          window=jax.eval_shape(train.empty_window), nonfinite_step=scalar)
-    shardings = dict(
-        step=replicated, params=param_shardings,
-        opt_state=_opt_state_shardings(abstract_opt_state, abstract_params, param_shardings,
-                                       replicated),
-        window=jax.tree.map(lambda _: replicated, abstract_state["window"]),
-        nonfinite_step=replicated)
+    replicated = NamedSharding(exp.mesh, PartitionSpec())
+    graphdef, state = train.abstract_state(exp)
 
     def with_sharding(x, s):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
-    state = jax.tree.map(with_sharding, abstract_state, shardings)
     keys = data.root_keys(exp.config.seed)
     world = jax.eval_shape(functools.partial(data.make_world, spec=exp.spec), keys["world"])
     world = jax.tree.map(lambda x: with_sharding(x, replicated), world)

@@ -112,13 +112,56 @@ def model_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 1)
 
 
+def _opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, replicated):
+    """Optimizer moments mirror the parameters (and take their shardings); the rest (step
+    counts) is replicated."""
+    params_structure = jax.tree.structure(abstract_params)
+
+    def is_params_like(x):
+        return isinstance(x, type(abstract_params)) and jax.tree.structure(x) == params_structure
+
+    def shard(x):
+        if is_params_like(x):
+            return param_shardings
+        if x.ndim:
+            raise ValueError(f"optimizer state leaf of shape {x.shape} mirrors no parameter")
+        return replicated
+
+    return jax.tree.map(shard, abstract_opt_state, is_leaf=is_params_like)
+
+
+def _build_state(exp: Experiment):
+    _, params = model.init(exp.model_config, model_key(exp.config.seed))
+    opt_state = make_optimizer(exp.config.train, exp.total_steps).init(params)
+    return dict(step=jnp.int32(0), params=params, opt_state=opt_state, window=empty_window(),
+                nonfinite_step=jnp.int32(-1))
+
+
+def abstract_state(exp: Experiment):
+    """(graphdef, state as `jax.ShapeDtypeStruct`s carrying their shardings): the train state's
+    layout over `exp.mesh` (parameters by their logical axes, Adam moments alike, scalars
+    replicated), with nothing allocated. The restore target and the AOT compile use it."""
+    graphdef, _ = jax.eval_shape(functools.partial(model.init, exp.model_config),
+                                 model_key(exp.config.seed))
+    abstract = jax.eval_shape(functools.partial(_build_state, exp))
+    replicated = jax.sharding.NamedSharding(exp.mesh, jax.P())
+    with jax.set_mesh(exp.mesh):
+        params = sharding.state_shardings(abstract["params"], exp.mesh)
+    shardings = dict(
+        step=replicated, params=params,
+        opt_state=_opt_state_shardings(abstract["opt_state"], abstract["params"], params,
+                                       replicated),
+        window=jax.tree.map(lambda _: replicated, abstract["window"]),
+        nonfinite_step=replicated)
+    return graphdef, jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
 def init_state(exp: Experiment):
     """(graphdef, state), the state created directly sharded over the experiment's mesh."""
-    graphdef, params = model.init_sharded(exp.model_config, model_key(exp.config.seed), exp.mesh)
-    optimizer = make_optimizer(exp.config.train, exp.total_steps)
-    opt_state = jax.jit(optimizer.init)(params)
-    state = dict(step=jnp.int32(0), params=params, opt_state=opt_state, window=empty_window(),
-                 nonfinite_step=jnp.int32(-1))
+    graphdef, abstract = abstract_state(exp)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    state = jax.jit(functools.partial(_build_state, exp), out_shardings=shardings)()
     return graphdef, state
 
 
@@ -278,17 +321,11 @@ def load_run(workdir: str, step: int | str = "latest") -> Run:
             step = max(steps)
         elif int(step) not in steps:
             raise RunError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
-        graphdef, state = init_state(exp)
-        state = _restore(manager, int(step), state)
+        graphdef, target = abstract_state(exp)
+        state = manager.restore(int(step), args=ocp.args.StandardRestore(target))
     world = data.make_world(data.root_keys(config.seed)["world"], exp.spec)
     return Run(config=config, spec=exp.spec, graphdef=graphdef, params=state["params"],
                step=int(step), world=world, workdir=workdir)
-
-
-def _restore(manager: ocp.CheckpointManager, step: int, like_state):
-    """The checkpoint of `step`, laid out (and resharded) like `like_state`."""
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,11 +384,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_sharding = jax.sharding.NamedSharding(exp.mesh, jax.P(("data", "fsdp")))
 
     with jax.set_mesh(exp.mesh):
-        graphdef, state = init_state(exp)
         manager = _checkpoint_manager(workdir, cfg_train.keep_checkpoints)
         start = manager.latest_step() or 0
-        if start:
-            state = _restore(manager, start, state)
+        if start:  # restored straight into its (possibly new) mesh's layout
+            graphdef, target = abstract_state(exp)
+            state = manager.restore(start, args=ocp.args.StandardRestore(target))
+        else:
+            graphdef, state = init_state(exp)
         step_fn = compile_train_step(exp, graphdef, state)
 
     writer = MetricsWriter(workdir, start, tensorboard=config.log.tensorboard) \
