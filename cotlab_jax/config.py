@@ -113,6 +113,10 @@ def eval_config() -> ml_collections.ConfigDict:
             eval_every_n_steps=500,
             batch_size=64,
             max_pred_tokens=100,
+            # The final evaluation also measures accuracy against the number of in-context
+            # examples kept (the last K' of each task): "" for none, "all" for 1..K, or a
+            # comma-separated list such as "1,2,4,8".
+            example_counts="",
         )
     )
 
@@ -120,6 +124,26 @@ def eval_config() -> ml_collections.ConfigDict:
 def mesh_config() -> ml_collections.ConfigDict:
     # Axis sizes; -1 takes the remaining devices.
     return ml_collections.ConfigDict(dict(replica=1, data=-1, fsdp=1, tensor=1))
+
+
+PACKINGS = ("exact", "padded", "off")
+
+
+def sweep_config() -> ml_collections.ConfigDict:
+    """A sweep (see `cotlab_jax.sweep`): no axes means a single run."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="",
+            # ((field path, (values, ...)), ...): the members are the product, first axis
+            # slowest, e.g. (("model.num_hidden_layers", (4, 8)), ("data.vocab_size", (64,))).
+            axes=(),
+            member=-1,  # >= 0: run only this member (to fan a sweep out over hosts or slices)
+            # "exact": pack members whose programs agree, sequence length included; "padded":
+            # also pack shorter sequences, left-padded; "off": every member alone.
+            packing="exact",
+            max_pack_size=0,  # 0: no limit
+        )
+    )
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -131,7 +155,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.train = train_config()
     config.eval = eval_config()
     config.mesh = mesh_config()
-    config.sweep = ml_collections.ConfigDict(dict(name="", member=-1))
+    config.sweep = sweep_config()
     config.log = ml_collections.ConfigDict(dict(tensorboard=True, progress_bar=True))
     return config
 
@@ -258,11 +282,52 @@ def validate_eval(eval_cfg) -> None:
     """Rejects an invalid `config.eval` before anything compiles."""
     for name in ("n_eval_tasks", "eval_every_n_steps", "batch_size", "max_pred_tokens"):
         _check_positive_int(f"eval.{name}", eval_cfg[name])
+    example_counts(eval_cfg, max_examples=None)
+
+
+def example_counts(eval_cfg, max_examples: int | None) -> tuple[int, ...]:
+    """The counts `eval.example_counts` names, checked against tasks of at most `max_examples`
+    examples (None: unchecked)."""
+    text = eval_cfg.example_counts
+    if text == "all":
+        return tuple(range(1, (max_examples or 1) + 1))
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        _fail("eval.example_counts", text,
+              "expected '', 'all' or comma-separated positive example counts like '1,2,4'")
+    counts = tuple(sorted({int(p) for p in parts}))
+    if max_examples is not None and counts and counts[-1] > max_examples:
+        _fail("eval.example_counts", text, f"the tasks have at most {max_examples} examples")
+    return counts
+
+
+def validate_sweep(sweep) -> None:
+    """Rejects an invalid `config.sweep` (its axes' fields are checked when they are expanded)."""
+    if sweep.packing not in PACKINGS:
+        _fail("sweep.packing", sweep.packing, f"expected one of {PACKINGS}")
+    if isinstance(sweep.max_pack_size, bool) or not isinstance(sweep.max_pack_size, int) \
+            or sweep.max_pack_size < 0:
+        _fail("sweep.max_pack_size", sweep.max_pack_size, "expected an integer >= 0 (0: no limit)")
+    for axis in sweep.axes:
+        if (not isinstance(axis, (list, tuple)) or len(axis) != 2 or not isinstance(axis[0], str)
+                or not isinstance(axis[1], (list, tuple)) or not axis[1]):
+            _fail("sweep.axes", sweep.axes,
+                  "expected ((field path, (value, ...)), ...) with at least one value per axis")
 
 
 def _is_number(value) -> bool:
     return (not isinstance(value, bool) and isinstance(value, (int, float))
             and math.isfinite(value))
+
+
+# The fields `run_name` spells out.
+RUN_NAME_FIELDS = (
+    "model.num_hidden_layers", "model.hidden_size", "data.vocab_size", "data.n_dims",
+    "data.n_input_choices", "data.n_parent_choices", "data.chain_length_choices",
+    "data.n_example_choices", "data.activation", "data.H_num_layers", "data.num_unique_H",
+    "seed", "data.prompt_strategy", "data.cot_example_prob_recipe_info.type",
+    "data.cot_example_prob_recipe_info.alpha",
+)
 
 
 def run_name(config) -> str:

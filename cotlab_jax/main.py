@@ -1,7 +1,9 @@
 """`python -m cotlab_jax.main --config=configs/<file>.py[:arg] [--workdir=DIR] [--config.x=y]`.
 
 Trains (or resumes) the run in `--workdir` (default `runs/<run name>`), evaluating on the frozen
-eval set as it goes; see README.md for the run directory's contents.
+eval set as it goes; see README.md for the run directory's contents. A config with `sweep.axes`
+is a sweep (`cotlab_jax.sweep`): its members train in `--workdir` (default
+`runs/<sweep name>`), packed where they can be, and end in a report.
 """
 
 import os
@@ -44,9 +46,19 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if _launched_multihost():
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from cotlab_jax import train  # after initialize(): it touches the devices
+    from cotlab_jax import sweep, train  # after initialize(): they touch the devices
 
     config = _CONFIG.value
+    if config.sweep.axes:
+        workdir = _WORKDIR.value or os.path.join("runs", config.sweep.name or "sweep")
+        try:
+            outcome = sweep.run(config, workdir)
+        except (config_lib.ConfigError, train.RunError) as e:
+            sys.exit(f"error: {e}")
+        if outcome.get("report"):
+            print(outcome["report"]["table"])
+            print(f"report: {outcome["report"]["out_dir"]}")
+        return
     workdir = _WORKDIR.value or os.path.join("runs", config_lib.run_name(config))
     try:
         results = train.train_and_evaluate(config, workdir)

@@ -14,6 +14,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
     model_config = model.LlamaConfig.from_config(config.model, config.data.vocab_size)
     config_lib.validate_train(config.train)
     config_lib.validate_eval(config.eval)
+    config_lib.example_counts(config.eval, spec.K)
     try:
         mesh = sharding.make_mesh(dict(config.mesh))
     except ValueError as e:
@@ -84,22 +86,34 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
                       total_steps=config.train.n_tasks // config.train.batch_size, mesh=mesh)
 
 
-def make_optimizer(train_cfg, total_steps: int) -> optax.GradientTransformation:
+# The optimizer's numbers. A pack of sweep members passes them traced, one per member, so members
+# that differ only in these share one program; the rest of `config.train` shapes the program.
+OPTIMIZER_HPARAMS = ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip_norm")
+
+
+def optimizer_hparams(train_cfg) -> dict[str, float]:
+    return {name: float(train_cfg[name]) for name in OPTIMIZER_HPARAMS}
+
+
+def make_optimizer(train_cfg, total_steps: int,
+                   hparams: dict | None = None) -> optax.GradientTransformation:
     """AdamW (weight decay on every parameter, as the reference), with optional warmup, decay and
-    gradient clipping."""
+    gradient clipping. `hparams` (numbers or traced scalars) override `OPTIMIZER_HPARAMS`;
+    whether clipping is on stays `train_cfg.grad_clip_norm > 0`."""
+    h = optimizer_hparams(train_cfg) if hparams is None else hparams
     decay_steps = max(total_steps - train_cfg.warmup_steps, 1)
     schedule = {
-        "constant": optax.constant_schedule(train_cfg.lr),
-        "cosine": optax.cosine_decay_schedule(train_cfg.lr, decay_steps),
-        "linear": optax.linear_schedule(train_cfg.lr, 0.0, decay_steps),
+        "constant": optax.constant_schedule(h["lr"]),
+        "cosine": optax.cosine_decay_schedule(h["lr"], decay_steps),
+        "linear": optax.linear_schedule(h["lr"], 0.0, decay_steps),
     }[train_cfg.lr_schedule]
     if train_cfg.warmup_steps:
-        warmup = optax.linear_schedule(0.0, train_cfg.lr, train_cfg.warmup_steps)
+        warmup = optax.linear_schedule(0.0, h["lr"], train_cfg.warmup_steps)
         schedule = optax.join_schedules([warmup, schedule], [train_cfg.warmup_steps])
-    optimizer = optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                            weight_decay=train_cfg.weight_decay)
+    optimizer = optax.adamw(schedule, b1=h["b1"], b2=h["b2"], eps=h["eps"],
+                            weight_decay=h["weight_decay"])
     if train_cfg.grad_clip_norm:
-        optimizer = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip_norm), optimizer)
+        optimizer = optax.chain(optax.clip_by_global_norm(h["grad_clip_norm"]), optimizer)
     return optimizer
 
 
@@ -112,9 +126,9 @@ def model_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 1)
 
 
-def _opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, replicated):
+def _opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, small):
     """Optimizer moments mirror the parameters (and take their shardings); the rest (step
-    counts) is replicated."""
+    counts) takes `small`, the sharding of the state's per-run scalars."""
     params_structure = jax.tree.structure(abstract_params)
 
     def is_params_like(x):
@@ -123,45 +137,55 @@ def _opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, r
     def shard(x):
         if is_params_like(x):
             return param_shardings
-        if x.ndim:
+        if x.ndim > len(small.spec):
             raise ValueError(f"optimizer state leaf of shape {x.shape} mirrors no parameter")
-        return replicated
+        return small
 
     return jax.tree.map(shard, abstract_opt_state, is_leaf=is_params_like)
 
 
-def _build_state(exp: Experiment):
-    _, params = model.init(exp.model_config, model_key(exp.config.seed))
+def build_state(exp: Experiment, key: jax.Array):
+    """A fresh train state, its model initialised from `key`."""
+    _, params = model.init(exp.model_config, key)
     opt_state = make_optimizer(exp.config.train, exp.total_steps).init(params)
     return dict(step=jnp.int32(0), params=params, opt_state=opt_state, window=empty_window(),
                 nonfinite_step=jnp.int32(-1))
 
 
+def state_layout(abstract, mesh: jax.sharding.Mesh, leading_names: tuple[str, ...] = ()):
+    """`abstract` (a train state of `jax.ShapeDtypeStruct`s) with its shardings over `mesh`:
+    parameters by their logical axes, Adam moments alike, per-run scalars replicated.
+    `leading_names` name axes stacked in front of every leaf (("replica",) for a pack)."""
+    lead = tuple(abstract["step"].shape)
+    small = jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh_spec(
+        leading_names, lead, dict(mesh.shape), sharding.current_rules()))
+    with jax.set_mesh(mesh):
+        params = sharding.state_shardings(abstract["params"], mesh, leading_names)
+    shardings = dict(
+        step=small, params=params,
+        opt_state=_opt_state_shardings(abstract["opt_state"], abstract["params"], params, small),
+        window=jax.tree.map(lambda _: small, abstract["window"]),
+        nonfinite_step=small)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
 def abstract_state(exp: Experiment):
     """(graphdef, state as `jax.ShapeDtypeStruct`s carrying their shardings): the train state's
-    layout over `exp.mesh` (parameters by their logical axes, Adam moments alike, scalars
-    replicated), with nothing allocated. The restore target and the AOT compile use it."""
-    graphdef, _ = jax.eval_shape(functools.partial(model.init, exp.model_config),
-                                 model_key(exp.config.seed))
-    abstract = jax.eval_shape(functools.partial(_build_state, exp))
-    replicated = jax.sharding.NamedSharding(exp.mesh, jax.P())
-    with jax.set_mesh(exp.mesh):
-        params = sharding.state_shardings(abstract["params"], exp.mesh)
-    shardings = dict(
-        step=replicated, params=params,
-        opt_state=_opt_state_shardings(abstract["opt_state"], abstract["params"], params,
-                                       replicated),
-        window=jax.tree.map(lambda _: replicated, abstract["window"]),
-        nonfinite_step=replicated)
-    return graphdef, jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    layout over `exp.mesh`, with nothing allocated. The restore target and the AOT compile use
+    it."""
+    key = model_key(exp.config.seed)
+    graphdef, _ = jax.eval_shape(functools.partial(model.init, exp.model_config), key)
+    abstract = jax.eval_shape(functools.partial(build_state, exp), key)
+    return graphdef, state_layout(abstract, exp.mesh)
 
 
 def init_state(exp: Experiment):
     """(graphdef, state), the state created directly sharded over the experiment's mesh."""
     graphdef, abstract = abstract_state(exp)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    state = jax.jit(functools.partial(_build_state, exp), out_shardings=shardings)()
+    state = jax.jit(functools.partial(build_state, exp), out_shardings=shardings)(
+        model_key(exp.config.seed))
     return graphdef, state
 
 
@@ -178,9 +202,9 @@ def sampled_train_step(state, world, train_key, *, graphdef, exp: Experiment):
     return train_step(state, batch, graphdef=graphdef, exp=exp)
 
 
-def train_step(state, batch, *, graphdef, exp: Experiment):
-    """One AdamW step on `batch`."""
-    optimizer = make_optimizer(exp.config.train, exp.total_steps)
+def train_step(state, batch, *, graphdef, exp: Experiment, hparams: dict | None = None):
+    """One AdamW step on `batch` (`hparams`: see `make_optimizer`)."""
+    optimizer = make_optimizer(exp.config.train, exp.total_steps, hparams)
     step = state["step"]
 
     def loss_fn(params):
@@ -226,7 +250,7 @@ def compile_train_step(exp: Experiment, graphdef, state):
 # Run directories.
 
 
-def _write_json(path: str, value) -> None:
+def write_json(path: str, value) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True)
@@ -270,7 +294,7 @@ def _prepare_workdir(workdir: str, config) -> None:
             raise RunError(f"{workdir} holds a run whose state has other shapes; differing "
                            f"fields: {', '.join(differing)}. Use another --workdir.")
     if jax.process_index() == 0:
-        _write_json(path, json.loads(config.to_json()))
+        write_json(path, json.loads(config.to_json()))
 
 
 def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -278,6 +302,14 @@ def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
         os.path.abspath(os.path.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              cleanup_tmp_directories=True))
+
+
+def latest_checkpoint(workdir: str, keep: int) -> int | None:
+    """The step of a run directory's latest checkpoint; None if it has none."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return None
+    with _checkpoint_manager(workdir, keep) as manager:
+        return manager.latest_step()
 
 
 def _eval_set(workdir: str, exp: Experiment) -> dict[str, np.ndarray]:
@@ -349,19 +381,83 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(state, manager) -> None:
-    bad = int(state["nonfinite_step"])
-    if bad >= 0:
-        latest = manager.latest_step()
-        kept = f"the last good checkpoint is step {latest}" if latest is not None else \
-            "no checkpoint was written"
-        raise NonFiniteLossError(
-            f"the training loss (or the updated parameters) became non-finite at step {bad + 1}; "
-            f"stopping ({kept}). Try a lower train.lr, or set train.grad_clip_norm.")
+class _Member:
+    """One run of those trained together: its experiment, run directory, frozen eval set,
+    checkpoints, metrics, and whether it has failed."""
+
+    def __init__(self, exp: Experiment, workdir: str):
+        self.exp, self.workdir = exp, workdir
+        self.eval_set = _eval_set(workdir, exp)
+        self.manager = _checkpoint_manager(workdir, exp.config.train.keep_checkpoints)
+        self.start = self.manager.latest_step() or 0
+        self.writer = None
+        self.failure = None  # the message, once the state went non-finite
+        self.failed_step = None
+
+    def open_metrics(self) -> None:
+        if jax.process_index() == 0:
+            self.writer = MetricsWriter(self.workdir, self.start,
+                                        tensorboard=self.exp.config.log.tensorboard)
+
+    def log(self, step: int, kind: str, values: dict) -> None:
+        if self.writer is not None:
+            self.writer.write(step, kind, values)
+
+    def check_finite(self, nonfinite_step) -> bool:
+        """False (and the failure recorded in `failed.json`) once the state went non-finite."""
+        bad = int(nonfinite_step)
+        if self.failure is None and bad >= 0:
+            latest = self.manager.latest_step()
+            kept = f"the last good checkpoint is step {latest}" if latest is not None else \
+                "no checkpoint was written"
+            self.failure = (
+                f"the training loss (or the updated parameters) became non-finite at step "
+                f"{bad + 1}; stopping ({kept}). Try a lower train.lr, or set "
+                f"train.grad_clip_norm.")
+            self.failed_step = bad + 1
+            if jax.process_index() == 0:
+                write_json(os.path.join(self.workdir, "failed.json"),
+                            dict(error=self.failure, step=self.failed_step))
+        return self.failure is None
+
+    def close(self) -> None:
+        self.manager.close()  # waits for a save in flight
+        if self.writer is not None:
+            self.writer.close()
 
 
-def _window_metrics(state, seconds: float) -> dict:
-    window = jax.device_get(state["window"])
+@dataclasses.dataclass
+class Program:
+    """The jitted training of one or more members: the (possibly stacked) state, one step, and
+    each member's own state in its single-run layout (what is evaluated and checkpointed)."""
+
+    graphdef: object
+    state: dict
+    step: Callable[[dict], dict]
+    member_state: Callable[[dict, int], dict]
+    packed: bool
+
+
+def _single_program(member: _Member) -> Program:
+    exp, config = member.exp, member.exp.config
+    # Global (replicated) copies, made on every process alike, as the train step's inputs.
+    replicated = jax.sharding.NamedSharding(exp.mesh, jax.P())
+    world, train_key = jax.jit(
+        lambda: (data.make_world(data.root_keys(config.seed)["world"], exp.spec),
+                 data.root_keys(config.seed)["train"]), out_shardings=replicated)()
+    with jax.set_mesh(exp.mesh):
+        if member.start:  # restored straight into its (possibly new) mesh's layout
+            graphdef, target = abstract_state(exp)
+            state = member.manager.restore(member.start, args=ocp.args.StandardRestore(target))
+        else:
+            graphdef, state = init_state(exp)
+        step_fn = compile_train_step(exp, graphdef, state)
+    return Program(graphdef=graphdef, state=state,
+                   step=lambda state: step_fn(state, world, train_key),
+                   member_state=lambda state, i: state, packed=False)
+
+
+def _window_metrics(window, seconds: float) -> dict:
     steps = max(int(window["steps"]), 1)
     return dict(loss=float(window["loss_sum"]) / steps, n_cot=int(window["n_cot"]),
                 n_direct=int(window["n_direct"]), grad_norm=float(window["grad_norm"]),
@@ -371,88 +467,115 @@ def _window_metrics(state, seconds: float) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the final results (also results.json)."""
-    exp = setup(config)
-    _prepare_workdir(workdir, config)
-    cfg_train, cfg_eval = config.train, config.eval
-    eval_set = _eval_set(workdir, exp)
+    (results,) = train_members([(config, workdir)])
+    if "error" in results:
+        raise NonFiniteLossError(results["error"])
+    return results
 
-    # Global (replicated) copies, made on every process alike, as the train step's inputs.
-    replicated = jax.sharding.NamedSharding(exp.mesh, jax.P())
-    world, train_key = jax.jit(
-        lambda: (data.make_world(data.root_keys(config.seed)["world"], exp.spec),
-                 data.root_keys(config.seed)["train"]), out_shardings=replicated)()
+
+def train_members(runs: list[tuple[ml_collections.ConfigDict, str]]) -> list[dict]:
+    """Trains (or resumes) runs `(config, workdir)` together: one run alone, or sweep members
+    packed into one vmapped program (`cotlab_jax.packed`; their configs must share what
+    `packed.pack_key` names, and their checkpoints the same step). Each keeps its own run
+    directory, exactly as if trained alone. Returns each run's results; a run whose loss became
+    non-finite stops there and gets `{"error", "step"}`, the others go on."""
+    exps = [setup(config) for config, _ in runs]
+    for exp, (config, workdir) in zip(exps, runs, strict=True):
+        _prepare_workdir(workdir, config)
+    members = [_Member(exp, workdir) for exp, (_, workdir) in zip(exps, runs, strict=True)]
+    starts = sorted({m.start for m in members})
+    if len(starts) > 1:
+        raise RunError(f"members packed together must resume from one step; their checkpoints "
+                       f"are at steps {starts}")
+    start = starts[0]
+    exp = exps[0]  # the schedule and the mesh are shared
+    cfg_train, cfg_eval = exp.config.train, exp.config.eval
+    if len(members) == 1:
+        program = _single_program(members[0])
+    else:
+        from cotlab_jax import packed  # it builds on this module
+
+        program = packed.program(exps, [m.manager for m in members], start)
+    state = program.state
+    for m in members:
+        m.open_metrics()
     eval_sharding = jax.sharding.NamedSharding(exp.mesh, jax.P(("data", "fsdp")))
 
-    with jax.set_mesh(exp.mesh):
-        manager = _checkpoint_manager(workdir, cfg_train.keep_checkpoints)
-        start = manager.latest_step() or 0
-        if start:  # restored straight into its (possibly new) mesh's layout
-            graphdef, target = abstract_state(exp)
-            state = manager.restore(start, args=ocp.args.StandardRestore(target))
-        else:
-            graphdef, state = init_state(exp)
-        step_fn = compile_train_step(exp, graphdef, state)
-
-    writer = MetricsWriter(workdir, start, tensorboard=config.log.tensorboard) \
-        if jax.process_index() == 0 else None
-
-    def log(step, kind, values):
-        if writer is not None:
-            writer.write(step, kind, values)
-
-    def run_eval(step):
-        metrics = evaluate.evaluate(graphdef, state["params"], eval_set, exp.spec,
+    def run_eval(m: _Member, params, step: int) -> dict:
+        metrics = evaluate.evaluate(program.graphdef, params, m.eval_set, m.exp.spec,
                                     batch_size=cfg_eval.batch_size,
                                     max_pred_tokens=cfg_eval.max_pred_tokens,
                                     batch_sharding=eval_sharding)
-        log(step, "eval", metrics)
+        m.log(step, "eval", metrics)
         return metrics
 
     bar = tqdm(total=exp.total_steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=not config.log.progress_bar or jax.process_index() != 0)
+               disable=not exp.config.log.progress_bar or jax.process_index() != 0)
     last_eval = {}
     window_start = time.perf_counter()
     step = start
     try:
         with _Preemption() as preemption, jax.set_mesh(exp.mesh):
-            while step < exp.total_steps:
-                state = step_fn(state, world, train_key)
+            while step < exp.total_steps and any(m.failure is None for m in members):
+                state = program.step(state)
                 step += 1
                 bar.update(1)
                 last = step == exp.total_steps
-                if step % cfg_train.log_every_n_steps == 0 or last:
-                    _check_finite(state, manager)
+                log_now = step % cfg_train.log_every_n_steps == 0 or last
+                eval_now = step % cfg_eval.eval_every_n_steps == 0 or last
+                save_now = (step % cfg_train.checkpoint_every_n_steps == 0 or last
+                            or preemption.requested)
+                if not (log_now or eval_now or save_now):
+                    continue
+                host = jax.device_get(dict(window=state["window"],
+                                           nonfinite_step=state["nonfinite_step"]))
+                own = [jax.tree.map(lambda x, i=i: x[i], host) if program.packed else host
+                       for i in range(len(members))]
+                active = [i for i, m in enumerate(members)
+                          if m.check_finite(own[i]["nonfinite_step"])]
+                if log_now:
                     now = time.perf_counter()
-                    train_metrics = _window_metrics(state, now - window_start)
+                    for i in active:
+                        train_metrics = _window_metrics(own[i]["window"], now - window_start)
+                        members[i].log(step, "train", train_metrics)
                     window_start = now
-                    log(step, "train", train_metrics)
-                    bar.set_postfix(loss=f"{train_metrics['loss']:.3f}",
-                                    acc=f"{last_eval.get('answer_acc', float('nan')):.3f}",
-                                    tok_s=f"{train_metrics['tokens_per_s']:,.0f}")
+                    if active:
+                        bar.set_postfix(loss=f"{train_metrics['loss']:.3f}",
+                                        acc=f"{last_eval.get('answer_acc', float('nan')):.3f}",
+                                        tok_s=f"{train_metrics['tokens_per_s']:,.0f}")
+                member_states = {i: program.member_state(state, i) for i in active} \
+                    if eval_now or save_now else {}
                 # Evaluate before checkpointing: a run resumed from step s has its records up
                 # to s, the evaluation at s included.
-                if step % cfg_eval.eval_every_n_steps == 0 or last:
-                    _check_finite(state, manager)
-                    last_eval = run_eval(step)
+                if eval_now:
+                    for i in active:
+                        last_eval = run_eval(members[i], member_states[i]["params"], step)
                     window_start = time.perf_counter()  # keeps eval time out of tokens/s
-                if step % cfg_train.checkpoint_every_n_steps == 0 or last or preemption.requested:
-                    _check_finite(state, manager)
-                    manager.save(step, args=ocp.args.StandardSave(state))
+                if save_now:
+                    for i in active:
+                        members[i].manager.save(step, args=ocp.args.StandardSave(member_states[i]))
                 if preemption.requested:
-                    manager.wait_until_finished()
+                    for m in members:
+                        m.manager.wait_until_finished()
                     bar.close()
                     print(f"Preempted (SIGTERM) at step {step}; checkpoint saved, resume with "
                           f"the same command.")
-                    return {"preempted_at_step": step}
+                    return [{"preempted_at_step": step} for _ in members]
     finally:
         bar.close()
-        manager.close()  # waits for a save in flight
-        if writer is not None:
-            writer.close()
+        for m in members:
+            m.close()
 
-    results = _results(config, workdir, step, model.count_params(state["params"]))
-    if jax.process_index() == 0:
-        _write_json(os.path.join(workdir, "results.json"), results)
+    n_params = model.count_params(program.member_state(state, 0)["params"])
+    results = []
+    for m in members:
+        if m.failure is not None:
+            results.append(dict(error=m.failure, step=m.failed_step))
+            continue
+        result = _results(m.exp.config, m.workdir, step, n_params)
+        if jax.process_index() == 0:
+            write_json(os.path.join(m.workdir, "results.json"), result)
+        results.append(result)
     return results
 
 

@@ -1,0 +1,19 @@
+"""A tiny sweep for end-to-end tests: two seeds with their own learning rates for each of `cot`
+and `standard`, so there are two packs of two members."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402
+
+
+def get_config(arg=None):
+    config = tiny.get_config("cot")
+    config.train.n_tasks = 8 * 30
+    config.eval.eval_every_n_steps = 15
+    config.eval.example_counts = "all"
+    config.sweep.name = "tiny"
+    config.sweep.axes = (("data.prompt_strategy", ("cot", "standard")),
+                         ("seed", (1, 2)), ("train.lr", (3e-3,)))
+    return config
