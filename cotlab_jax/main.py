@@ -57,7 +57,7 @@ def main(argv) -> None:
             sys.exit(f"error: {e}")
         if outcome.get("report"):
             print(outcome["report"]["table"])
-            print(f"report: {outcome["report"]["out_dir"]}")
+            print(f"report: {outcome['report']['out_dir']}")
         return
     workdir = _WORKDIR.value or os.path.join("runs", config_lib.run_name(config))
     try:

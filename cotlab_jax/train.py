@@ -480,7 +480,7 @@ def train_members(runs: list[tuple[ml_collections.ConfigDict, str]]) -> list[dic
     directory, exactly as if trained alone. Returns each run's results; a run whose loss became
     non-finite stops there and gets `{"error", "step"}`, the others go on."""
     exps = [setup(config) for config, _ in runs]
-    for exp, (config, workdir) in zip(exps, runs, strict=True):
+    for config, workdir in runs:
         _prepare_workdir(workdir, config)
     members = [_Member(exp, workdir) for exp, (_, workdir) in zip(exps, runs, strict=True)]
     starts = sorted({m.start for m in members})
