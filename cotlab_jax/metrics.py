@@ -9,8 +9,6 @@ import json
 import math
 import os
 
-from tensorboardX import SummaryWriter
-
 
 def read_metrics(path: str) -> list[dict]:
     """The complete records of a metrics file (a torn last line is skipped)."""
@@ -37,6 +35,8 @@ class MetricsWriter:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
         self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+        if tensorboard:  # imported here: tensorboardX pulls in torch, seconds of start-up
+            from tensorboardX import SummaryWriter
         # purge_step hides events of an earlier attempt past the resume point.
         self._tb = (SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
                     if tensorboard else None)

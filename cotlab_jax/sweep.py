@@ -33,7 +33,8 @@ class Member:
     name: str  # its run directory, relative to the sweep's workdir
 
 
-def _get(config, path: str):
+def get_field(config, path: str):
+    """`config.<path>` for a dotted path; KeyError if there is no such field."""
     value = config
     for name in path.split("."):
         if value is None or name not in value:
@@ -74,7 +75,7 @@ def expand(config: ml_collections.ConfigDict) -> list[Member]:
     axes = [(path, [_normalise(path, v) for v in values]) for path, values in config.sweep.axes]
     for path, _ in axes:
         try:
-            _get(config, path)
+            get_field(config, path)
         except KeyError:
             raise config_lib.ConfigError(
                 f"config.sweep.axes names {path!r}, which is not a config field") from None
