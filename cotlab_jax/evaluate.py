@@ -17,6 +17,12 @@ batch size. Metric names:
   output ends `<ans_s> a <ans_e> <eos>` with `a` an ordinary token), and `gen_len_p{25,50,75,90,99}`
   (percentiles of the generated lengths, eos included).
 
+Accuracy over example counts: `evaluate_over_k` evaluates every task with only its last K'
+examples kept (the last is the query example; K' = 1 keeps no demonstration), for K' = 1 .. K in
+one vmapped program (`eval_step_over_k`). `keep_last_examples` drops the earlier examples and
+packs the rest left-padded again: exactly the task as if it never had them. `flatten_over_k`
+names the results `answer_acc_k{K'}` and `loss_k{K'}`.
+
 Variants (the second paper) are pure functions of an eval set, applied before `evaluate`:
 `drop_think_spans` (think spans removed from k demonstrations), `force_token` (`<think_s>` or
 `<ans_s>` appended to every query), and an eval set built from `spec.with_changes(...)` for another
@@ -29,9 +35,12 @@ Command line (a run written by `cotlab_jax.main`; prints the JSON result):
         [--drop_think=first|last|random --drop_k=K [--drop_seed=S]] [--force=think|answer]
         [--chain_length=C] [--n_examples=K] [--n_eval_tasks=N] [--batch_size=B]
         [--max_pred_tokens=T] [--eval_dataset=TFDS_DIR] [--out=FILE.json [--save_predictions]]
+        [--over_k [--example_counts=1,2,4]]
 
 Without --chain_length/--n_examples it evaluates the run's frozen eval set (its first N tasks with
 --n_eval_tasks); with them, a fresh eval set of the changed spec from the same seed and world.
+With --over_k the result also has `metrics_by_k` {K': metrics} for K' = 1 .. K (or the chosen
+--example_counts), on the same (variant) eval set.
 """
 
 import functools
@@ -50,9 +59,9 @@ from cotlab_jax import data, decode, model
 
 IGNORE_INDEX = data.IGNORE_INDEX
 GEN_LEN_PERCENTILES = (25, 50, 75, 90, 99)
-# The fields of an eval set that `eval_step` reads.
+# The fields of an eval set that `eval_step` and `eval_step_over_k` read.
 EVAL_FIELDS = ("input_ids", "labels", "attention_mask", "positions", "query_ids", "query_mask",
-               "target_ids", "chain", "c", "k")
+               "target_ids", "chain", "n", "c", "k")
 DROP_CHOICES = ("first", "last", "random")
 FORCE_TOKENS = {"think": "think_start", "answer": "answer_start"}
 
@@ -120,9 +129,8 @@ def score_generations(last_prompt_token: jax.Array, tokens: jax.Array, lengths: 
     return format_ok & (answer == answers), format_ok
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "max_pred_tokens"))
-def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
-              spec: data.TaskSpec, max_pred_tokens: int | None = None) -> dict[str, jax.Array]:
+def _eval_batch(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
+                spec: data.TaskSpec, max_pred_tokens: int | None = None) -> dict[str, jax.Array]:
     """Per-task evaluation of a batch of eval tasks (the `EVAL_FIELDS` of `data.sample_tasks`).
 
     Returns, each with leading axis B:
@@ -168,6 +176,90 @@ def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Arr
     return out
 
 
+eval_step = jax.jit(_eval_batch, static_argnames=("spec", "max_pred_tokens"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fewer in-context examples.
+
+
+def example_index(ids: jax.Array, mask: jax.Array, n: jax.Array, c: jax.Array,
+                  spec: data.TaskSpec) -> jax.Array:
+    """int32 [B, L]: the example (0-based) each real token of left-padded `ids` [B, L] belongs
+    to; -1 on padding and on the `<bos>` prefix. `n`, `c` [B] are the tasks' input and chain counts.
+
+    Read from the tokens alone, so it holds for training sequences, queries and their variants
+    (think spans dropped, a forced token): with special tokens an example starts at each
+    `<in_s>`; without, all of a task's examples have one length (n + c for `cot`, n + 1 for
+    `standard`).
+    """
+    mask = mask.astype(bool)
+    if spec.special_tokens:
+        starts = (ids == spec.token_id("input_start")) & mask
+        index = jnp.cumsum(starts, axis=-1, dtype=jnp.int32) - 1
+    else:
+        length = n + (c if spec.prompt_strategy == "cot" else 1)
+        index = model.positions_from_mask(mask) // length[:, None]
+    return jnp.where(mask, index, -1).astype(jnp.int32)
+
+
+def _pack_right(kept: jax.Array, *rows: tuple[jax.Array, int]) -> tuple[jax.Array, list]:
+    """Left-pads again after dropping tokens: each (values [B, L], fill) of `rows` with its
+    `kept` [B, L] entries moved, in order, to the right end and `fill` before them; also the new
+    mask."""
+    order = jnp.argsort(kept, axis=-1, stable=True)  # dropped entries first, both in order
+    mask = jnp.take_along_axis(kept, order, axis=-1)
+    return mask, [jnp.where(mask, jnp.take_along_axis(values, order, axis=-1), fill)
+                  for values, fill in rows]
+
+
+def keep_last_examples(batch: dict[str, jax.Array], n_examples: jax.Array | int,
+                       spec: data.TaskSpec) -> dict[str, jax.Array]:
+    """The batch with only each task's last `n_examples` (a scalar, may be traced) examples in
+    the training sequence (`input_ids`, `labels`, `attention_mask`, `positions`) and the query
+    (`query_ids`, `query_mask`, and `query_positions` if present); `<bos>` stays.
+
+    The kept tokens are packed left-padded again, so each row is exactly the layout of a task that
+    never had the earlier examples. Masking them in place would be too, but for the labelled
+    `<bos>`: the loss counts it only when a pad precedes it. Tasks with k <= n_examples are
+    unchanged. Reads `n`, `c`, `k`; `k` and the targets stay, as the last example is always kept.
+    Jittable.
+    """
+    first_kept = (batch["k"] - n_examples)[:, None]
+    pad = spec.token_id("pad")
+
+    def kept(ids, mask):
+        index = example_index(ids, mask, batch["n"], batch["c"], spec)
+        return mask.astype(bool) & ((index < 0) | (index >= first_kept))  # index < 0: <bos>
+
+    out = dict(batch)
+    mask, (input_ids, labels) = _pack_right(
+        kept(batch["input_ids"], batch["attention_mask"]),
+        (batch["input_ids"], pad), (batch["labels"], IGNORE_INDEX))
+    out.update(input_ids=input_ids, labels=labels, attention_mask=mask,
+               positions=model.positions_from_mask(mask))
+    query_mask, (query_ids,) = _pack_right(kept(batch["query_ids"], batch["query_mask"]),
+                                           (batch["query_ids"], pad))
+    out.update(query_ids=query_ids, query_mask=query_mask)
+    if "query_positions" in batch:
+        out["query_positions"] = model.positions_from_mask(query_mask)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "max_pred_tokens"))
+def eval_step_over_k(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
+                     spec: data.TaskSpec, max_pred_tokens: int | None,
+                     example_counts: jax.Array) -> dict[str, jax.Array]:
+    """`eval_step` of the batch with only the last `example_counts[i]` examples of every task
+    kept, for each i of example_counts int32 [NK], as one program: every output of `eval_step`
+    gains a leading axis NK."""
+    def one_count(n_examples):
+        return _eval_batch(graphdef, state, keep_last_examples(batch, n_examples, spec), spec,
+                           max_pred_tokens)
+
+    return jax.vmap(one_count)(example_counts)
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole eval set.
 
@@ -200,6 +292,34 @@ def aggregate(per_task: dict[str, np.ndarray], spec: data.TaskSpec) -> dict[str,
     return {name: float(value) for name, value in metrics.items()}
 
 
+def _per_task_outputs(step, eval_set: dict[str, np.ndarray], spec: data.TaskSpec,
+                      batch_size: int, batch_sharding: jax.sharding.Sharding | None,
+                      task_axis: int = 0) -> dict[str, np.ndarray]:
+    """`step(batch)`'s arrays for every task of `eval_set`, concatenated along `task_axis`.
+
+    The set runs in batches of `batch_size` (the `EVAL_FIELDS`, placed by `batch_sharding`); the
+    last one is filled up with copies of the last task (every query needs a real token) whose
+    results are dropped, so there is one compilation.
+    """
+    n_tasks = len(eval_set["k"])
+    if n_tasks == 0:
+        raise ValueError("the eval set is empty")
+    if eval_set["input_ids"].shape[1] != spec.seq_len:
+        raise ValueError(f"the eval set's sequences have length {eval_set['input_ids'].shape[1]}, "
+                         f"spec {spec.prompt_strategy!r} expects {spec.seq_len}: another spec?")
+    outputs = []
+    for start in range(0, n_tasks, batch_size):
+        rows = np.minimum(np.arange(start, start + batch_size), n_tasks - 1)
+        batch = jax.device_put({name: eval_set[name][rows] for name in EVAL_FIELDS},
+                               batch_sharding)
+        outputs.append(step(batch))
+    # Global arrays of a multi-host mesh are gathered to every process (a no-op on one).
+    outputs = multihost_utils.process_allgather(outputs, tiled=True)
+    first_tasks = (slice(None),) * task_axis + (slice(n_tasks),)
+    return {name: np.concatenate([out[name] for out in outputs], axis=task_axis)[first_tasks]
+            for name in outputs[0]}
+
+
 def evaluate(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.ndarray],
              spec: data.TaskSpec, *, batch_size: int, max_pred_tokens: int,
              return_predictions: bool = False, batch_sharding: jax.sharding.Sharding | None = None):
@@ -213,25 +333,60 @@ def evaluate(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.nd
     Returns the metrics dict, or with `return_predictions` (metrics, per_task): `eval_step`'s
     per-task arrays for every task, `predictions` among them.
     """
-    n_tasks = len(eval_set["k"])
-    if n_tasks == 0:
-        raise ValueError("the eval set is empty")
-    if eval_set["input_ids"].shape[1] != spec.seq_len:
-        raise ValueError(f"the eval set's sequences have length {eval_set['input_ids'].shape[1]}, "
-                         f"spec {spec.prompt_strategy!r} expects {spec.seq_len}: another spec?")
     max_pred_tokens = max_pred_tokens if spec.special_tokens else None
-    outputs = []
-    for start in range(0, n_tasks, batch_size):
-        rows = np.minimum(np.arange(start, start + batch_size), n_tasks - 1)
-        batch = jax.device_put({name: eval_set[name][rows] for name in EVAL_FIELDS},
-                               batch_sharding)
-        outputs.append(eval_step(graphdef, state, batch, spec, max_pred_tokens))
-    # Global arrays of a multi-host mesh are gathered to every process (a no-op on one).
-    outputs = multihost_utils.process_allgather(outputs, tiled=True)
-    per_task = {name: np.concatenate([out[name] for out in outputs])[:n_tasks]
-                for name in outputs[0]}
+    per_task = _per_task_outputs(
+        lambda batch: eval_step(graphdef, state, batch, spec, max_pred_tokens), eval_set, spec,
+        batch_size, batch_sharding)
     metrics = aggregate(per_task, spec)
     return (metrics, per_task) if return_predictions else metrics
+
+
+def check_example_counts(example_counts, spec: data.TaskSpec) -> tuple[int, ...]:
+    """The example counts as a tuple of ints; ValueError unless they are distinct integers in
+    [1, spec.K] (at least one)."""
+    counts = tuple(example_counts)
+    if not counts:
+        raise ValueError("example_counts is empty: expected integers in [1, K]")
+    for count in counts:
+        is_int = isinstance(count, int | np.integer) and not isinstance(count, bool)
+        if not (is_int and 1 <= count <= spec.K):
+            raise ValueError(f"example_counts: {count!r} is not an integer in [1, K={spec.K}] "
+                             "(K: the spec's largest example count)")
+    if len(set(counts)) != len(counts):
+        raise ValueError(f"example_counts={counts}: every count may appear once")
+    return tuple(int(count) for count in counts)
+
+
+def evaluate_over_k(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.ndarray],
+                    spec: data.TaskSpec, *, example_counts=None, batch_size: int,
+                    max_pred_tokens: int, batch_sharding: jax.sharding.Sharding | None = None,
+                    return_predictions: bool = False):
+    """`evaluate`'s metrics with only each task's last K' examples kept, for every K' of
+    `example_counts` (default 1 .. spec.K), all in one vmapped program per batch.
+
+    Returns {K': metrics}, or with `return_predictions` ({K': metrics}, {K': per_task}).
+    Batching, sharding and aggregation are `evaluate`'s; K' = K is `evaluate` itself.
+    """
+    counts = check_example_counts(
+        range(1, spec.K + 1) if example_counts is None else example_counts, spec)
+    max_pred_tokens = max_pred_tokens if spec.special_tokens else None
+    counts_array = np.asarray(counts, np.int32)
+    stacked = _per_task_outputs(
+        lambda batch: eval_step_over_k(graphdef, state, batch, spec, max_pred_tokens,
+                                       counts_array),
+        eval_set, spec, batch_size, batch_sharding, task_axis=1)
+    per_task = {count: {name: value[i] for name, value in stacked.items()}
+                for i, count in enumerate(counts)}
+    metrics = {count: aggregate(arrays, spec) for count, arrays in per_task.items()}
+    return (metrics, per_task) if return_predictions else metrics
+
+
+def flatten_over_k(metrics_by_k: dict[int, dict[str, float]],
+                   names: tuple[str, ...] = ("answer_acc", "loss")) -> dict[str, float]:
+    """`{name}_k{K'}` for each of `names` and each K' of `evaluate_over_k`'s result (the trainer
+    logs these as the metrics kind "eval_by_k")."""
+    return {f"{name}_k{count}": metrics[name]
+            for count, metrics in sorted(metrics_by_k.items()) for name in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +496,10 @@ def define_flags() -> None:
                         "the run's frozen eval set.")
     flags.DEFINE_string("out", None, "Write the JSON result here (it is always printed).")
     flags.DEFINE_bool("save_predictions", False, "Also write the per-task arrays to OUT.npz.")
+    flags.DEFINE_bool("over_k", False, "Also evaluate with only each task's last K' examples "
+                      "kept, for K' = 1 .. K: the result's `metrics_by_k`.")
+    flags.DEFINE_list("example_counts", None, "With --over_k: the example counts K' "
+                      "(comma-separated, each in [1, K]; default 1 .. K).")
 
 
 def parse_step(step: str) -> int | str:
@@ -350,6 +509,20 @@ def parse_step(step: str) -> int | str:
     if not step.isdigit():
         raise SystemExit(f"--step={step!r}: expected `latest` or a non-negative integer")
     return int(step)
+
+
+def parse_example_counts(values) -> tuple[int, ...] | None:
+    """--example_counts (a list of strings, or one comma-separated string) as ints; anything
+    else exits. None stays None."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = values.split(",")
+    values = [str(value).strip() for value in values]
+    if not values or not all(value.isdigit() for value in values):
+        raise SystemExit(f"--example_counts={','.join(values)}: expected comma-separated "
+                         "positive integers")
+    return tuple(int(value) for value in values)
 
 
 def check_variant(spec: data.TaskSpec, drop_think: str | None, force: str | None,
@@ -416,7 +589,8 @@ def _json_value(value: float) -> float | None:
 
 def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, drop_seed=0,
             force=None, chain_length=None, n_examples=None, n_eval_tasks=None, batch_size=None,
-            max_pred_tokens=None, out=None, save_predictions=False, eval_dataset=None) -> dict:
+            max_pred_tokens=None, out=None, save_predictions=False, eval_dataset=None,
+            over_k=False, example_counts=None) -> dict:
     """The command line's work, with its flags as arguments; returns the JSON result."""
     if not workdir:
         raise SystemExit("--workdir is required")
@@ -427,6 +601,9 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
         raise SystemExit("--drop_think and --drop_k go together")
     if save_predictions and out is None:
         raise SystemExit("--save_predictions needs --out")
+    if example_counts is not None and not over_k:
+        raise SystemExit("--example_counts needs --over_k")
+    example_counts = parse_example_counts(example_counts)
     from cotlab_jax import train  # not at the top: train imports this module
 
     try:
@@ -436,11 +613,15 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
     check_variant(loaded.spec, drop_think, force, chain_length)
     eval_set, spec = variant_eval_set(loaded, drop_think, drop_k, drop_seed, force,
                                       chain_length, n_examples, n_eval_tasks, eval_dataset)
-    metrics, per_task = evaluate(
-        loaded.graphdef, loaded.params, eval_set, spec,
-        batch_size=batch_size or loaded.config.eval.batch_size,
-        max_pred_tokens=max_pred_tokens or loaded.config.eval.max_pred_tokens,
-        return_predictions=True)
+    if example_counts is not None:
+        try:
+            check_example_counts(example_counts, spec)
+        except ValueError as error:
+            raise SystemExit(f"--example_counts: {error}") from None
+    sizes = dict(batch_size=batch_size or loaded.config.eval.batch_size,
+                 max_pred_tokens=max_pred_tokens or loaded.config.eval.max_pred_tokens)
+    metrics, per_task = evaluate(loaded.graphdef, loaded.params, eval_set, spec,
+                                 return_predictions=True, **sizes)
     result = dict(
         workdir=workdir, step=int(loaded.step), prompt_strategy=spec.prompt_strategy,
         n_eval_tasks=len(eval_set["k"]),
@@ -450,6 +631,12 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
                      eval_dataset=eval_dataset),
         metrics={name: _json_value(value) for name, value in metrics.items()},
     )
+    if over_k:
+        metrics_by_k = evaluate_over_k(loaded.graphdef, loaded.params, eval_set, spec,
+                                       example_counts=example_counts, **sizes)
+        result["metrics_by_k"] = {
+            str(count): {name: _json_value(value) for name, value in values.items()}
+            for count, values in metrics_by_k.items()}
     text = json.dumps(result, indent=2)
     print(text)
     if out is not None:
@@ -469,7 +656,7 @@ def main(argv) -> None:
             force=f.force, chain_length=f.chain_length, n_examples=f.n_examples,
             n_eval_tasks=f.n_eval_tasks, batch_size=f.batch_size,
             max_pred_tokens=f.max_pred_tokens, out=f.out, save_predictions=f.save_predictions,
-            eval_dataset=f.eval_dataset)
+            eval_dataset=f.eval_dataset, over_k=f.over_k, example_counts=f.example_counts)
 
 
 if __name__ == "__main__":

@@ -501,12 +501,16 @@ def train_members(runs: list[tuple[ml_collections.ConfigDict, str]]) -> list[dic
         m.open_metrics()
     eval_sharding = jax.sharding.NamedSharding(exp.mesh, jax.P(("data", "fsdp")))
 
-    def run_eval(m: _Member, params, step: int) -> dict:
-        metrics = evaluate.evaluate(program.graphdef, params, m.eval_set, m.exp.spec,
-                                    batch_size=cfg_eval.batch_size,
-                                    max_pred_tokens=cfg_eval.max_pred_tokens,
-                                    batch_sharding=eval_sharding)
+    def run_eval(m: _Member, params, step: int, final: bool) -> dict:
+        options = dict(batch_size=cfg_eval.batch_size, max_pred_tokens=cfg_eval.max_pred_tokens,
+                       batch_sharding=eval_sharding)
+        metrics = evaluate.evaluate(program.graphdef, params, m.eval_set, m.exp.spec, **options)
         m.log(step, "eval", metrics)
+        counts = config_lib.example_counts(cfg_eval, m.exp.spec.K)
+        if final and counts:
+            by_k = evaluate.evaluate_over_k(program.graphdef, params, m.eval_set, m.exp.spec,
+                                            example_counts=counts, **options)
+            m.log(step, "eval_by_k", evaluate.flatten_over_k(by_k))
         return metrics
 
     bar = tqdm(total=exp.total_steps, initial=start, unit="step", dynamic_ncols=True,
@@ -549,7 +553,7 @@ def train_members(runs: list[tuple[ml_collections.ConfigDict, str]]) -> list[dic
                 # to s, the evaluation at s included.
                 if eval_now:
                     for i in active:
-                        last_eval = run_eval(members[i], member_states[i]["params"], step)
+                        last_eval = run_eval(members[i], member_states[i]["params"], step, last)
                     window_start = time.perf_counter()  # keeps eval time out of tokens/s
                 if save_now:
                     for i in active:
