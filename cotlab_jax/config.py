@@ -117,6 +117,13 @@ def eval_config() -> ml_collections.ConfigDict:
             # examples kept (the last K' of each task): "" for none, "all" for 1..K, or a
             # comma-separated list such as "1,2,4,8".
             example_counts="",
+            # Every evaluation also logs the analyses (`cotlab_jax.analysis`: attention to the DAG
+            # parents on the first `analysis_tasks` eval tasks, the embedding probe and CKA) as
+            # the metrics kind "analysis". Captured attention takes 4 * layers * heads * L^2
+            # bytes per task, hence its own batch size.
+            analyses=False,
+            analysis_tasks=256,
+            analysis_batch_size=16,
         )
     )
 
@@ -280,7 +287,8 @@ def validate_train(train) -> None:
 
 def validate_eval(eval_cfg) -> None:
     """Rejects an invalid `config.eval` before anything compiles."""
-    for name in ("n_eval_tasks", "eval_every_n_steps", "batch_size", "max_pred_tokens"):
+    for name in ("n_eval_tasks", "eval_every_n_steps", "batch_size", "max_pred_tokens",
+                 "analysis_tasks", "analysis_batch_size"):
         _check_positive_int(f"eval.{name}", eval_cfg[name])
     example_counts(eval_cfg, max_examples=None)
 

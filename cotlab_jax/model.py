@@ -289,6 +289,22 @@ def _attention_implementation(config: LlamaConfig, query, key) -> str:
     return "cudnn" if on_gpu and fits else "xla"
 
 
+def attention_probabilities(query, key, mask):
+    """Float32 attention probabilities [B, heads, L, S], as `jax.nn.dot_product_attention`'s XLA
+    path computes them: softmax over S of q·k / sqrt(head_dim) in float32, masked entries set to
+    the same large negative number (so a fully masked row is uniform, not NaN).
+
+    query [B, L, heads, hd]; key [B, S, kv_heads, hd]; mask [B, 1, L, S] (True = attend).
+    Query head h reads key head h // (heads // kv_heads), as HF's `repeat_kv`.
+    """
+    groups = query.shape[2] // key.shape[2]
+    key = jnp.repeat(key, groups, axis=2)
+    scores = jnp.einsum("blhk,bshk->bhls", query, key, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    scores = jnp.where(mask, scores, -0.7 * float(np.finfo(np.float32).max))
+    return jax.nn.softmax(scores, axis=-1)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
         self.config = config
@@ -304,12 +320,13 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs.params(), (d, kv, hd), ("embed", "kv_heads", "head_dim"), std)
         self.o_proj = _param(rngs.params(), (h, hd, d), ("heads", "head_dim", "embed"), std)
 
-    def __call__(self, x, positions, mask, kv_cache, cache_index):
+    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention=False):
         """x [B, L, D]; mask [B, 1, L, S] (True = attend); kv_cache None or (k, v) [B, S, KV, hd].
 
         Without a cache the keys are this call's tokens (S = L); with one, this call's keys and
         values are written into it at slot `cache_index` and attention runs over all S slots.
-        Returns the output [B, L, D] and the (updated) keys and values.
+        Returns the output [B, L, D], the (updated) keys and values, and with `return_attention`
+        (static) the float32 probabilities [B, heads, L, S] (else None).
         """
         dtype = x.dtype
         query = jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(dtype))
@@ -326,15 +343,25 @@ class Attention(nnx.Module):
             value = jax.lax.dynamic_update_slice_in_dim(cache_value, value, cache_index, axis=1)
         key = sharding.constrain(key, ("batch", "length", "kv_heads", "head_dim"))
         value = sharding.constrain(value, ("batch", "length", "kv_heads", "head_dim"))
-        out = jax.nn.dot_product_attention(
-            query,
-            key,
-            value,
-            mask=mask,
-            implementation=_attention_implementation(self.config, query, key),
-        )
+        if return_attention:
+            # Explicit probabilities (never a fused kernel), also used for the output so the
+            # logits are the normal path's up to float rounding.
+            probs = attention_probabilities(query, key, mask)
+            groups = query.shape[2] // value.shape[2]
+            out = jnp.einsum(
+                "bhls,bshk->blhk", probs.astype(dtype), jnp.repeat(value, groups, axis=2)
+            )
+        else:
+            probs = None
+            out = jax.nn.dot_product_attention(
+                query,
+                key,
+                value,
+                mask=mask,
+                implementation=_attention_implementation(self.config, query, key),
+            )
         out = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(dtype))
-        return out, (key, value)
+        return out, (key, value), probs
 
 
 class MLP(nnx.Module):
@@ -361,13 +388,13 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, positions, mask, kv_cache, cache_index):
-        attended, kv = self.self_attn(
-            self.input_layernorm(x), positions, mask, kv_cache, cache_index
+    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention=False):
+        attended, kv, probs = self.self_attn(
+            self.input_layernorm(x), positions, mask, kv_cache, cache_index, return_attention
         )
         x = x + attended
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return sharding.constrain(x, ("batch", "length", "embed")), kv
+        return sharding.constrain(x, ("batch", "length", "embed")), kv, probs
 
 
 def _remat(fn, policy_name: str):
@@ -400,13 +427,17 @@ class Llama(nnx.Module):
                 rngs.params(), (config.hidden_size, config.vocab_size), ("embed", "vocab"), std
             )
 
-    def __call__(self, input_ids, positions, key_mask, kv_cache=None, cache_index=0):
+    def __call__(
+        self, input_ids, positions, key_mask, kv_cache=None, cache_index=0, return_attention=False
+    ):
         """Logits [B, L, V] (float32) and the updated cache.
 
         input_ids, positions: [B, L]. Without a cache, key_mask [B, L] marks the real tokens.
         With a cache (k, v), each [layers, B, S, KV, hd], this call's tokens fill slots
         cache_index .. cache_index + L - 1 and key_mask [B, S] marks the slots that hold real
         tokens once they are written. Token i attends to the real slots up to its own.
+        With `return_attention` (static) also the attention probabilities, float32
+        [layers, B, heads, L, S], as a third output (see `apply`).
         """
         config = self.config
         dtype = config.compute_dtype
@@ -426,13 +457,15 @@ class Llama(nnx.Module):
         def layer(x, layer_inputs):
             layer_state, layer_cache = layer_inputs
             block = nnx.merge(layers_graphdef, layer_state)
-            return block(x, positions, mask, layer_cache, cache_index)
+            x, kv, probs = block(x, positions, mask, layer_cache, cache_index, return_attention)
+            # Scan stacks the per-layer outputs; a `None` (probs when off) adds nothing to it.
+            return x, (kv, probs)
 
         if kv_cache is None:
             # Keys and values are not kept without a cache: `None` makes scan drop them.
             def body(x, layer_state):
-                x, _ = layer(x, (layer_state, None))
-                return x, None
+                x, (_, probs) = layer(x, (layer_state, None))
+                return x, (None, probs)
         else:
             body = layer
             kv_cache = tuple(
@@ -440,7 +473,7 @@ class Llama(nnx.Module):
                 for c in kv_cache
             )
         xs = layers_state if kv_cache is None else (layers_state, kv_cache)
-        x, new_cache = jax.lax.scan(_remat(body, config.remat_policy), x, xs)
+        x, (new_cache, probs) = jax.lax.scan(_remat(body, config.remat_policy), x, xs)
 
         x = self.norm(x)
         if config.tie_word_embeddings:
@@ -448,7 +481,10 @@ class Llama(nnx.Module):
         else:
             head = self.lm_head[...].astype(dtype)
         logits = jnp.einsum("bld,dv->blv", x, head, preferred_element_type=jnp.float32)
-        return sharding.constrain(logits, ("batch", "length", "vocab")), new_cache
+        logits = sharding.constrain(logits, ("batch", "length", "vocab"))
+        if return_attention:
+            return logits, new_cache, probs
+        return logits, new_cache
 
     def init_cache(self, batch_size: int, cache_length: int):
         """An empty key/value cache: (k, v), each [layers, B, S, KV heads, head_dim]."""
@@ -479,13 +515,29 @@ def init_sharded(config: LlamaConfig, key: jax.Array, mesh: jax.sharding.Mesh):
     return graphdef, state
 
 
-def apply(graphdef: nnx.GraphDef, state: nnx.State, input_ids, positions, attention_mask):
+def apply(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    input_ids,
+    positions,
+    attention_mask,
+    return_attention: bool = False,
+):
     """Float32 logits [B, L, V] for left-padded input_ids [B, L].
 
     positions: [B, L] rotary positions, cumsum(attention_mask) - 1 for left padding.
     attention_mask: [B, L], True/1 for real tokens. Call it inside a jit.
+    return_attention (static): return (logits, probs) instead, probs the float32 attention
+    probabilities [layers, B, heads, L, L] (row = query position, column = key position; rows
+    of padding are uniform and meaningless). Off, the traced program is the normal one; on,
+    attention runs unfused (`attention_probabilities`), with the same logits up to float
+    rounding. Memory: 4 * layers * B * heads * L**2 bytes.
     """
-    logits, _ = nnx.merge(graphdef, state)(input_ids, positions, attention_mask)
+    module = nnx.merge(graphdef, state)
+    if return_attention:
+        logits, _, probs = module(input_ids, positions, attention_mask, return_attention=True)
+        return logits, probs
+    logits, _ = module(input_ids, positions, attention_mask)
     return logits
 
 

@@ -21,8 +21,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
+from cotlab_jax import analysis
 from cotlab_jax.metrics import read_metrics
 
 DEPTH = "model.num_hidden_layers"
@@ -62,7 +62,6 @@ METRIC_COLUMNS = (
 OPTIONAL_COLUMNS = ("chain_acc_0", "format_acc", "token_coverage", "parent_mass",
                     "embed_probe_r2")
 ANALYSIS_CURVES = ("parent_mass_query_best", "embed_probe_r2", "embed_cka")
-HEAD_METRIC = re.compile(r"^parent_mass_query_L(\d+)H(\d+)$")
 
 
 class ReportError(ValueError):
@@ -503,39 +502,14 @@ def plot_analysis_over_steps(sweep: Sweep, path: str) -> str | None:
     return _depth_grid(sweep, path, rows, xlabel="step")
 
 
-def head_grid(record: dict) -> list[list[float]] | None:
-    """The record's parent_mass_query_L{l}H{h} as a layers x heads grid (NaN where missing)."""
-    cells = {}
-    for name, value in record.items():
-        match = HEAD_METRIC.match(name)
-        if match:
-            cells[int(match[1]), int(match[2])] = _num(value)
-    if not cells:
-        return None
-    n_layers = max(layer for layer, _ in cells) + 1
-    n_heads = max(head for _, head in cells) + 1
-    grid = [[cells.get((layer, head)) for head in range(n_heads)] for layer in range(n_layers)]
-    return [[math.nan if v is None else v for v in row] for row in grid]
-
-
-def plot_dag_heatmap(sweep: Sweep, m: Member, path: str) -> str | None:
-    """Layers x heads heat map of the member's last parent_mass_query_L*H* record."""
-    record = next((r for r in reversed(m.kind("analysis")) if head_grid(r) is not None), None)
+def plot_dag_heatmap(m: Member, path: str) -> str | None:
+    """`analysis.plot_dag_recovery_heatmap` of the member's last analysis record with data."""
+    record = next((r for r in reversed(m.kind("analysis"))
+                   if _num(r.get("parent_mass_query_best")) is not None), None)
     if record is None:
         return None
-    grid = head_grid(record)
-    fig, ((ax,),) = _figure(width=max(4.0, 0.25 * len(grid[0]) + 2.5),
-                         height=max(3.0, 0.3 * len(grid) + 1.5))
-    cmap = colormaps["magma"].with_extremes(bad="lightgray")  # gray: no data
-    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0,
-                      interpolation="nearest")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.colorbar(image, ax=ax, label="attention mass on DAG parents (query)")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(f"{_member_label(sweep, m)}, step {record['step']}", fontsize="small")
-    return _save(fig, path)
+    analysis.plot_dag_recovery_heatmap(record, path)
+    return path
 
 
 def write_plots(sweep: Sweep, out_dir: str) -> dict[str, str]:
@@ -550,7 +524,7 @@ def write_plots(sweep: Sweep, out_dir: str) -> dict[str, str]:
     }
     for m in sweep.members:
         name = f"dag_heatmap_{m.index}"
-        plots[name] = plot_dag_heatmap(sweep, m, os.path.join(out_dir, name + ".png"))
+        plots[name] = plot_dag_heatmap(m, os.path.join(out_dir, name + ".png"))
     return {name: path for name, path in plots.items() if path is not None}
 
 

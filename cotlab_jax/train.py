@@ -24,8 +24,8 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from cotlab_jax import analysis, data, evaluate, model, sharding
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, evaluate, model, sharding
 from cotlab_jax.metrics import MetricsWriter, read_metrics
 
 # Config fields that change the shapes or structure of the checkpointed state.
@@ -403,6 +403,23 @@ class _Member:
         if self.writer is not None:
             self.writer.write(step, kind, values)
 
+    def analyses(self, graphdef, params, final: bool, batch_sharding) -> dict:
+        """The analyses of `cotlab_jax.analysis` (and, at the end, the query's attention
+        figure in the run directory)."""
+        cfg, spec = self.exp.config, self.exp.spec
+        world = data.make_world(data.root_keys(cfg.seed)["world"], spec)
+        metrics = analysis.dag_recovery(graphdef, params, self.eval_set, spec,
+                                        batch_size=cfg.eval.analysis_batch_size,
+                                        n_tasks=cfg.eval.analysis_tasks,
+                                        batch_sharding=batch_sharding)
+        metrics.update(analysis.embedding_metrics(params, world, spec))
+        if final and jax.process_index() == 0 and not spec.prompt_strategy.startswith(
+                "standard"):
+            first_task = {name: value[:1] for name, value in self.eval_set.items()}
+            analysis.plot_query_attention(graphdef, params, first_task, spec,
+                                          os.path.join(self.workdir, "query_attention.png"))
+        return metrics
+
     def check_finite(self, nonfinite_step) -> bool:
         """False (and the failure recorded in `failed.json`) once the state went non-finite."""
         bad = int(nonfinite_step)
@@ -499,6 +516,9 @@ def train_members(runs: list[tuple[ml_collections.ConfigDict, str]]) -> list[dic
     state = program.state
     for m in members:
         m.open_metrics()
+        if start == 0:  # a property of the task distribution, known before training
+            coverage = analysis.eval_set_coverage(m.eval_set, m.exp.spec)
+            m.log(0, "data", dict(token_coverage=coverage))
     eval_sharding = jax.sharding.NamedSharding(exp.mesh, jax.P(("data", "fsdp")))
 
     def run_eval(m: _Member, params, step: int, final: bool) -> dict:
@@ -511,6 +531,8 @@ def train_members(runs: list[tuple[ml_collections.ConfigDict, str]]) -> list[dic
             by_k = evaluate.evaluate_over_k(program.graphdef, params, m.eval_set, m.exp.spec,
                                             example_counts=counts, **options)
             m.log(step, "eval_by_k", evaluate.flatten_over_k(by_k))
+        if cfg_eval.analyses:
+            m.log(step, "analysis", m.analyses(program.graphdef, params, final, eval_sharding))
         return metrics
 
     bar = tqdm(total=exp.total_steps, initial=start, unit="step", dynamic_ncols=True,

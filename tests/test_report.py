@@ -48,8 +48,9 @@ def eval_record(rng, special=False) -> dict:
 
 
 def analysis_record(rng, coverage: bool) -> dict:
-    values = {f"parent_mass_{side}_L{layer}H{head}": _u(rng)
-              for side in ("query", "demo") for layer in range(2) for head in range(4)}
+    values = {f"{name}_{side}_L{layer}H{head}": _u(rng)
+              for name in ("parent_mass", "parent_top_m") for side in ("query", "demo")
+              for layer in range(2) for head in range(4)}
     values["parent_mass_query_L1H3"] = math.nan  # a head without data
     values.update(parent_mass_query_best=_u(rng), parent_top_m_query_best=_u(rng),
                   parent_mass_demo_best=_u(rng), embed_probe_r2=_u(rng), embed_cka=_u(rng))
@@ -221,13 +222,6 @@ def test_plots(sweep):
         assert_png(path)
     assert sorted(os.listdir(os.path.join(root, "report"))) == sorted(
         [n + ".png" for n in expected] + ["summary.csv", "summary.md"])
-
-
-def test_head_grid():
-    grid = report.head_grid({"parent_mass_query_L0H1": 0.5, "parent_mass_query_L1H0": None,
-                             "parent_mass_demo_L3H3": 0.1, "embed_cka": 0.2})
-    assert grid[0][1] == 0.5 and len(grid) == 2 and len(grid[0]) == 2
-    assert all(math.isnan(v) for v in (grid[0][0], grid[1][0], grid[1][1]))
 
 
 def test_single_run(tmp_path):

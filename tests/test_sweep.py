@@ -195,11 +195,18 @@ def test_sweep_writes_member_runs_and_the_report(finished_sweep):
         by_k = [r for r in records(rundir) if r["kind"] == "eval_by_k"]
         assert [r["step"] for r in by_k] == [30]
         assert {f"answer_acc_k{k}" for k in range(1, 5)} <= by_k[0].keys()
+        analyses = [r for r in records(rundir) if r["kind"] == "analysis"]
+        assert [r["step"] for r in analyses] == [15, 30]
+        assert {"embed_probe_r2", "embed_cka", "parent_mass_query_L1H1"} <= analyses[0].keys()
+        (coverage,) = [r for r in records(rundir) if r["kind"] == "data"]
+        assert coverage["step"] == 0 and 0 < coverage["token_coverage"] <= 1
+        cot = train.load_config(rundir).data.prompt_strategy == "cot"
+        assert os.path.exists(os.path.join(rundir, "query_attention.png")) == cot
         # Every member is a complete run of its own.
         assert train.load_run(rundir).step == 30
     report = os.path.join(finished_sweep, "report")
     for name in ("summary.md", "summary.csv", "accuracy_vs_steps.png", "final_accuracy.png",
-                 "accuracy_vs_k.png"):
+                 "accuracy_vs_k.png", "analysis_over_steps.png", "dag_heatmap_0.png"):
         assert os.path.getsize(os.path.join(report, name)) > 100, name
 
 

@@ -1,5 +1,6 @@
 """A tiny sweep for end-to-end tests: `cot` and `standard`, each at two learning rates, so with
-exact packing there are two packs of two members."""
+exact packing there are two packs of two members; with the final evaluation over example counts
+and the analyses on."""
 
 import os
 import sys
@@ -14,6 +15,7 @@ def get_config(arg=None):
     config.train.n_tasks = 8 * 30
     config.eval.eval_every_n_steps = 15
     config.eval.example_counts = "all"
+    config.eval.update(dict(analyses=True, analysis_tasks=8, analysis_batch_size=8))
     config.sweep.name = "tiny"
     config.sweep.axes = (("data.prompt_strategy", ("cot", "standard")),
                          ("train.lr", (3e-3, 1e-3)))
