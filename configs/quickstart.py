@@ -1,4 +1,5 @@
-"""A CPU-sized run, the README's main command: a small Llama learns a small CoT task.
+"""A CPU-sized sweep, the README's main command: a small Llama learns a small task with CoT and
+without it (standard prompts), the two trained together as one packed program, then a report.
 
 `python -m cotlab_jax.main --config=configs/quickstart.py --workdir=runs/quickstart`
 """
@@ -21,5 +22,9 @@ def get_config(arg=None):
     config.train.update(dict(n_tasks=32 * 1500, batch_size=32, lr=1e-3, warmup_steps=100,
                              lr_schedule="cosine", log_every_n_steps=50,
                              checkpoint_every_n_steps=250))
-    config.eval.update(dict(n_eval_tasks=512, eval_every_n_steps=250, batch_size=128))
+    config.eval.update(dict(n_eval_tasks=512, eval_every_n_steps=250, batch_size=128,
+                            example_counts="all", analyses=True, analysis_tasks=128))
+    config.sweep.update(dict(name="quickstart",
+                             axes=(("data.prompt_strategy", ("cot", "standard")),),
+                             packing="padded"))  # standard prompts are shorter: left-padded
     return config

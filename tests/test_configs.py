@@ -8,9 +8,12 @@ import jax
 import pytest
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import model, train
+from cotlab_jax import model, sweep, train
 
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
+# configs/sweep.py takes a sweep's name; tests/test_sweep.py expands every one.
+CONFIGS = sorted(path for path in glob.glob(
+    os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
+    if os.path.basename(path) != "sweep.py")
 
 
 def load(path):
@@ -23,9 +26,12 @@ def load(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_validates(path):
     config = load(path)
-    exp = train.setup(config)
-    assert exp.total_steps >= 1
-    assert config_lib.run_name(config).startswith(f"llama_L_{config.model.num_hidden_layers}_")
+    for member in sweep.expand(config) if config.sweep.axes else [None]:
+        member_config = config if member is None else member.config
+        exp = train.setup(member_config)
+        assert exp.total_steps >= 1
+        assert config_lib.run_name(member_config).startswith(
+            f"llama_L_{member_config.model.num_hidden_layers}_")
 
 
 def test_default_is_the_reference():
