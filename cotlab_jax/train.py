@@ -77,11 +77,15 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
                 f"config.model.{name}={config.model[name]} is invalid: expected a multiple of "
                 f"config.mesh.tensor={tensor}")
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    for group in ("train", "eval"):
-        if config[group].batch_size % batch_shards:
+    batch_fields = ["train.batch_size", "eval.batch_size"]
+    if config.eval.analyses:
+        batch_fields.append("eval.analysis_batch_size")
+    for field in batch_fields:
+        group, name = field.split(".")
+        if config[group][name] % batch_shards:
             raise config_lib.ConfigError(
-                f"config.{group}.batch_size={config[group].batch_size} is invalid: expected a "
-                f"multiple of the mesh's data x fsdp size, {batch_shards}")
+                f"config.{field}={config[group][name]} is invalid: expected a multiple of the "
+                f"mesh's data x fsdp size, {batch_shards}")
     return Experiment(config=config, spec=spec, model_config=model_config,
                       total_steps=config.train.n_tasks // config.train.batch_size, mesh=mesh)
 
@@ -393,6 +397,7 @@ class _Member:
         self.writer = None
         self.failure = None  # the message, once the state went non-finite
         self.failed_step = None
+        self.world = None  # made when the analyses first need it
 
     def open_metrics(self) -> None:
         if jax.process_index() == 0:
@@ -407,12 +412,13 @@ class _Member:
         """The analyses of `cotlab_jax.analysis` (and, at the end, the query's attention
         figure in the run directory)."""
         cfg, spec = self.exp.config, self.exp.spec
-        world = data.make_world(data.root_keys(cfg.seed)["world"], spec)
+        if self.world is None:
+            self.world = data.make_world(data.root_keys(cfg.seed)["world"], spec)
         metrics = analysis.dag_recovery(graphdef, params, self.eval_set, spec,
                                         batch_size=cfg.eval.analysis_batch_size,
                                         n_tasks=cfg.eval.analysis_tasks,
                                         batch_sharding=batch_sharding)
-        metrics.update(analysis.embedding_metrics(params, world, spec))
+        metrics.update(analysis.embedding_metrics(params, self.world, spec))
         if final and jax.process_index() == 0 and not spec.prompt_strategy.startswith(
                 "standard"):
             first_task = {name: value[:1] for name, value in self.eval_set.items()}
