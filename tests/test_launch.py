@@ -136,4 +136,4 @@ def test_colab_notebook_is_valid():
         compile(python, "colab.ipynb", "exec")
     text = "\n".join(code)
     assert "jax.devices()" in text and "configs/quickstart.py" in text
-    assert "metrics.jsonl" in text and "answer_acc" in text
+    assert "summary.md" in text and "accuracy_vs_steps" in text  # the quickstart's report
