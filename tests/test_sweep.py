@@ -173,6 +173,7 @@ def member_dirs(workdir):
         return [os.path.join(workdir, m["dir"]) for m in json.load(f)["members"]]
 
 
+@pytest.mark.xdist_group("tiny_sweep")
 def test_packed_members_match_training_each_alone(finished_sweep, tmp_path):
     pairs = zip(sweep.expand(tiny_sweep_config()), member_dirs(finished_sweep), strict=True)
     for member, rundir in list(pairs)[:2]:
@@ -186,6 +187,7 @@ def test_packed_members_match_training_each_alone(finished_sweep, tmp_path):
                     assert a[name] == pytest.approx(b[name], rel=2e-5), (a["step"], name)
 
 
+@pytest.mark.xdist_group("tiny_sweep")
 def test_sweep_writes_member_runs_and_the_report(finished_sweep):
     rundirs = member_dirs(finished_sweep)
     assert len(rundirs) == 4
@@ -210,6 +212,7 @@ def test_sweep_writes_member_runs_and_the_report(finished_sweep):
         assert os.path.getsize(os.path.join(report, name)) > 100, name
 
 
+@pytest.mark.xdist_group("tiny_sweep")
 def test_relaunch_skips_finished_members_and_resumes_the_rest_exactly(finished_sweep, tmp_path):
     workdir = str(tmp_path / "killed")
     process = subprocess.Popen(
