@@ -29,7 +29,9 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, resume_step: int, tensorboard: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
-        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        # A run (re)starting at step 0 writes its step-0 records again, so none is kept.
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] \
+            if resume_step else []
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)

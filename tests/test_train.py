@@ -280,3 +280,20 @@ def test_standalone_evaluation_on_a_tfds_dataset(special_token_run, tmp_path):
     assert result["variant"]["eval_dataset"] == dataset
     for name, value in logged.items():
         assert result["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+
+def test_metrics_writer_keeps_each_step_once(tmp_path):
+    """A run restarted from step 0 (killed before its first checkpoint) rewrites its step-0
+    records; a resumed one keeps them and drops what came after its checkpoint."""
+    from cotlab_jax.metrics import MetricsWriter
+
+    def attempt(resume_step, steps):
+        writer = MetricsWriter(str(tmp_path), resume_step, tensorboard=False)
+        for step in steps:
+            writer.write(step, "data" if step == 0 else "train", {"value": float(step)})
+        writer.close()
+        return [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))]
+
+    assert attempt(0, [0, 5, 10]) == [0, 5, 10]
+    assert attempt(0, [0, 5]) == [0, 5]
+    assert attempt(5, [10, 15]) == [0, 5, 10, 15]
