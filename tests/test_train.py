@@ -57,7 +57,6 @@ def finished_run(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.xdist_group("tiny_run")
 def test_run_directory_and_metrics(finished_run):
     for name in ("config.json", "metrics.jsonl", "eval_set.npz", "results.json", "checkpoints",
                  "tb"):
@@ -76,7 +75,6 @@ def test_run_directory_and_metrics(finished_run):
     assert results["run_name"].startswith("llama_L_2_") and "prompt_cot" in results["run_name"]
 
 
-@pytest.mark.xdist_group("tiny_run")
 def test_final_eval_matches_the_checkpoint(finished_run):
     """The logged evaluation is what the saved parameters give on the saved eval set."""
     run = train.load_run(finished_run)
@@ -92,7 +90,6 @@ def test_final_eval_matches_the_checkpoint(finished_run):
         np.testing.assert_allclose(again[name], logged[name], rtol=1e-6, err_msg=name)
 
 
-@pytest.mark.xdist_group("tiny_run")
 def test_resume_after_kill_reproduces_the_uninterrupted_run(finished_run, tmp_path):
     workdir = str(tmp_path / "killed")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -114,7 +111,6 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(finished_run, tmp_pa
     assert records(workdir) == records(finished_run)
 
 
-@pytest.mark.xdist_group("tiny_run")
 def test_sigterm_saves_and_exits_cleanly(finished_run, tmp_path):
     workdir = str(tmp_path / "preempted")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -165,7 +161,6 @@ def test_train_step_freezes_the_state_after_a_non_finite_loss():
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.xdist_group("tiny_run")
 def test_resume_with_other_shapes_is_refused(finished_run):
     config = tiny_config()
     config.model.hidden_size = 64
@@ -236,7 +231,6 @@ def special_token_run(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.xdist_group("special_run")
 def test_standalone_evaluation_variants(special_token_run, tmp_path):
     run = train.load_run(special_token_run)
     think_start = run.spec.token_id("think_start")
@@ -266,7 +260,6 @@ def test_standalone_evaluation_variants(special_token_run, tmp_path):
     assert "no checkpoint at step 7" in missing.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.xdist_group("special_run")
 def test_standalone_evaluation_on_a_tfds_dataset(special_token_run, tmp_path):
     """The TFDS dataset of the run's config holds its frozen eval set: same metrics."""
     from cotlab_jax import tfds_builder
