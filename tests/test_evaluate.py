@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import eval_helpers as helpers
 import jax
@@ -20,8 +19,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from model_helpers import forward, random_state, tiny_config
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-import cotlab_jax
-from cotlab_jax import config as config_lib
 from cotlab_jax import data, model, sharding
 from cotlab_jax import evaluate as ev
 
@@ -400,29 +397,12 @@ def test_cli_with_a_stand_in_run(tmp_path, monkeypatch, capsys):
     """The command line's variants on a saved eval set, with `train.load_run` replaced by a stub
     that returns the scripted model (the trainer's own end-to-end test covers real runs)."""
     spec, eval_set, a, _ = scripted_setup()
-    data.save_eval_set(str(tmp_path / "eval_set.npz"), eval_set, spec)
     tok = spec.token_id
     graphdef, state = helpers.scripted_model(
         spec, {tok("answer_start"): a, a: tok("answer_end"), tok("answer_end"): tok("eos")},
         default=tok("eos"))
-    config = config_lib.get_base_config()
-    config.seed, config.eval.batch_size, config.eval.max_pred_tokens = 0, BATCH, MAX_PRED
-    loaded = types.SimpleNamespace(config=config, spec=spec, graphdef=graphdef, params=state,
-                                   step=7, world=None, workdir=str(tmp_path))
-    calls = []
-
-    class RunError(RuntimeError):
-        pass
-
-    def load_run(workdir, step):
-        calls.append((workdir, step))
-        if step == 8:
-            raise RunError(f"{workdir} has no checkpoint at step 8; it has [7]")
-        return loaded
-
-    fake_train = types.SimpleNamespace(load_run=load_run, RunError=RunError)
-    monkeypatch.setitem(sys.modules, "cotlab_jax.train", fake_train)
-    monkeypatch.setattr(cotlab_jax, "train", fake_train, raising=False)
+    calls = helpers.stand_in_run(monkeypatch, str(tmp_path), spec, eval_set, graphdef, state,
+                                 batch_size=BATCH, max_pred_tokens=MAX_PRED)
     out = tmp_path / "result.json"
     n = 2 * BATCH
     result = ev.run_cli(str(tmp_path), "7", force="answer", drop_think="last", drop_k=1,
