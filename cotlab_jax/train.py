@@ -543,7 +543,7 @@ def train_members(runs: list[tuple[ml_collections.ConfigDict, str]]) -> list[dic
 
     bar = tqdm(total=exp.total_steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not exp.config.log.progress_bar or jax.process_index() != 0)
-    last_eval = {}
+    last_acc = ["nan"] * len(members)  # per member, for the progress bar
     window_start = time.perf_counter()
     step = start
     try:
@@ -567,21 +567,24 @@ def train_members(runs: list[tuple[ml_collections.ConfigDict, str]]) -> list[dic
                           if m.check_finite(own[i]["nonfinite_step"])]
                 if log_now:
                     now = time.perf_counter()
+                    window = {i: _window_metrics(own[i]["window"], now - window_start)
+                              for i in active}
                     for i in active:
-                        train_metrics = _window_metrics(own[i]["window"], now - window_start)
-                        members[i].log(step, "train", train_metrics)
+                        members[i].log(step, "train", window[i])
                     window_start = now
-                    if active:
-                        bar.set_postfix(loss=f"{train_metrics['loss']:.3f}",
-                                        acc=f"{last_eval.get('answer_acc', float('nan')):.3f}",
-                                        tok_s=f"{train_metrics['tokens_per_s']:,.0f}")
+                    if active:  # a pack shows every member's loss and accuracy: "a/b/..."
+                        bar.set_postfix(
+                            loss="/".join(f"{window[i]['loss']:.3f}" for i in active),
+                            acc="/".join(last_acc[i] for i in active),
+                            tok_s=f"{sum(window[i]['tokens_per_s'] for i in active):,.0f}")
                 member_states = {i: program.member_state(state, i) for i in active} \
                     if eval_now or save_now else {}
                 # Evaluate before checkpointing: a run resumed from step s has its records up
                 # to s, the evaluation at s included.
                 if eval_now:
                     for i in active:
-                        last_eval = run_eval(members[i], member_states[i]["params"], step, last)
+                        metrics = run_eval(members[i], member_states[i]["params"], step, last)
+                        last_acc[i] = f"{metrics.get('answer_acc', float('nan')):.3f}"
                     window_start = time.perf_counter()  # keeps eval time out of tokens/s
                 if save_now:
                     for i in active:
