@@ -25,7 +25,8 @@ and returns sums and counts, so batches combine exactly (`combine_recovery_sums`
 `parent_top_m_{query,demo}_best` (the maximum over layers and heads).
 
 Embeddings (`embedding_probe`): `embed_probe_r2`, the held-out R² of a closed-form ridge probe from
-the model's token embeddings to the data embeddings `E`, and `embed_cka`, their linear CKA.
+the model's token embeddings to the data embeddings `E` (penalty chosen by cross-validation,
+`embed_probe_ridge`), and `embed_cka`, their linear CKA.
 
 Token coverage (`token_coverage`): distinct chain tokens over a set of sampled tasks, divided by the
 usable vocabulary; a property of the sampler, so it needs no model.
@@ -292,9 +293,13 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(cross / denom) if denom > 0 else float("nan")
 
 
+# Relative ridge penalties `embedding_probe` chooses from by cross-validation.
+RIDGE_GRID = tuple(10.0 ** np.arange(-6, 4))
+
+
 def embedding_probe(model_embeddings, data_embeddings, usable_vocab_size: int, *,
-                    holdout_fraction: float = 0.25, ridge: float = 1e-6,
-                    seed: int = 0) -> dict[str, float]:
+                    holdout_fraction: float = 0.25, ridges: tuple[float, ...] = RIDGE_GRID,
+                    folds: int = 5, seed: int = 0) -> dict[str, float]:
     """How well the data embeddings E are linearly recoverable from the model's embeddings.
 
     Args:
@@ -302,10 +307,13 @@ def embedding_probe(model_embeddings, data_embeddings, usable_vocab_size: int, *
       data_embeddings: [V, d], the run's E (`world["embeddings"]`).
       usable_vocab_size: only ids below it (never the reserved ones) are used.
       holdout_fraction: share of the usable ids held out for the R² (a fixed split from `seed`).
-      ridge: relative ridge penalty (see `_ridge_predict`); the bias is not penalised.
+      ridges: relative ridge penalties (see `_ridge_predict`; the bias is not penalised); the
+        one with the least `folds`-fold cross-validated error on the other ids is used. A fixed
+        small penalty overfits when there are fewer ids than model dimensions.
     Returns:
       embed_probe_r2: 1 - SSE/SST on the held-out ids, SSE and SST summed over all d output
-        dimensions, SST around the held-out mean. 1 for a perfect probe; 0 or below for none.
+        dimensions, SST around the held-out mean. 1 for a perfect probe; about 0 for none.
+      embed_probe_ridge: the chosen relative penalty.
       embed_cka: linear CKA between the two tables over all usable ids.
     Small (V x D), so it runs on host in float64, where the solves are exact.
     """
@@ -317,10 +325,20 @@ def embedding_probe(model_embeddings, data_embeddings, usable_vocab_size: int, *
                          f"{usable_vocab_size}")
     order = np.random.default_rng(seed).permutation(usable_vocab_size)
     test, train = order[:n_test], order[n_test:]
+    folds = min(folds, len(train))
+    fold_of = np.arange(len(train)) % folds
+
+    def cv_error(ridge):
+        return sum(np.sum((y[train[fold_of == f]] - _ridge_predict(
+            x[train[fold_of != f]], y[train[fold_of != f]], x[train[fold_of == f]], ridge)) ** 2)
+            for f in range(folds))
+
+    ridge = min(ridges, key=cv_error)  # ties: the first, so list small penalties first
     predicted = _ridge_predict(x[train], y[train], x[test], ridge)
     sse = np.sum((y[test] - predicted) ** 2)
     sst = np.sum((y[test] - y[test].mean(0)) ** 2)
-    return dict(embed_probe_r2=float(1.0 - sse / sst), embed_cka=linear_cka(x, y))
+    return dict(embed_probe_r2=float(1.0 - sse / sst), embed_probe_ridge=float(ridge),
+                embed_cka=linear_cka(x, y))
 
 
 def embedding_metrics(params: nnx.State, world: dict, spec: data.TaskSpec,

@@ -316,6 +316,28 @@ def test_embedding_probe():
     assert unrelated["embed_probe_r2"] < 0.2 and unrelated["embed_cka"] < 0.5
 
 
+def test_embedding_probe_chooses_its_ridge():
+    # Fewer ids than model dimensions (as on the quickstart: 64 ids, width 128), and a table that
+    # holds E only faintly under noise: a near-unpenalised fit interpolates the noise.
+    rng = np.random.default_rng(0)
+    V, d, D = 64, 8, 128
+    E = rng.normal(size=(V, d))
+
+    def both(table):
+        return (analysis.embedding_probe(table, E, V),
+                analysis.embedding_probe(table, E, V, ridges=(1e-6,)))
+
+    noise = rng.normal(size=(V, D))
+    chosen, fixed = both(0.05 * E @ rng.normal(size=(d, D)) + noise)
+    assert fixed["embed_probe_ridge"] == 1e-6 and fixed["embed_probe_r2"] < -0.2
+    assert chosen["embed_probe_ridge"] > 1e-6
+    assert chosen["embed_probe_r2"] > max(fixed["embed_probe_r2"] + 0.2, -0.15)
+    chosen, fixed = both(0.1 * E @ rng.normal(size=(d, D)) + noise)
+    assert chosen["embed_probe_r2"] > max(fixed["embed_probe_r2"], 0.0)
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        analysis.embedding_probe(noise, E, 2)
+
+
 def test_embedding_metrics_read_the_model_table():
     spec, world, _ = spec_and_set("hybrid_special_token")
     _, params = random_state(tiny_config(vocab_size=spec.vocab_size), 4)
