@@ -329,9 +329,11 @@ def embedding_probe(model_embeddings, data_embeddings, usable_vocab_size: int, *
     fold_of = np.arange(len(train)) % folds
 
     def cv_error(ridge):
-        return sum(np.sum((y[train[fold_of == f]] - _ridge_predict(
-            x[train[fold_of != f]], y[train[fold_of != f]], x[train[fold_of == f]], ridge)) ** 2)
-            for f in range(folds))
+        error = 0.0
+        for fold in range(folds):
+            fit, held = train[fold_of != fold], train[fold_of == fold]
+            error += np.sum((y[held] - _ridge_predict(x[fit], y[fit], x[held], ridge)) ** 2)
+        return error
 
     ridge = min(ridges, key=cv_error)  # ties: the first, so list small penalties first
     predicted = _ridge_predict(x[train], y[train], x[test], ridge)
