@@ -158,6 +158,18 @@ class TaskSpec:
         """Length of the (right-padded) evaluation targets."""
         return self.example_len - self.N - 2 * self.special_tokens
 
+    @property
+    def cot_examples(self) -> bool:
+        """Whether every example shows its chain (the hybrid strategy decides per example)."""
+        return self.prompt_strategy in ("cot", "cot_special_token")
+
+    @property
+    def fixed_shape(self) -> bool:
+        """Every task has the same n, c, k and example forms, so the same layout."""
+        return (len(self.n_input_choices) == len(self.chain_length_choices)
+                == len(self.n_example_choices) == 1
+                and self.prompt_strategy != "hybrid_special_token")
+
     def with_changes(self, **changes) -> "TaskSpec":
         return dataclasses.replace(self, **changes)
 
@@ -283,9 +295,8 @@ def sample_latents(key: jax.Array, prompt_index, n_prompts: int, shuffled: bool,
         cot_prob = recipe_cot_prob(spec, jnp.asarray(prompt_index, jnp.float32) / n_prompts)
         is_cot = _uniform(bits["cot"]) < cot_prob
     else:
-        cot = spec.prompt_strategy in ("cot", "cot_special_token")
-        cot_prob = jnp.float32(cot)
-        is_cot = jnp.full((K,), cot)
+        cot_prob = jnp.float32(spec.cot_examples)
+        is_cot = jnp.full((K,), spec.cot_examples)
     return dict(
         n=n, m=m, c=c, k=k,
         adj=jnp.where(parent_mask, adj, -1), parent_mask=parent_mask,
@@ -327,16 +338,25 @@ def chain_tokens(embeddings: jax.Array, processors: jax.Array, adj: jax.Array,
         tokens = jnp.where(idx < n_inputs, from_inputs, from_chain)  # [K, M]
         x = embeddings[tokens]  # [K, M, d]
         layers = processors[j]
-        for layer in range(layers.shape[0]):
-            if layer:
-                x = act(x)
-            x = x @ layers[layer].T
-        x = jnp.where(parent_mask[j][None, :, None], x, 0.0).sum(1) / parent_count[j]
+        for layer in range(layers.shape[0] - 1):
+            x = _linear(act(x) if layer else x, layers[layer])
+        if layers.shape[0] > 1:
+            x = act(x)
+        # The last layer is linear, so the parents' mean can come before it: M times less work.
+        x = sum(jnp.where(parent_mask[j, i], x[:, i], 0.0) for i in range(x.shape[1]))
+        x = x / parent_count[j]
+        x = _linear(x, layers[-1])
         return chain.at[:, j].set(nearest_token(act(x), embeddings, forbidden)), None
 
     chain = jnp.zeros((n_examples, n_chain), jnp.int32)
     chain, _ = jax.lax.scan(step, chain, jnp.arange(n_chain))
     return chain
+
+
+def _linear(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """`x @ weight.T` as d multiply-adds: for small processors batched over tasks, one loop
+    fusion is faster on XLA:CPU than a batch of tiny dots or a multiply-and-reduce."""
+    return sum(x[..., i, None] * weight[:, i] for i in range(x.shape[-1]))
 
 
 # Ties within this relative distance of the best score count as ties (see `nearest_token`).
@@ -424,6 +444,12 @@ def _example_slots(inputs, chain, n, c, is_cot, spec: TaskSpec):
 def _pack_left(tokens, present, length: int, pad):
     """Packs the present entries of flat `tokens` into [length], left-padded; also the mask and
     positions (`model.positions_from_mask` of it, without a cumsum)."""
+    if not isinstance(present, jax.core.Tracer):  # known while tracing: a static gather
+        source = np.flatnonzero(np.asarray(present))
+        offset = length - source.size
+        slot = np.arange(length)
+        packed = [jnp.pad(t[source], (offset, 0), constant_values=pad) for t in tokens]
+        return packed, jnp.asarray(slot >= offset), jnp.asarray(np.maximum(slot - offset, 0))
     count = present.sum()
     offset = length - count
     dest = jnp.where(present, offset + jnp.cumsum(present) - 1, length)
@@ -436,8 +462,15 @@ def layout_task(inputs, chain, n, c, k, is_cot, spec: TaskSpec) -> dict[str, jax
     """One task's training sequence, evaluation query and targets (DESIGN 1.3, 1.4).
 
     `is_cot` [K] decides each example's form: for the query it may differ from training (for
-    instance, False on a demonstration drops its think span).
+    instance, False on a demonstration drops its think span). Where n, c, k and `is_cot` are
+    concrete (`sample_task` under `spec.fixed_shape`), which slots are present is computed while
+    tracing and the packing is a static gather, without the cumsums and scatters.
     """
+    with jax.ensure_compile_time_eval():
+        return _layout_task(inputs, chain, n, c, k, is_cot, spec)
+
+
+def _layout_task(inputs, chain, n, c, k, is_cot, spec: TaskSpec) -> dict[str, jax.Array]:
     pad = spec.token_id("pad")
     tokens, present, labelled = _example_slots(inputs, chain, n, c, is_cot, spec)
     example_valid = (jnp.arange(spec.K) < k)[:, None]
@@ -485,7 +518,11 @@ def sample_task(key, prompt_index, n_prompts: int, shuffled: bool, world, spec: 
     lat = sample_latents(key, prompt_index, n_prompts, shuffled, world, spec)
     chain = chain_tokens(world["embeddings"], lat["processors"], lat["adj"], lat["parent_mask"],
                          lat["inputs"], lat["n"], spec.activation, forbidden_ids(spec))
-    task = layout_task(lat["inputs"], chain, lat["n"], lat["c"], lat["k"], lat["is_cot"], spec)
+    if spec.fixed_shape:  # the same n, c, k and example forms in every task
+        n, c, k, is_cot = spec.N, spec.C, spec.K, np.full(spec.K, spec.cot_examples)
+    else:
+        n, c, k, is_cot = lat["n"], lat["c"], lat["k"], lat["is_cot"]
+    task = layout_task(lat["inputs"], chain, n, c, k, is_cot, spec)
     example_valid = jnp.arange(spec.K) < lat["k"]
     n_cot = (lat["is_cot"] & example_valid).sum().astype(jnp.int32)
     task.update(

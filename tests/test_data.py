@@ -107,11 +107,21 @@ def test_sampled_chain_tokens_match_oracle(strategy):
 # --- prompt layouts -----------------------------------------------------------------------------
 
 
+# Variable n, c, k are masked; one choice of each (the reference's default shape) takes the
+# static layout of `spec.fixed_shape` (except under the hybrid strategy's per-example forms).
+SHAPES = dict(
+    variable=dict(n_input_choices=(2, 3, 4), n_parent_choices=(1, 2, 3),
+                  chain_length_choices=(1, 2, 3), n_example_choices=(1, 3, 6)),
+    fixed=dict(n_input_choices=(3,), n_parent_choices=(2,), chain_length_choices=(3,),
+               n_example_choices=(5,)),
+)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_layout_matches_oracle_token_for_token(strategy):
-    spec = make_spec(prompt_strategy=strategy, n_input_choices=(2, 3, 4),
-                     n_parent_choices=(1, 2, 3), chain_length_choices=(1, 2, 3),
-                     n_example_choices=(1, 3, 6))
+def test_layout_matches_oracle_token_for_token(strategy, shape):
+    spec = make_spec(prompt_strategy=strategy, **SHAPES[shape])
+    assert spec.fixed_shape == (shape == "fixed" and strategy != "hybrid_special_token")
     _, _, tasks = sampled(spec)
     pad = spec.token_id("pad")
     for t in range(len(tasks["n"])):
