@@ -336,14 +336,16 @@ def chain_tokens(embeddings: jax.Array, processors: jax.Array, adj: jax.Array,
         from_inputs = jnp.take(inputs, jnp.clip(idx, 0, n_max - 1), axis=1)
         from_chain = jnp.take(chain, jnp.clip(idx - n_inputs, 0, n_chain - 1), axis=1)
         tokens = jnp.where(idx < n_inputs, from_inputs, from_chain)  # [K, M]
-        x = embeddings[tokens]  # [K, M, d]
         layers = processors[j]
-        for layer in range(layers.shape[0] - 1):
-            x = _linear(act(x) if layer else x, layers[layer])
-        if layers.shape[0] > 1:
-            x = act(x)
+
+        def hidden(x):  # every layer but the last, for one parent
+            for layer in range(layers.shape[0] - 1):
+                x = _linear(act(x) if layer else x, layers[layer])
+            return act(x) if layers.shape[0] > 1 else x
+
         # The last layer is linear, so the parents' mean can come before it: M times less work.
-        x = sum(jnp.where(parent_mask[j, i], x[:, i], 0.0) for i in range(x.shape[1]))
+        x = sum(jnp.where(parent_mask[j, i], hidden(embeddings[tokens[:, i]]), 0.0)
+                for i in range(tokens.shape[1]))
         x = x / parent_count[j]
         x = _linear(x, layers[-1])
         return chain.at[:, j].set(nearest_token(act(x), embeddings, forbidden)), None
