@@ -73,8 +73,7 @@ def _slot_positions(n, c, k, is_cot, spec: data.TaskSpec):
     """Sequence position of every slot of every example of one task, int32 [K, S]; -1 if absent."""
     K = spec.K
     # Which slots are present depends on n, c and is_cot only, not on the tokens.
-    _, present, _ = data._example_slots(jnp.zeros((K, spec.N), jnp.int32),
-                                        jnp.zeros((K, spec.C), jnp.int32), n, c, is_cot, spec)
+    present, _ = data.slot_presence(n, c, is_cot, spec)
     present = present & (jnp.arange(K) < k)[:, None]
     flat = jnp.concatenate([jnp.ones((spec.prefix_len,), bool), present.reshape(-1)])
     # As `data._pack_left`: entry i goes to offset + (number of present entries up to i) - 1.

@@ -417,37 +417,43 @@ def _nearest_token_vmap(axis_size, in_batched, x, embeddings, forbidden):
 # into a left-padded sequence.
 
 
-def _example_slots(inputs, chain, n, c, is_cot, spec: TaskSpec):
-    """Slot tokens [K, S], presence [K, S] and labelled-ness [S] of every example."""
-    N, C, K = spec.N, spec.C, spec.K
-    special = spec.special_tokens
-    tok = spec.token_id if special else (lambda name: spec.token_id("pad"))
+def _slot_tokens(inputs, chain, c, spec: TaskSpec) -> jax.Array:
+    """Slot tokens [K, S] of every example."""
+    C, K = spec.C, spec.K
+    tok = spec.token_id if spec.special_tokens else (lambda name: spec.token_id("pad"))
     y_last = jnp.take_along_axis(chain, jnp.broadcast_to(c - 1, (K, 1)), axis=1)
 
     def const(name):
         return jnp.full((K, 1), tok(name), jnp.int32)
 
-    tokens = jnp.concatenate([
+    return jnp.concatenate([
         const("input_start"), inputs, const("input_end"),
         const("think_start"), chain[:, : C - 1], const("think_end"),
         const("answer_start"), y_last, const("answer_end"), const("eos"),
     ], axis=1)
+
+
+def slot_presence(n, c, is_cot, spec: TaskSpec, xp=jnp):
+    """Presence [K, S] of every example's slots and labelled-ness [S] (everything after <in_e>).
+
+    They depend on n, c and `is_cot` only; with `xp=np` (all three NumPy values) they are NumPy.
+    """
+    N, C, K = spec.N, spec.C, spec.K
     cot = is_cot[:, None]
-    markers = jnp.full((K, 1), special)
-    present = jnp.concatenate([
-        markers, jnp.broadcast_to(jnp.arange(N) < n, (K, N)), markers,
-        markers & cot, cot & (jnp.arange(C - 1) < c - 1), markers & cot,
-        markers, jnp.ones((K, 1), bool), markers, markers,
+    markers = xp.full((K, 1), spec.special_tokens)
+    present = xp.concatenate([
+        markers, xp.broadcast_to(xp.arange(N) < n, (K, N)), markers,
+        markers & cot, cot & (xp.arange(C - 1) < c - 1), markers & cot,
+        markers, xp.ones((K, 1), bool), markers, markers,
     ], axis=1)
-    labelled = jnp.arange(N + C + 7) >= N + 2  # everything after <in_e>
-    return tokens, present, labelled
+    return present, xp.arange(N + C + 7) >= N + 2
 
 
 def _pack_left(tokens, present, length: int, pad):
     """Packs the present entries of flat `tokens` into [length], left-padded; also the mask and
     positions (`model.positions_from_mask` of it, without a cumsum)."""
-    if not isinstance(present, jax.core.Tracer):  # known while tracing: a static gather
-        source = np.flatnonzero(np.asarray(present))
+    if isinstance(present, np.ndarray):  # known while tracing: a static gather
+        source = np.flatnonzero(present)
         offset = length - source.size
         slot = np.arange(length)
         packed = [jnp.pad(t[source], (offset, 0), constant_values=pad) for t in tokens]
@@ -464,44 +470,41 @@ def layout_task(inputs, chain, n, c, k, is_cot, spec: TaskSpec) -> dict[str, jax
     """One task's training sequence, evaluation query and targets (DESIGN 1.3, 1.4).
 
     `is_cot` [K] decides each example's form: for the query it may differ from training (for
-    instance, False on a demonstration drops its think span). Where n, c, k and `is_cot` are
-    concrete (`sample_task` under `spec.fixed_shape`), which slots are present is computed while
+    instance, False on a demonstration drops its think span). Where n, c, k are ints and `is_cot`
+    a NumPy array (`sample_task` under `spec.fixed_shape`), which slots are present is known while
     tracing and the packing is a static gather, without the cumsums and scatters.
     """
-    with jax.ensure_compile_time_eval():
-        return _layout_task(inputs, chain, n, c, k, is_cot, spec)
-
-
-def _layout_task(inputs, chain, n, c, k, is_cot, spec: TaskSpec) -> dict[str, jax.Array]:
+    xp = jnp if any(isinstance(v, jax.Array) for v in (n, c, k, is_cot)) else np
     pad = spec.token_id("pad")
-    tokens, present, labelled = _example_slots(inputs, chain, n, c, is_cot, spec)
-    example_valid = (jnp.arange(spec.K) < k)[:, None]
+    tokens = _slot_tokens(inputs, chain, c, spec)
+    present, labelled = slot_presence(n, c, is_cot, spec, xp)
+    example_valid = (xp.arange(spec.K) < k)[:, None]
     labels = jnp.where(labelled, tokens, IGNORE_INDEX)
     if spec.special_tokens:  # the <bos> prefix, labelled
         bos = jnp.full((1,), spec.token_id("bos"), jnp.int32)
-        prefix_tokens, prefix_present = bos, jnp.ones((1,), bool)
+        prefix_tokens, prefix_present = bos, xp.ones((1,), bool)
     else:
-        prefix_tokens, prefix_present = jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool)
+        prefix_tokens, prefix_present = jnp.zeros((0,), jnp.int32), xp.zeros((0,), bool)
 
-    def flat(prefix, body):
-        return jnp.concatenate([prefix, body.reshape(-1)])
+    def flat(prefix, body, xp=jnp):
+        return xp.concatenate([prefix, body.reshape(-1)])
 
-    train_present = flat(prefix_present, present & example_valid)
+    train_present = flat(prefix_present, present & example_valid, xp)
     (input_ids, label_ids), attention_mask, positions = _pack_left(
         (flat(prefix_tokens, tokens), flat(prefix_tokens, labels)), train_present, spec.seq_len,
         pad)
     label_ids = jnp.where(attention_mask, label_ids, IGNORE_INDEX)
 
     # The query: the first k-1 examples in full, then the last one cut after its inputs.
-    example = jnp.arange(spec.K)[:, None]
+    example = xp.arange(spec.K)[:, None]
     query_cut = (example < k - 1) | ((example == k - 1) & ~labelled)
     (query_ids,), query_mask, query_positions = _pack_left(
-        (flat(prefix_tokens, tokens),), flat(prefix_present, present & query_cut),
+        (flat(prefix_tokens, tokens),), flat(prefix_present, present & query_cut, xp),
         spec.query_len, pad)
     # Targets: the last example's labelled tokens, left-aligned.
     last_tokens = jnp.take(tokens, k - 1, axis=0)
-    target_present = jnp.take(present, k - 1, axis=0) & labelled
-    order = jnp.argsort(~target_present, stable=True)[: spec.target_len]
+    target_present = xp.take(present, k - 1, axis=0) & labelled
+    order = xp.argsort(~target_present, stable=True)[: spec.target_len]
     target_ids = jnp.where(target_present[order], last_tokens[order], IGNORE_INDEX)
     return dict(
         input_ids=input_ids, labels=label_ids, attention_mask=attention_mask,
