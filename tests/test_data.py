@@ -147,6 +147,17 @@ def test_layout_matches_oracle_token_for_token(strategy, shape):
         assert not tasks["is_cot"][t, k:].any()
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fixed_shape_lays_out_by_a_static_gather(shape):
+    # The layout of a fixed shape is a static gather; variable shapes pack by cumsum and scatter.
+    spec = make_spec(prompt_strategy="cot_special_token", **SHAPES[shape])
+    world = data.make_world(data.root_keys(0)["world"], spec)
+    ids = jnp.arange(4)
+    layout = jax.make_jaxpr(lambda w, k: data.sample_tasks(k, ids, 8, False, w, spec))(
+        world, data.task_keys(jax.random.key(0), ids))
+    assert ("cumsum" in str(layout)) == (shape == "variable")
+
+
 def test_static_lengths_are_tight():
     """With one choice per field, the longest sequence fills seq_len exactly."""
     for strategy in STRATEGIES:
