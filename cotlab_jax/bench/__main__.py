@@ -1,9 +1,9 @@
-"""`python -m cotlab_jax.bench {sampler,model,train,sweep} [--flags]`."""
+"""`python -m cotlab_jax.bench {all,sampler,model,train,sweep} [--flags]`."""
 
 import importlib
 import sys
 
-BENCHMARKS = ("sampler", "model", "train", "sweep")
+BENCHMARKS = ("all", "sampler", "model", "train", "sweep")
 
 
 def main() -> None:
