@@ -177,7 +177,7 @@ def build(run_config: ml_collections.ConfigDict, data_dir: str, n_train_tasks: i
 
 def read_split(dataset_dir: str, split: str) -> dict[str, np.ndarray]:
     """A split as stacked NumPy arrays (the `data.sample_tasks` fields and `task_id`; for
-    `SymbolicChats`, its features, text as object arrays of `str`), read with
+    `SymbolicChats`, its features, text and strings as object arrays of `str`), read with
     `tfds.builder_from_directory` (no builder code, no TensorFlow)."""
     builder = tfds.builder_from_directory(dataset_dir)
     source = builder.as_data_source()[split]
