@@ -21,22 +21,23 @@ generation order (`disable_shuffling`).
     python -m cotlab_jax.tfds_builder --config=configs/quickstart.py --data_dir=DIR \\
         [--n_train_tasks=N]
 
-A second builder, `SymbolicChats` (version 1.0.0), holds the symbolic string tasks of DESIGN 1.7
-(`cotlab_jax.symbolic`) as chats, for fine-tuning or prompting pretrained LLMs. Its config is a
-`symbolic.SymbolicConfig`, a seed and the two split sizes (`SymbolicChatsConfig.create`):
-- `train`: `symbolic.sample_task(seed, i, n_train, config)` for i = 0 .. n_train - 1, in order,
-  i.e. the chats `symbolic.write_jsonl(path, n_train, seed, config)` writes.
-- `test`: `symbolic.sample_task(seed + 1000, i, n_test, config)` for i = 0 .. n_test - 1: another
-  seed (as the token tasks' eval set), not another index range, so the test split does not change
-  with n_train. Each split is its own recipe denominator (`n_tasks` of `sample_task`).
-Features (`symbolic_feature_docs`): `task_id`, `messages` (the `render_chat` chat as a JSON
-string), `answer`, `n`, `m`, `c`, `k`, `is_cot` [K] (K the largest k choice), `n_cot`,
-`cot_prob`; the SymbolicConfig (JSON) and the seed are in the metadata. `read_split` reads it
-(text as `str`, `messages` still JSON), `read_symbolic_split` as one dict per chat with the
-messages parsed.
+A second builder, `SymbolicChats` (version 2.0.0), holds the symbolic string tasks
+(`cotlab_jax.symbolic`, format in docs/symbolic.md) as rendered chats, for fine-tuning or prompting
+pretrained LLMs. Its config (`SymbolicChatsConfig.create`) is a `symbolic.SymbolicConfig` (raw
+tasks), a `symbolic.RenderConfig` (examples per chat, CoT recipe), a seed, the two split sizes and
+optionally a tokenizer directory whose chat template renders `text`. The splits hold exactly the
+rows `python -m cotlab_jax.symbolic` writes to train.jsonl and test.jsonl, in the same order
+(`symbolic.render_splits`): train renders tasks 0 .. n_train - 1 of the seed's stream, test the
+next n_test (one stream, as the reference; defaults seed 42, 1,000 and 10,000). Features
+(`symbolic_feature_docs`): `task_id`; the raw fields of every stored example (`input_words`,
+`intermediate_words`, `answer_word`, sorted `adj_list`, padded); `n`, `m`, `c`, `k`; the chat as
+`messages` (JSON) and `text`; `answer`; `n_rendered`, `is_cot`, `n_cot`; `cot_example_prob`. The
+configs (JSON), seed, tokenizer and split task ids are in the metadata. `read_split` reads the
+fields (strings as `str`), `read_symbolic_split` one dict per row, as the JSONL rows.
 
-    python -m cotlab_jax.tfds_builder --symbolic --data_dir=DIR --n_train_tasks=N \\
-        [--n_test_tasks=100] [--seed=0] [--n_inputs=4 --n_parents=2 ... as cotlab_jax.symbolic]
+    python -m cotlab_jax.tfds_builder --symbolic --data_dir=DIR [--n_train_tasks=1000
+        --n_test_tasks=10000 --seed=42 --examples_per_prompt=K --tokenizer=PATH
+        --n_inputs=4 --n_parents=2 ... as cotlab_jax.symbolic]
 """
 
 import dataclasses
@@ -176,16 +177,23 @@ def build(run_config: ml_collections.ConfigDict, data_dir: str, n_train_tasks: i
 
 def read_split(dataset_dir: str, split: str) -> dict[str, np.ndarray]:
     """A split as stacked NumPy arrays (the `data.sample_tasks` fields and `task_id`; for
-    `SymbolicChats`, its features, text as object arrays of `str`), read with
+    `SymbolicChats`, its features, text and strings as object arrays of `str`), read with
     `tfds.builder_from_directory` (no builder code, no TensorFlow)."""
     builder = tfds.builder_from_directory(dataset_dir)
     source = builder.as_data_source()[split]
     records = [source[i] for i in range(len(source))]
-    # Scalars come back as Python numbers: the stored dtype restores int32 / float32. Text comes
-    # back as UTF-8 bytes.
-    return {name: np.asarray([r[name].decode() if isinstance(feature, tfds.features.Text)
-                              else r[name] for r in records], feature.np_dtype)
+    # Scalars come back as Python numbers: the stored dtype restores int32 / float32. Text and
+    # string tensors come back as UTF-8 bytes.
+    return {name: np.asarray([_decoded(r[name]) for r in records], feature.np_dtype)
             for name, feature in builder.info.features.items()}
+
+
+def _decoded(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return np.vectorize(bytes.decode, otypes=[object])(value) if value.size else value
+    return value
 
 
 def dataset_spec_json(dataset_dir: str) -> str:
@@ -204,81 +212,125 @@ def load_eval_set(dataset_dir: str, spec: data.TaskSpec) -> dict[str, np.ndarray
     return eval_set
 
 
-# Symbolic string tasks (DESIGN 1.7) as chats.
-
-SYMBOLIC_TEST_SEED_OFFSET = 1000  # test split seed = seed + 1000, as data.root_keys' eval key
+# Symbolic string tasks (cotlab_jax.symbolic, docs/symbolic.md) as rendered chats.
 
 
 def symbolic_feature_docs(config: symbolic.SymbolicConfig) -> dict[str, tuple]:
-    """Every feature's (shape, dtype, doc) for `SymbolicChats`; dtype `None` is a text feature."""
-    K = max(config.n_example_choices)
-    i32, b, f32 = np.int32, np.bool_, np.float32
+    """Every feature's (shape, dtype, doc) for `SymbolicChats`; dtype `None` is a text feature,
+    `np.str_` a tensor of strings. K, N, M, C are the largest k, n, m, c choices."""
+    K, N = max(config.n_example_choices), max(config.n_input_choices)
+    M, C = max(config.n_parent_choices), max(config.chain_length_choices)
+    i32, b, f32, s = np.int32, np.bool_, np.float32, np.str_
     return {
-        "task_id": ((), i32, "The task's index i in its split: symbolic.sample_task(seed', i, "
-                             "split size, config), seed' = seed (train) or seed + 1000 (test)."),
-        "messages": ((), None, "The chat, symbolic.render_chat(task), as a JSON list of "
-                               "{role, content}: the system prompt, then a user/assistant turn "
-                               "pair per example; the last assistant turn is the target."),
-        "answer": ((), None, "The last example's last chain word (the boxed answer)."),
+        "task_id": ((), i32, "The raw task: symbolic.sample_task(seed, task_id, config); the "
+                             "train split holds task ids 0 .. n_train - 1, the test split the "
+                             "next n_test."),
+        "input_words": ((K, N), s, "Each stored example's input words; '' beyond n or k."),
+        "intermediate_words": ((K, C - 1), s, "Each stored example's chain words before the "
+                                              "last (the Step lines); '' beyond c - 1 or k."),
+        "answer_word": ((K,), s, "Each stored example's last chain word; '' beyond k."),
+        "adj_list": ((K, C, M), i32, "Each stored example's DAG (the same for all): the sorted "
+                                     "parents of every chain word (index < n: input word, n + j: "
+                                     "chain word j); -1 beyond c, m or k."),
         "n": ((), i32, "Input words per example."),
         "m": ((), i32, "Parents per chain word."),
         "c": ((), i32, "Chain words per example."),
-        "k": ((), i32, "Examples (user/assistant turn pairs) in the chat."),
-        "is_cot": ((K,), b, "Whether each example's answer is in CoT form (Step lines, then the "
-                            "boxed answer); False beyond k."),
+        "k": ((), i32, "Examples stored in the raw task."),
+        "messages": ((), None, "The chat (symbolic.chat_messages) as a JSON list of {role, "
+                               "content}: the system prompt, then a user/assistant turn pair for "
+                               "each of the first n_rendered examples."),
+        "text": ((), None, "The chat as one string: ChatML, or the --tokenizer's chat template."),
+        "answer": ((), None, "The last rendered example's answer word (the last turn's box)."),
+        "n_rendered": ((), i32, "Examples in the chat: min(examples_per_prompt, k)."),
+        "is_cot": ((K,), b, "Whether each rendered example's answer is in CoT form (think "
+                            "block, then final answer); False beyond n_rendered."),
         "n_cot": ((), i32, "CoT examples (is_cot.sum())."),
-        "cot_prob": ((), f32, "The CoT probability the task was drawn with (the recipe)."),
+        "cot_example_prob": ((), f32, "The recipe's CoT probability of the row (float32)."),
     }
 
 
-def symbolic_config_json(config: symbolic.SymbolicConfig) -> str:
-    """The config as sorted JSON, numbers of float fields as floats (alpha=1 is alpha=1.0)."""
+def symbolic_config_json(config) -> str:
+    """A SymbolicConfig or RenderConfig as sorted JSON, float fields as floats (alpha=1 is
+    alpha=1.0)."""
     fields = dataclasses.asdict(config)
-    for name in ("initial_prob", "final_prob", "alpha", "scale"):
-        fields[name] = float(fields[name])
+    for field in dataclasses.fields(config):
+        if field.type is float:
+            fields[field.name] = float(fields[field.name])
     return json.dumps(fields, sort_keys=True)
+
+
+def _tokenizer_digest(path: str) -> str:
+    """A hash of the tokenizer directory's files: its chat template decides `text`."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file, "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(eq=False)
 class SymbolicChatsConfig(tfds.core.BuilderConfig):
-    """A symbolic task distribution (SymbolicConfig as JSON), its seed and the split sizes."""
+    """Raw task distribution and rendering (as JSON), seed, split sizes and tokenizer."""
 
     symbolic_config_json: str = dataclasses.field(default="", repr=False)
-    seed: int = 0
+    render_config_json: str = dataclasses.field(default="", repr=False)
+    seed: int = symbolic.DEFAULT_SEED
     n_train: int = 0
     n_test: int = 0
+    tokenizer: str = ""
 
     @classmethod
-    def create(cls, config: symbolic.SymbolicConfig, n_train: int, n_test: int,
-               seed: int = 0) -> "SymbolicChatsConfig":
+    def create(cls, config: symbolic.SymbolicConfig, render: symbolic.RenderConfig,
+               n_train: int = symbolic.DEFAULT_N_TRAIN, n_test: int = symbolic.DEFAULT_N_TEST,
+               seed: int = symbolic.DEFAULT_SEED, tokenizer: str | None = None
+               ) -> "SymbolicChatsConfig":
         """Named by the sizes, the seed and a hash of everything that decides the records."""
         if not isinstance(config, symbolic.SymbolicConfig):
             raise ValueError(f"config={config!r}: expected a symbolic.SymbolicConfig")
-        for name, value in (("n_train", n_train), ("n_test", n_test)):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        if not isinstance(render, symbolic.RenderConfig):
+            raise ValueError(f"render={render!r}: expected a symbolic.RenderConfig")
+        render.check_against(config)
+        symbolic.split_task_ids(n_train, n_test)  # validates the sizes
         if not (isinstance(seed, int) and seed >= 0):
             raise ValueError(f"seed={seed!r}: expected a non-negative integer")
-        config_json = symbolic_config_json(config)
-        digest = hashlib.sha256(
-            f"{config_json}|{seed}|{n_train}|{n_test}".encode()).hexdigest()[:12]
+        if tokenizer is not None:
+            symbolic.tokenizer_chat_text(tokenizer)  # validates the tokenizer
+        config_json, render_json = symbolic_config_json(config), symbolic_config_json(render)
+        template = "chatml" if tokenizer is None else _tokenizer_digest(tokenizer)
+        digest = hashlib.sha256(f"{config_json}|{render_json}|{seed}|{n_train}|{n_test}|"
+                                f"{template}".encode()).hexdigest()[:12]
         return cls(name=f"seed{seed}_train{n_train}_test{n_test}_{digest}",
                    description=f"{n_train} training and {n_test} test chats of the symbolic "
-                               f"string tasks (DESIGN 1.7), seed {seed}.",
-                   symbolic_config_json=config_json, seed=seed, n_train=n_train, n_test=n_test)
+                               f"string tasks (docs/symbolic.md), seed {seed}.",
+                   symbolic_config_json=config_json, render_config_json=render_json, seed=seed,
+                   n_train=n_train, n_test=n_test, tokenizer=tokenizer or "")
 
     @property
     def symbolic_config(self) -> symbolic.SymbolicConfig:
-        fields = json.loads(self.symbolic_config_json)
-        return symbolic.SymbolicConfig(**{name: tuple(value) if isinstance(value, list) else value
-                                          for name, value in fields.items()})
+        return _config_from_json(symbolic.SymbolicConfig, self.symbolic_config_json)
+
+    @property
+    def render_config(self) -> symbolic.RenderConfig:
+        return _config_from_json(symbolic.RenderConfig, self.render_config_json)
+
+
+def _config_from_json(cls, text: str):
+    fields = json.loads(text)
+    return cls(**{name: tuple(value) if isinstance(value, list) else value
+                  for name, value in fields.items()})
 
 
 class SymbolicChats(tfds.core.GeneratorBasedBuilder):
-    """Symbolic string task chats; build with `build_symbolic(config, data_dir, ...)`."""
+    """Symbolic string task chats; build with `build_symbolic(config, render, data_dir, ...)`."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Train/test chats (JSON messages), answer, n/m/c/k, CoT flags."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Train/test chats (JSON messages), answer, n/m/c/k, CoT flags.",
+        "2.0.0": "The reference's chat text, raw example fields, one task stream for both "
+                 "splits, rows in the recipe's order.",
+    }
     code_path = None  # as CotIcl: no files ship beside the builder
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -287,64 +339,87 @@ class SymbolicChats(tfds.core.GeneratorBasedBuilder):
                 self.builder_config.symbolic_config).items():
             features[name] = (tfds.features.Text(doc=doc) if dtype is None else
                               tfds.features.Tensor(shape=shape, dtype=dtype, doc=doc))
+        task_ids = symbolic.split_task_ids(self.builder_config.n_train, self.builder_config.n_test)
         return tfds.core.DatasetInfo(
             builder=self, description=self.builder_config.description,
             features=tfds.features.FeaturesDict(features), disable_shuffling=True,
             metadata=tfds.core.MetadataDict(
                 symbolic_config=self.builder_config.symbolic_config_json,
-                seed=self.builder_config.seed,
-                test_seed=self.builder_config.seed + SYMBOLIC_TEST_SEED_OFFSET))
+                render_config=self.builder_config.render_config_json,
+                seed=self.builder_config.seed, tokenizer=self.builder_config.tokenizer,
+                task_ids={split: [ids.start, ids.stop] for split, ids in task_ids.items()}))
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples("train"),
                 "test": self._generate_examples("test")}
 
     def _generate_examples(self, split: str):
-        max_k = max(self.builder_config.symbolic_config.n_example_choices)
-        for index, task in enumerate(_symbolic_tasks(self.builder_config, split)):
-            yield index, symbolic_record(index, task, max_k)
+        builder_config = self.builder_config
+        config = builder_config.symbolic_config
+        task_ids = symbolic.split_task_ids(builder_config.n_train, builder_config.n_test)[split]
+        chat_text = (symbolic.tokenizer_chat_text(builder_config.tokenizer)
+                     if builder_config.tokenizer else symbolic.chatml_text)
+        rows = symbolic.render_split(symbolic.generate(builder_config.seed, task_ids, config),
+                                     builder_config.seed, builder_config.render_config, chat_text)
+        for position, row in enumerate(rows):
+            yield position, symbolic_record(row, config)
 
 
-def _symbolic_tasks(builder_config: SymbolicChatsConfig, split: str):
-    """The split's tasks, in order (see the module docstring)."""
-    config = builder_config.symbolic_config
-    if split == "train":
-        return symbolic.generate(builder_config.n_train, builder_config.seed, config)
-    return symbolic.generate(builder_config.n_test,
-                             builder_config.seed + SYMBOLIC_TEST_SEED_OFFSET, config)
+def symbolic_record(row: symbolic.RenderedRow, config: symbolic.SymbolicConfig) -> dict:
+    """One `SymbolicChats` record: a rendered row, the raw examples padded to the features'
+    shapes."""
+    shapes = {name: shape for name, (shape, _, _) in symbolic_feature_docs(config).items()}
+    task = row.task
+    input_words = np.full(shapes["input_words"], "", object)
+    intermediate_words = np.full(shapes["intermediate_words"], "", object)
+    answer_word = np.full(shapes["answer_word"], "", object)
+    adj_list = np.full(shapes["adj_list"], -1, np.int32)
+    for e, example in enumerate(task.examples):
+        input_words[e, :task.n] = example.input_words
+        intermediate_words[e, :task.c - 1] = example.intermediate_words
+        answer_word[e] = example.answer_word
+        adj_list[e, :task.c, :task.m] = example.adj_list
+    is_cot = np.zeros(shapes["is_cot"], np.bool_)
+    is_cot[:len(row.is_cot)] = row.is_cot
+    return dict(
+        task_id=np.int32(task.task_id), input_words=input_words,
+        intermediate_words=intermediate_words, answer_word=answer_word, adj_list=adj_list,
+        n=np.int32(task.n), m=np.int32(task.m), c=np.int32(task.c), k=np.int32(task.k),
+        messages=json.dumps(row.messages), text=row.text,
+        answer=task.examples[len(row.is_cot) - 1].answer_word,
+        n_rendered=np.int32(len(row.is_cot)), is_cot=is_cot, n_cot=np.int32(sum(row.is_cot)),
+        cot_example_prob=np.float32(row.cot_example_prob))
 
 
-def symbolic_record(task_id: int, task: symbolic.SymbolicTask, max_k: int) -> dict:
-    """One `SymbolicChats` record of a task."""
-    is_cot = np.zeros(max_k, np.bool_)
-    is_cot[:task.k] = task.is_cot
-    return dict(task_id=np.int32(task_id), messages=json.dumps(symbolic.render_chat(task)),
-                answer=task.chain[task.k - 1][task.c - 1], n=np.int32(task.n),
-                m=np.int32(task.m), c=np.int32(task.c), k=np.int32(task.k), is_cot=is_cot,
-                n_cot=np.int32(sum(task.is_cot)), cot_prob=np.float32(task.cot_prob))
-
-
-def build_symbolic(config: symbolic.SymbolicConfig, data_dir: str, n_train: int, n_test: int,
-                   seed: int = 0) -> str:
+def build_symbolic(config: symbolic.SymbolicConfig, render: symbolic.RenderConfig,
+                   data_dir: str, n_train: int = symbolic.DEFAULT_N_TRAIN,
+                   n_test: int = symbolic.DEFAULT_N_TEST, seed: int = symbolic.DEFAULT_SEED,
+                   tokenizer: str | None = None) -> str:
     """Writes (or finds already written) the symbolic chats dataset; returns its directory."""
-    builder = SymbolicChats(config=SymbolicChatsConfig.create(config, n_train, n_test, seed),
-                            data_dir=data_dir, file_format=FILE_FORMAT)
+    builder = SymbolicChats(
+        config=SymbolicChatsConfig.create(config, render, n_train, n_test, seed, tokenizer),
+        data_dir=data_dir, file_format=FILE_FORMAT)
     builder.download_and_prepare()
     return os.fspath(builder.data_path)
 
 
 def read_symbolic_split(dataset_dir: str, split: str) -> list[dict]:
-    """A `SymbolicChats` split as one dict per chat: `messages` parsed (the `render_chat` list),
-    text as `str`, scalars as Python numbers, `is_cot` cut to the task's k examples."""
+    """A `SymbolicChats` split as rows in their stored order, each as `RenderedRow.to_json()`
+    (what `symbolic.write_jsonl` writes; `cot_example_prob` as stored, float32)."""
     fields = read_split(dataset_dir, split)
-    records = []
+    rows = []
     for i in range(len(fields["task_id"])):
-        record = {name: value[i] if value.dtype == object else value[i].item()
-                  for name, value in fields.items() if name != "is_cot"}
-        record["messages"] = json.loads(record["messages"])
-        record["is_cot"] = [bool(v) for v in fields["is_cot"][i][:record["k"]]]
-        records.append(record)
-    return records
+        n, m, c, k = (int(fields[name][i]) for name in ("n", "m", "c", "k"))
+        examples = [dict(input_words=list(fields["input_words"][i, e, :n]),
+                         intermediate_words=list(fields["intermediate_words"][i, e, :c - 1]),
+                         answer_word=fields["answer_word"][i, e],
+                         adj_list=fields["adj_list"][i, e, :c, :m].tolist())
+                    for e in range(k)]
+        rows.append(dict(task_id=int(fields["task_id"][i]), examples=examples,
+                         messages=json.loads(fields["messages"][i]), text=fields["text"][i],
+                         cot_example_prob=float(fields["cot_example_prob"][i]),
+                         is_cot=fields["is_cot"][i, :fields["n_rendered"][i]].tolist()))
+    return rows
 
 
 def define_flags() -> None:
@@ -352,24 +427,26 @@ def define_flags() -> None:
                                     lock_config=False)
     flags.DEFINE_string("data_dir", None, "TFDS data directory to write into.")
     flags.DEFINE_integer("n_train_tasks", None,
-                         "Training tasks to write (default: one batch; required with --symbolic).",
+                         "Training tasks to write (default: one batch; 1000 with --symbolic).",
                          lower_bound=1)
     # --symbolic: the SymbolicChats builder, with cotlab_jax.symbolic's task flags.
-    flags.DEFINE_bool("symbolic", False, "Build SymbolicChats (DESIGN 1.7 chats) instead of a "
-                                         "--config's token tasks.")
-    flags.DEFINE_integer("n_test_tasks", 100, "(--symbolic) Test chats to write.", lower_bound=1)
-    flags.DEFINE_integer("seed", 0, "(--symbolic) Train task i is a function of (seed, i), test "
-                                    "task i of (seed + 1000, i).", lower_bound=0)
+    flags.DEFINE_bool("symbolic", False, "Build SymbolicChats (symbolic string task chats, "
+                                         "docs/symbolic.md) instead of a --config's token tasks.")
+    flags.DEFINE_integer("n_test_tasks", symbolic.DEFAULT_N_TEST, "(--symbolic) Test chats.",
+                         lower_bound=1)
+    flags.DEFINE_integer("seed", symbolic.DEFAULT_SEED, "(--symbolic) Task t is a function of "
+                                                        "(seed, t).", lower_bound=0)
     symbolic.define_task_flags()
 
 
 def _symbolic_main(f) -> str:
     if f.config is not None:
         raise SystemExit("--symbolic takes no --config")
-    if not f.data_dir or f.n_train_tasks is None:
-        raise SystemExit("--symbolic needs --data_dir and --n_train_tasks")
-    config = symbolic.config_from_flags(f)
-    return build_symbolic(config, f.data_dir, f.n_train_tasks, f.n_test_tasks, f.seed)
+    if not f.data_dir:
+        raise SystemExit("--symbolic needs --data_dir")
+    config, render = symbolic.configs_from_flags(f)
+    return build_symbolic(config, render, f.data_dir, f.n_train_tasks or symbolic.DEFAULT_N_TRAIN,
+                          f.n_test_tasks, f.seed, f.tokenizer)
 
 
 def main(argv) -> None:

@@ -72,65 +72,64 @@ def test_features_are_documented_and_invalid_sizes_refused(built):
         tfds_builder.CotIclConfig.from_run_config(tiny_config(), 12)
 
 
-# SymbolicChats: the symbolic string tasks (DESIGN 1.7) as chats.
+# SymbolicChats: the symbolic string tasks (cotlab_jax.symbolic) as rendered chats.
 
 SYMBOLIC = dict(n_train=6, n_test=4, seed=3)
 
 
-def symbolic_config():
+def symbolic_configs():
     from cotlab_jax import symbolic
 
-    # Mixed forms (recipe) and varying n, k, so padding and both answer forms are exercised.
-    return symbolic.SymbolicConfig(n_input_choices=(3, 4), n_example_choices=(2, 5),
-                                   initial_prob=0.3, final_prob=0.8, alpha=1.0)
+    # Varying n, c and k with a recipe: padding and both answer forms are exercised, and some
+    # tasks store fewer examples (2) than a chat shows (3).
+    config = symbolic.SymbolicConfig(n_input_choices=(3, 4), chain_length_choices=(1, 3),
+                                     n_example_choices=(2, 5))
+    render = symbolic.RenderConfig(examples_per_prompt=3, initial_prob=0.3, final_prob=0.8,
+                                   alpha=1.0)
+    return config, render
 
 
 @pytest.fixture(scope="module")
 def built_symbolic(tmp_path_factory):
-    return tfds_builder.build_symbolic(symbolic_config(), str(tmp_path_factory.mktemp("sym")),
-                                       **SYMBOLIC)
+    return tfds_builder.build_symbolic(*symbolic_configs(),
+                                       str(tmp_path_factory.mktemp("sym")), **SYMBOLIC)
 
 
-def test_symbolic_splits_equal_sample_task_and_render_chat(built_symbolic):
-    from cotlab_jax import symbolic
-
-    config = symbolic_config()
-    for split, seed, size in (("train", 3, 6), ("test", 1003, 4)):
-        records = tfds_builder.read_symbolic_split(built_symbolic, split)
-        assert [r["task_id"] for r in records] == list(range(size))
-        for i, record in enumerate(records):
-            task = symbolic.sample_task(seed, i, size, config)
-            assert record["messages"] == symbolic.render_chat(task)
-            assert record["answer"] == task.chain[-1][-1]
-            assert record["messages"][-1]["content"].endswith(f"\\boxed{{{record['answer']}}}")
-            assert (record["n"], record["m"], record["c"], record["k"]) == (
-                task.n, task.m, task.c, task.k)
-            assert record["is_cot"] == list(task.is_cot)
-            assert record["n_cot"] == sum(task.is_cot)
-            assert record["cot_prob"] == pytest.approx(task.cot_prob, rel=1e-6)
-    # Both answer forms occur, and the train split is what write_jsonl writes.
-    train = tfds_builder.read_symbolic_split(built_symbolic, "train")
-    assert 0 < sum(r["n_cot"] for r in train) < sum(r["k"] for r in train)
-    fields = tfds_builder.read_split(built_symbolic, "train")
-    assert fields["is_cot"].shape == (6, 5) and fields["k"].dtype == np.int32
-    assert isinstance(fields["messages"][0], str)
-
-
-def test_symbolic_train_split_matches_write_jsonl(built_symbolic, tmp_path):
+def test_symbolic_splits_equal_the_jsonl_rows(built_symbolic, tmp_path):
     import json
 
     from cotlab_jax import symbolic
 
-    path = str(tmp_path / "chats.jsonl")
-    symbolic.write_jsonl(path, SYMBOLIC["n_train"], SYMBOLIC["seed"], symbolic_config())
-    with open(path) as f:
-        chats = [json.loads(line) for line in f]
-    assert chats == [r["messages"] for r in
-                     tfds_builder.read_symbolic_split(built_symbolic, "train")]
+    splits = symbolic.render_splits(3, 6, 4, *symbolic_configs())
+    for split, ids in (("train", range(6)), ("test", range(6, 10))):
+        path = str(tmp_path / f"{split}.jsonl")
+        symbolic.write_jsonl(path, splits[split])
+        with open(path) as f:
+            expected = [json.loads(line) for line in f]
+        records = tfds_builder.read_symbolic_split(built_symbolic, split)
+        assert sorted(r["task_id"] for r in records) == list(ids)
+        assert [r["cot_example_prob"] for r in records] == pytest.approx(
+            [r["cot_example_prob"] for r in expected], rel=1e-6)
+        strip = lambda row: {k: v for k, v in row.items() if k != "cot_example_prob"}
+        assert [strip(r) for r in records] == [strip(r) for r in expected]
+    fields = tfds_builder.read_split(built_symbolic, "train")
+    train = tfds_builder.read_symbolic_split(built_symbolic, "train")
+    assert 0 < fields["n_cot"].sum() < fields["n_rendered"].sum()
+    assert set(fields["k"]) == {2, 5} and set(fields["c"]) == {1, 3}
+    assert fields["input_words"].shape == (6, 5, 4) and fields["adj_list"].shape == (6, 5, 3, 2)
+    assert fields["intermediate_words"].shape == (6, 5, 2)
+    assert isinstance(fields["answer_word"][0, 0], str) and fields["k"].dtype == np.int32
+    for i, row in enumerate(train):
+        last = row["examples"][len(row["is_cot"]) - 1]
+        assert fields["answer"][i] == last["answer_word"]
+        assert row["messages"][-1]["content"].endswith(f"\\boxed{{{last['answer_word']}}}")
+        assert fields["n_rendered"][i] == min(3, fields["k"][i])
+        assert (fields["input_words"][i, fields["k"][i]:] == "").all()
+        assert (fields["adj_list"][i, :, fields["c"][i]:] == -1).all()
 
 
 def test_symbolic_two_builds_are_identical(built_symbolic, tmp_path):
-    again = tfds_builder.build_symbolic(symbolic_config(), str(tmp_path), **SYMBOLIC)
+    again = tfds_builder.build_symbolic(*symbolic_configs(), str(tmp_path), **SYMBOLIC)
     assert os.path.basename(os.path.dirname(again)) == os.path.basename(
         os.path.dirname(built_symbolic))
     records = sorted(name for name in os.listdir(built_symbolic) if "array_record" in name)
@@ -139,7 +138,7 @@ def test_symbolic_two_builds_are_identical(built_symbolic, tmp_path):
     _, mismatch, errors = filecmp.cmpfiles(built_symbolic, again, [*records, "features.json"],
                                            shallow=False)
     assert mismatch == errors == []
-    other = tfds_builder.build_symbolic(symbolic_config(), str(tmp_path),
+    other = tfds_builder.build_symbolic(*symbolic_configs(), str(tmp_path),
                                         **dict(SYMBOLIC, seed=4))
     assert other != again  # another seed is another config (and other records)
 
@@ -152,16 +151,39 @@ def test_symbolic_features_are_documented_and_invalid_configs_refused(built_symb
     from cotlab_jax import symbolic
 
     info = tfds.builder_from_directory(built_symbolic).info
-    expected = {"task_id", "messages", "answer", "n", "m", "c", "k", "is_cot", "n_cot",
-                "cot_prob"}
+    expected = {"task_id", "input_words", "intermediate_words", "answer_word", "adj_list", "n",
+                "m", "c", "k", "messages", "text", "answer", "n_rendered", "is_cot", "n_cot",
+                "cot_example_prob"}
     assert set(info.features) == expected
     assert all(info.features[name].doc.desc for name in info.features)
-    assert str(info.version) == "1.0.0"
+    assert str(info.version) == "2.0.0"
     assert json.loads(info.metadata["symbolic_config"])["n_example_choices"] == [2, 5]
-    assert (info.metadata["seed"], info.metadata["test_seed"]) == (3, 1003)
-    config = tfds_builder.SymbolicChatsConfig.create(symbolic_config(), 6, 4, 3)
-    assert config.symbolic_config == symbolic_config()
-    with pytest.raises(ValueError, match=r"n_test=0: expected a positive integer"):
-        tfds_builder.SymbolicChatsConfig.create(symbolic.SymbolicConfig(), 6, 0)
+    assert json.loads(info.metadata["render_config"])["examples_per_prompt"] == 3
+    assert info.metadata["seed"] == 3
+    assert info.metadata["task_ids"] == {"train": [0, 6], "test": [6, 10]}
+    config, render = symbolic_configs()
+    created = tfds_builder.SymbolicChatsConfig.create(config, render, 6, 4, 3)
+    assert (created.symbolic_config, created.render_config) == (config, render)
+    with pytest.raises(ValueError, match=r"n_test_tasks=0: expected a positive integer"):
+        tfds_builder.SymbolicChatsConfig.create(config, render, 6, 0)
     with pytest.raises(ValueError, match=r"expected a symbolic.SymbolicConfig"):
-        tfds_builder.SymbolicChatsConfig.create(dict(), 6, 4)
+        tfds_builder.SymbolicChatsConfig.create(dict(), render, 6, 4)
+    with pytest.raises(ValueError, match=r"examples_per_prompt=6: expected at most the examples"):
+        tfds_builder.SymbolicChatsConfig.create(
+            config, symbolic.RenderConfig(examples_per_prompt=6), 6, 4)
+
+
+def test_symbolic_command_line_refuses_bad_flags_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from test_train import ROOT
+
+    args = [sys.executable, "-m", "cotlab_jax.tfds_builder", "--symbolic",
+            f"--data_dir={tmp_path}", "--n_train_tasks=2", "--n_test_tasks=1", "--n_inputs=3,5",
+            "--n_parents=4"]
+    bad = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (bad.returncode, bad.stderr.strip()) == (1, (
+        "symbolic.n_parent_choices=(4,): expected parents per chain word m <= input words n for "
+        "every draw (the smallest n choice is 3)"))
+    assert not list(tmp_path.iterdir())
