@@ -1,5 +1,11 @@
-"""The reference's defaults (DESIGN.md 1.5): a depth-4, hidden-2048 Llama (245M parameters at
-V=1024) on the default task, batch 64 for 50k steps. A GPU/TPU job.
+"""The reference's defaults, its `Args()` (core/args.py) and `default_task_card`: the task V=1024,
+d=10, N=M=4 inputs and parents, a chain of C=2, K=40 examples, leaky-ReLU processors, `standard`
+prompts (no CoT, no special tokens); a depth-4, hidden-2048 Llama (245M parameters); AdamW at lr
+5e-5, batch 64, 3.2M tasks (50k steps), eval and checkpoint every 500 steps. A GPU/TPU job.
+
+The reference's batch is per DDP rank: `--config.train.reference_world_size=W` reproduces a run
+it made on W GPUs (global batch 64 x W, 50k / W steps). This lab computes in bfloat16 by default
+(the reference in float32: `--config.model.dtype=float32`); docs/tasks.md lists the differences.
 
 `python -m cotlab_jax.main --config=configs/default.py`
 """

@@ -1,10 +1,11 @@
 """The configuration schema: one grouped ml_collections ConfigDict with the reference's defaults.
 
-Field names follow the PyTorch CoT-ICL Lab `Args` where one exists, so a task card ports line by
-line: `Args(vocab_size=64, prompt_strategy="cot")` becomes `config.data.vocab_size = 64` and
-`config.data.prompt_strategy = "cot"`. Groups: `data` (the task distribution), `model` (the Llama
-decoder), `train`, `eval`, `mesh`, `sweep`, `log`; `seed` sits at the top because data, model and
-evaluation all derive their keys from it.
+Field names follow the PyTorch CoT-ICL Lab `Args` (core/args.py) where one exists, so a task card
+ports line by line: `Args(vocab_size=64, prompt_strategy="cot")` becomes
+`config.data.vocab_size = 64` and `config.data.prompt_strategy = "cot"`. Groups: `data` (the task
+distribution), `model` (the Llama decoder), `train`, `eval`, `mesh`, `sweep`, `log`; `seed` sits at
+the top because data, model and evaluation all derive their keys from it. docs/tasks.md lists the
+defaults and where this lab departs from the reference.
 """
 
 import math
@@ -31,14 +32,16 @@ def uses_special_tokens(prompt_strategy: str) -> bool:
 
 
 def data_config() -> ml_collections.ConfigDict:
-    """The task distribution (DESIGN 1.1 - 1.3). Defaults: the papers' default task."""
+    """The task distribution. Defaults: the reference's `Args()` (N=M=4, C=2, K=40, V=1024, d=10,
+    `standard` prompts). The reference's `num_unique_H=None` (no processor pool) is -1 here and its
+    empty recipe `{}` is None; special tokens follow from the prompt strategy."""
     return ml_collections.ConfigDict(
         dict(
             vocab_size=1024,
             n_dims=10,
             n_input_choices=(4,),
             n_parent_choices=(4,),
-            chain_length_choices=(4,),
+            chain_length_choices=(2,),
             n_example_choices=(40,),
             data_initializer_range=1.0,
             dag_strategy="random",
@@ -47,7 +50,7 @@ def data_config() -> ml_collections.ConfigDict:
             H_num_layers=1,
             ablation_fixed_H=False,
             num_unique_H=-1,
-            prompt_strategy="cot",
+            prompt_strategy="standard",
             # None, or {"type": "power_law", "initial_prob", "final_prob", "alpha", "scale"}.
             cot_example_prob_recipe_info=ml_collections.config_dict.placeholder(dict),
             # How the recipe's prompt index is drawn: "shuffled" (a uniform random index in
@@ -59,7 +62,9 @@ def data_config() -> ml_collections.ConfigDict:
 
 
 def model_config() -> ml_collections.ConfigDict:
-    """The Llama decoder (DESIGN 1.5). Defaults: the reference's depth-4 model."""
+    """The Llama decoder. Defaults: the reference's depth-4, hidden-2048 model (its `Args()` and
+    `transformers.LlamaConfig`'s defaults); `dtype` is this lab's (the reference computes in
+    float32)."""
     return ml_collections.ConfigDict(
         dict(
             num_hidden_layers=4,
@@ -86,11 +91,28 @@ def model_config() -> ml_collections.ConfigDict:
     )
 
 
+# The reference's `Args.batch_size`: the batch of each of its DDP ranks.
+REFERENCE_BATCH_SIZE = 64
+
+
+def set_per_device_batch(train, per_device_batch_size: int) -> None:
+    """`train.batch_size = per_device_batch_size x train.reference_world_size`, kept linked, so
+    `--config.train.reference_world_size=W` reproduces a reference run on W GPUs (the reference's
+    `batch_size` is per DDP rank). Setting `train.batch_size` itself later breaks the link."""
+    train.batch_size = per_device_batch_size * train.get_ref("reference_world_size")
+
+
 def train_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
+    """AdamW at the reference's settings (torch defaults, lr 5e-5 constant), 3.2M tasks.
+
+    `batch_size` is the global batch this lab trains on. The reference trains under DDP with a
+    per-rank `batch_size` of 64, so a reference run on W GPUs has a global batch of 64 x W and
+    takes n_tasks / (64 x W) steps; `reference_world_size` W (default 1) scales the linked
+    `batch_size` (see `set_per_device_batch`) and names the per-rank batch in `run_name`."""
+    train = ml_collections.ConfigDict(
         dict(
             n_tasks=64 * 50_000,
-            batch_size=64,
+            reference_world_size=1,
             lr=5e-5,
             b1=0.9,
             b2=0.999,
@@ -104,6 +126,8 @@ def train_config() -> ml_collections.ConfigDict:
             keep_checkpoints=3,
         )
     )
+    set_per_device_batch(train, REFERENCE_BATCH_SIZE)
+    return train
 
 
 def eval_config() -> ml_collections.ConfigDict:
@@ -154,7 +178,7 @@ def sweep_config() -> ml_collections.ConfigDict:
 
 
 def get_base_config() -> ml_collections.ConfigDict:
-    """The full configuration with the reference's defaults (DESIGN 1.5)."""
+    """The full configuration with the reference's defaults (its `Args()`)."""
     config = ml_collections.ConfigDict()
     config.seed = 42
     config.data = data_config()
@@ -264,8 +288,12 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 def validate_train(train) -> None:
     """Rejects an invalid `config.train` before anything compiles."""
     for name in ("n_tasks", "batch_size", "log_every_n_steps", "checkpoint_every_n_steps",
-                 "keep_checkpoints"):
+                 "keep_checkpoints", "reference_world_size"):
         _check_positive_int(f"train.{name}", train[name])
+    if train.batch_size % train.reference_world_size:
+        _fail("train.reference_world_size", train.reference_world_size,
+              f"expected a divisor of train.batch_size={train.batch_size} (the global batch is "
+              "split evenly over the reference's ranks)")
     if train.n_tasks < train.batch_size:
         _fail("train.n_tasks", train.n_tasks,
               f"expected at least one batch (train.batch_size={train.batch_size})")
@@ -328,28 +356,58 @@ def _is_number(value) -> bool:
             and math.isfinite(value))
 
 
-# The fields `run_name` spells out.
-RUN_NAME_FIELDS = (
-    "model.num_hidden_layers", "model.hidden_size", "data.vocab_size", "data.n_dims",
-    "data.n_input_choices", "data.n_parent_choices", "data.chain_length_choices",
-    "data.n_example_choices", "data.activation", "data.H_num_layers", "data.num_unique_H",
-    "seed", "data.prompt_strategy", "data.cot_example_prob_recipe_info.type",
-    "data.cot_example_prob_recipe_info.alpha",
+# The reference's run name (`str(Args)`, core/args.py) spells out these fields, in this order.
+REFERENCE_RUN_NAME_FIELDS = (
+    "model.num_hidden_layers", "data.vocab_size", "model.num_attention_heads",
+    "data.n_parent_choices", "data.n_input_choices", "data.chain_length_choices",
+    "data.n_example_choices", "data.n_dims", "model.hidden_size", "train.batch_size",
+    "train.reference_world_size", "data.activation", "data.prompt_strategy",
+    "data.cot_example_prob_recipe_info.type", "data.cot_example_prob_recipe_info.alpha",
+)
+# The fields `run_name` spells out: the reference's, then this lab's additions.
+RUN_NAME_FIELDS = REFERENCE_RUN_NAME_FIELDS + (
+    "data.H_num_layers", "data.num_unique_H", "seed", "data.cot_example_prob_recipe_order",
 )
 
 
-def run_name(config) -> str:
-    """A run name in the reference's style, so results from both codebases line up."""
+def _name_number(value) -> str:
+    """A number as the reference's cards write it: its integers are Python ints (`alpha_2`)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def reference_run_name(config) -> str:
+    """The reference's run name for this config's fields (its `str(Args)`), e.g.
+    `llama_L_4_V_1024_heads_32_M_4_N_4_C_2_n_ex_40_n_dims_10_hs_2048_bs_64_act_leaky_relu_`
+    `prompt_standard_recipe_none`; `bs` is the per-rank batch, `batch_size / reference_world_size`.
+    (Its non-special-token trainer appends a launch timestamp to name the output directory.)"""
     data, model = config.data, config.model
 
     def choices(values):
         return "-".join(str(v) for v in values)
 
     recipe = data.cot_example_prob_recipe_info
-    recipe_name = "none" if recipe is None else f"{recipe['type']}_alpha_{recipe['alpha']}"
-    return (f"llama_L_{model.num_hidden_layers}_D_{model.hidden_size}_V_{data.vocab_size}"
-            f"_d_{data.n_dims}_N_{choices(data.n_input_choices)}"
-            f"_M_{choices(data.n_parent_choices)}_C_{choices(data.chain_length_choices)}"
-            f"_K_{choices(data.n_example_choices)}_act_{data.activation}"
-            f"_H_{data.H_num_layers}_uH_{data.num_unique_H}_seed_{config.seed}"
-            f"_prompt_{data.prompt_strategy}_recipe_{recipe_name}")
+    recipe_name = "none" if not recipe else \
+        f"type_{recipe['type']}_alpha_{_name_number(recipe['alpha'])}"
+    per_rank_batch = config.train.batch_size // config.train.reference_world_size
+    return "_".join((
+        "llama", f"L_{model.num_hidden_layers}", f"V_{data.vocab_size}",
+        f"heads_{model.num_attention_heads}", f"M_{choices(data.n_parent_choices)}",
+        f"N_{choices(data.n_input_choices)}", f"C_{choices(data.chain_length_choices)}",
+        f"n_ex_{choices(data.n_example_choices)}", f"n_dims_{data.n_dims}",
+        f"hs_{model.hidden_size}", f"bs_{per_rank_batch}", f"act_{data.activation}",
+        f"prompt_{data.prompt_strategy}", f"recipe_{recipe_name}"))
+
+
+def run_name(config) -> str:
+    """The reference's run name, then what it does not spell out: processor layers and pool, the
+    seed, the reference's world size when above 1, and a recipe's order when not the reference's
+    (`shuffled`). Runs of the same reference config line up across the two codebases."""
+    data = config.data
+    extra = [f"H_{data.H_num_layers}", f"uH_{data.num_unique_H}", f"seed_{config.seed}"]
+    if config.train.reference_world_size != 1:
+        extra.append(f"world_{config.train.reference_world_size}")
+    if data.cot_example_prob_recipe_info and data.cot_example_prob_recipe_order != "shuffled":
+        extra.append(f"order_{data.cot_example_prob_recipe_order}")
+    return "_".join((reference_run_name(config), *extra))

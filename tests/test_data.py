@@ -212,7 +212,7 @@ def test_processor_pool():
     matches = (lat["processors"][:, :, None] == pool[None, None]).all(axis=(-1, -2, -3))
     assert (matches.sum(-1) == 1).all()  # every chain index uses exactly one pool member
     assert len(np.unique(matches.argmax(-1))) == 3
-    fresh = sampled(make_spec(), n_tasks=8)[1]["processors"]
+    fresh = sampled(make_spec(chain_length_choices=(4,)), n_tasks=8)[1]["processors"]
     assert len(np.unique(fresh.reshape(-1, fresh.shape[-1] ** 2), axis=0)) == fresh.shape[0] * 4
 
 
