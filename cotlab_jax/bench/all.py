@@ -7,7 +7,7 @@ every benchmark's JSON plus `all.json` (the same numbers together) under `--out_
 Two plans, sized by `--size` (`auto`: `accelerator` when JAX's default backend is not the CPU):
 - `cpu`: the laptop-sized cases (a few minutes on 2 cores).
 - `accelerator`: the papers' shapes (the depth-4 and depth-12 reference Llamas), the sampler at
-  65,536 tasks per call, and packing 16 depth-4, hidden-256 members; about 5 minutes on one
+  16,384 tasks per call, and packing 16 depth-4, hidden-256 members; about 5 minutes on one
   H100/H200 including compiles.
 """
 
@@ -28,12 +28,12 @@ PLANS = {
         "sweep_8x_hidden64": ("sweep", ["--members=8", "--hidden_size=64"]),
     },
     "accelerator": {
-        "sampler": ("sampler", ["--batch_size=65536"]),
+        "sampler": ("sampler", ["--batch_size=16384"]),
         "model": ("model", ["--shapes=cpu,depth4,depth12"]),
         "train_quickstart": ("train", ["--config=configs/quickstart.py"]),
-        "sweep_8x_hidden64": ("sweep", ["--members=8", "--hidden_size=64"]),
-        "sweep_16x_depth4_hidden256": (
-            "sweep", ["--members=16", "--hidden_size=256", "--num_hidden_layers=4"]),
+        "sweep_8x_hidden64": ("sweep", ["--members=8", "--hidden_size=64", "--repeats=3"]),
+        "sweep_16x_depth4_hidden256": ("sweep", ["--members=16", "--hidden_size=256",
+                                                 "--num_hidden_layers=4", "--repeats=3"]),
     },
 }
 
