@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, model, sweep, train
+from cotlab_jax import data, experiment, model, sweep
 
 # configs/sweep.py takes a sweep's name; tests/test_sweep.py expands every one.
 CONFIGS = sorted(path for path in glob.glob(
@@ -29,7 +29,7 @@ def test_config_validates(path):
     config = load(path)
     for member in sweep.expand(config) if config.sweep.axes else [None]:
         member_config = config if member is None else member.config
-        exp = train.setup(member_config)
+        exp = experiment.setup(member_config)
         assert exp.total_steps >= 1
         assert config_lib.run_name(member_config).startswith(
             f"llama_L_{member_config.model.num_hidden_layers}_")
@@ -37,10 +37,10 @@ def test_config_validates(path):
 
 def test_default_is_the_reference():
     config = load(os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
-    exp = train.setup(config)
+    exp = experiment.setup(config)
     assert exp.total_steps == 50_000 and config.train.batch_size == 64
     assert (config.train.lr, config.train.weight_decay) == (5e-5, 0.01)
-    shapes = jax.eval_shape(lambda: model.init(exp.model_config, train.model_key(0))[1])
+    shapes = jax.eval_shape(lambda: model.init(exp.model_config, experiment.model_key(0))[1])
     assert round(model.count_params(shapes) / 1e6) == 245  # DESIGN 1.5
 
 

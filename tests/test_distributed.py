@@ -1,6 +1,5 @@
 """The same training on 1 device, on 8 devices with several mesh shapes, and on 2 processes."""
 
-import dataclasses
 import os
 import socket
 import subprocess
@@ -10,23 +9,21 @@ import numpy as np
 import pytest
 from test_train import ROOT, main_command, records, run_main, tiny_config
 
-from cotlab_jax import data, sharding, train
+from cotlab_jax import data, experiment, sharding
 
 MESHES = [dict(data=8), dict(fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)]
 
 
 def step_losses(config, mesh_axes, devices, n_steps=4):
-    exp = train.setup(config)
-    exp = dataclasses.replace(exp, mesh=sharding.make_mesh(
-        {"data": 1, **mesh_axes}, devices=devices))
+    exp = experiment.setup(config, sharding.make_mesh({"data": 1, **mesh_axes}, devices=devices))
     world, key = jax.jit(lambda: (
         data.make_world(data.root_keys(config.seed)["world"], exp.spec),
         data.root_keys(config.seed)["train"]),
         out_shardings=jax.sharding.NamedSharding(exp.mesh, jax.P()))()
     losses = []
     with jax.set_mesh(exp.mesh):
-        graphdef, state = train.init_state(exp)
-        step = train.compile_train_step(exp, graphdef, state)
+        graphdef, state = experiment.init_state(exp)
+        step = experiment.compile_train_step(exp, graphdef, state)
         for _ in range(n_steps):
             state = step(state, world, key)
             losses.append(float(state["window"]["loss_sum"]))  # window of one step

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, packed, sweep, train
+from cotlab_jax import data, experiment, packed, rundir, sweep, train
 from cotlab_jax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,8 +139,8 @@ def test_padding_a_batch_to_a_longer_pack_changes_no_loss():
     """A standard batch left-padded to cot's length gives the same loss and gradients."""
     config = tiny_sweep_config()
     config.data.prompt_strategy = "standard"
-    exp = train.setup(config)
-    graphdef, state = train.init_state(exp)
+    exp = experiment.setup(config)
+    graphdef, state = experiment.init_state(exp)
     keys = data.root_keys(3)
     world = data.make_world(keys["world"], exp.spec)
     batch = data.sample_batch(world, keys["train"], 0, exp.spec, exp.batch_size)
@@ -175,10 +175,10 @@ def member_dirs(workdir):
 
 def test_packed_members_match_training_each_alone(finished_sweep, tmp_path):
     pairs = zip(sweep.expand(tiny_sweep_config()), member_dirs(finished_sweep), strict=True)
-    for member, rundir in list(pairs)[:2]:
+    for member, run_dir in list(pairs)[:2]:
         alone = str(tmp_path / str(member.index))
         train.train_and_evaluate(member.config, alone)
-        ours, theirs = records(rundir), records(alone)
+        ours, theirs = records(run_dir), records(alone)
         assert [(r["step"], r["kind"]) for r in ours] == [(r["step"], r["kind"]) for r in theirs]
         for a, b in zip(ours, theirs, strict=True):
             for name in ("loss", "answer_loss"):
@@ -189,21 +189,21 @@ def test_packed_members_match_training_each_alone(finished_sweep, tmp_path):
 def test_sweep_writes_member_runs_and_the_report(finished_sweep):
     rundirs = member_dirs(finished_sweep)
     assert len(rundirs) == 4
-    for rundir in rundirs:
-        with open(os.path.join(rundir, "results.json")) as f:
+    for run_dir in rundirs:
+        with open(os.path.join(run_dir, "results.json")) as f:
             assert json.load(f)["step"] == 30
-        by_k = [r for r in records(rundir) if r["kind"] == "eval_by_k"]
+        by_k = [r for r in records(run_dir) if r["kind"] == "eval_by_k"]
         assert [r["step"] for r in by_k] == [30]
         assert {f"answer_acc_k{k}" for k in range(1, 5)} <= by_k[0].keys()
-        analyses = [r for r in records(rundir) if r["kind"] == "analysis"]
+        analyses = [r for r in records(run_dir) if r["kind"] == "analysis"]
         assert [r["step"] for r in analyses] == [15, 30]
         assert {"embed_probe_r2", "embed_cka", "parent_mass_query_L1H1"} <= analyses[0].keys()
-        (coverage,) = [r for r in records(rundir) if r["kind"] == "data"]
+        (coverage,) = [r for r in records(run_dir) if r["kind"] == "data"]
         assert coverage["step"] == 0 and 0 < coverage["token_coverage"] <= 1
-        cot = train.load_config(rundir).data.prompt_strategy == "cot"
-        assert os.path.exists(os.path.join(rundir, "query_attention.png")) == cot
+        cot = rundir.load_config(run_dir).data.prompt_strategy == "cot"
+        assert os.path.exists(os.path.join(run_dir, "query_attention.png")) == cot
         # Every member is a complete run of its own.
-        assert train.load_run(rundir).step == 30
+        assert rundir.load_run(run_dir).step == 30
     report = os.path.join(finished_sweep, "report")
     for name in ("summary.md", "summary.csv", "accuracy_vs_steps.png", "final_accuracy.png",
                  "accuracy_vs_k.png", "analysis_over_steps.png", "dag_heatmap_0.png"):
