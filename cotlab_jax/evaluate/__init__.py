@@ -70,7 +70,7 @@ def score_generations(last_prompt_token: jax.Array, tokens: jax.Array, lengths: 
     output = jnp.concatenate([last_prompt_token[:, None], tokens], axis=1)
     # The last generated token sits at index `lengths` of `output`.
     tail = jnp.take_along_axis(
-        output, jnp.maximum(lengths[:, None] + jnp.arange(-3, 1), 0), axis=1)
+        output, jnp.maximum(lengths[:, None] + jnp.arange(-3, 1)[None, :], 0), axis=1)
     answer = tail[:, 1]
     format_ok = ((lengths >= 3)
                  & (tail[:, 0] == spec.token_id("answer_start"))
