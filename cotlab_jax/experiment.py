@@ -176,17 +176,18 @@ def sampled_train_step(state, world, train_key, *, graphdef, exp: Experiment):
     return train_step(state, batch, graphdef=graphdef, exp=exp)
 
 
+def batch_loss(params, batch, graphdef) -> jax.Array:
+    """The training loss of `batch` (the mean over its labelled tokens)."""
+    logits = model.apply(graphdef, params, batch["input_ids"], batch["positions"],
+                         batch["attention_mask"])
+    return losses.teacher_forced_loss(logits, batch["labels"])[0]
+
+
 def train_step(state, batch, *, graphdef, exp: Experiment, hparams: dict | None = None):
     """One AdamW step on `batch` (`hparams`: see `make_optimizer`)."""
     optimizer = make_optimizer(exp.config.train, exp.total_steps, hparams)
     step = state["step"]
-
-    def loss_fn(params):
-        logits = model.apply(graphdef, params, batch["input_ids"], batch["positions"],
-                             batch["attention_mask"])
-        return losses.teacher_forced_loss(logits, batch["labels"])[0]
-
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    loss, grads = jax.value_and_grad(batch_loss)(state["params"], batch, graphdef)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # After a non-finite loss (or update) the state stops changing, so no checkpoint holds it.
