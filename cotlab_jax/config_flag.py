@@ -38,9 +38,9 @@ class _ConfigFileParser(flags.ArgumentParser):
             loader.exec_module(module)
             config = module.get_config(*([arg] if has_arg else []))
         except Exception as error:  # whatever the file raises, reported in one line
-            raise ValueError(f"{argument}: {_first_line(error)}") from None
+            raise ValueError(_first_line(error)) from None  # flags name the flag and its value
         if config is None:
-            raise ValueError(f"{argument}: get_config() returned None")
+            raise ValueError("get_config() returned None")
         config.lock()
         return config
 
@@ -63,5 +63,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     with `error: <one line>`."""
     try:
         return flags.FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(f"error: {_first_line(error)}")
+    except flags.Error as error:  # absl's message names the flag and its value
+        sys.exit(f"error: {str(error).strip().splitlines()[0]}")
+    except Exception as error:  # ml_collections raises these for an override of no field
+        sys.exit(f"error: the flags do not parse ({_first_line(error)}); does every "
+                 "--config.<field> override name a field of the config?")

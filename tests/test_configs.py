@@ -1,8 +1,11 @@
-"""Every shipped config validates, and the quickstart stays CPU-sized."""
+"""Every shipped config validates, and the quickstart stays CPU-sized; a config file that fails
+to load, or an override of a swept field, ends the main command in one line."""
 
 import glob
 import importlib.util
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -54,3 +57,47 @@ def test_quickstart_dag_is_the_documented_one():
     parents = [set(row.tolist()) for row in np.asarray(world["fixed_adj"])]
     assert parents == [{2, 0}, {1, 3}, {2, 4}, {2, 4}]
     assert world["processor_pool"].shape[0] == 1
+
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def run_main(*flags):
+    return subprocess.run([sys.executable, "-m", "cotlab_jax.main", *flags], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_config_file_that_fails_to_load_is_one_line(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(arg=None):\n    raise KeyError(f'no sweep {arg!r}')\n")
+    result = run_main(f"--config={broken}:x", f"--workdir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"error: flag --config={broken}:x: KeyError: \"no sweep 'x'\""]
+    missing = run_main(f"--config={tmp_path / 'missing.py'}")
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
+    assert "No such file" in missing.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_overriding_a_swept_field_is_refused_before_compiling(tmp_path):
+    result = run_main("--config=configs/quickstart.py",
+                      "--config.data.prompt_strategy=cot_special_token",
+                      f"--workdir={tmp_path / 'quickstart'}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: --config.data.prompt_strategy overrides a swept field: config.sweep.axes sweeps "
+        "data.prompt_strategy over ('cot', 'standard')")
+    assert not (tmp_path / "quickstart").exists()
+
+
+def test_check_overrides_compares_dotted_paths():
+    config = load(os.path.join(os.path.dirname(__file__), "configs", "tiny_sweep.py"))
+    sweep.check_overrides(config, ["train.batch_size", "sweep.member", "data.vocab_size"])
+    for path in ("train.lr", "data", "train"):  # the field itself, or a group holding it
+        with pytest.raises(config_lib.ConfigError, match=r"config.sweep.axes sweeps "):
+            sweep.check_overrides(config, [path])
+    config.sweep.axes = (("data.cot_example_prob_recipe_info.alpha", (0.0, 1.0)),)
+    with pytest.raises(config_lib.ConfigError, match="recipe_info.alpha over"):
+        sweep.check_overrides(config, ["data.cot_example_prob_recipe_info"])
