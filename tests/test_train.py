@@ -179,6 +179,20 @@ def test_resume_with_other_shapes_is_refused(finished_run):
     ("eval", "n_eval_tasks", 0, "config.eval.n_eval_tasks=0 is invalid"),
     ("model", "num_key_value_heads", 3, "num_key_value_heads"),
     ("data", "activation", "tanh", "config.data.activation='tanh' is invalid"),
+    ("train", "lr", float("inf"), "config.train.lr=inf is invalid: expected a positive number"),
+    ("train", "eps", float("nan"), "config.train.eps=nan is invalid: expected a positive number"),
+    ("train", "batch_size", True, "config.train.batch_size=True is invalid: expected a positive "
+                                  "integer"),
+    ("train", "warmup_steps", -1, "config.train.warmup_steps=-1 is invalid: expected an integer "
+                                  ">= 0"),
+    ("data", "data_initializer_range", float("inf"),
+     "config.data.data_initializer_range=inf is invalid: expected a positive finite number"),
+    ("eval", "example_counts", "1,9", r"config.eval.example_counts='1,9' is invalid: 9 is not an "
+                                      r"integer in \[1, 4\]"),
+    ("eval", "example_counts", "1,1", "config.eval.example_counts='1,1' is invalid: every count "
+                                      "may appear once"),
+    ("eval", "example_counts", "some", "config.eval.example_counts='some' is invalid: expected "
+                                       "'', 'all' or comma-separated"),
     ("mesh", "tensor", 3, r"config.mesh=\{.*\} is invalid: .*do not multiply to the"),
     ("mesh", "data", 0, r"config.mesh=\{.*\} is invalid: .*expected positive sizes"),
 ])
@@ -204,6 +218,40 @@ def test_batch_must_divide_over_the_mesh(tmp_path):
                                                      r"invalid: expected a multiple of the "
                                                      r"mesh's tensor size, 2"):
         experiment.setup(config)
+
+
+def test_recipe_numbers_decide_infinity_per_field():
+    config = tiny_config("hybrid_special_token")
+    config.data.cot_example_prob_recipe_info["alpha"] = float("inf")  # the "no CoT" end
+    experiment.setup(config)
+    for key, value, message in [
+            ("alpha", float("nan"), r"alpha=nan is invalid: expected a number >= 0 \(inf means "
+                                    r"no CoT\)"),
+            ("alpha", -1.0, "alpha=-1.0 is invalid"),
+            ("scale", float("inf"), "scale=inf is invalid: expected a finite number"),
+            ("final_prob", 1.5, r"final_prob=1.5 is invalid: expected a probability in \[0, 1\]"),
+            ("initial_prob", "0", "initial_prob='0' is invalid")]:
+        config = tiny_config("hybrid_special_token")
+        config.data.cot_example_prob_recipe_info[key] = value
+        with pytest.raises(config_lib.ConfigError,
+                           match=r"config\.data\.cot_example_prob_recipe_info\." + message):
+            experiment.setup(config)
+
+
+def test_one_mesh_check_for_heads_batches_and_packs():
+    config = tiny_config()  # 2 heads, 1 KV head, intermediate 64, batch 8, eval batch 16
+    mesh = dict(replica=1, data=1, fsdp=1, tensor=1)
+    config_lib.check_mesh(config, mesh)
+    for axes, message in [
+            (dict(tensor=2), r"config.model.num_key_value_heads=1 is invalid: expected a "
+                             r"multiple of the mesh's tensor size, 2"),
+            (dict(data=2, fsdp=8), r"config.train.batch_size=8 is invalid: expected a multiple of "
+                                   r"the mesh's data x fsdp size, 16"),
+            (dict(replica=2), r"config.mesh.replica=2 is invalid: expected a divisor of the pack "
+                              r"size, 3")]:
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.check_mesh(config, {**mesh, **axes}, n_members=3)
+    config_lib.check_mesh(config, {**mesh, "replica": 2})  # a single run: no pack to divide
 
 
 def test_main_command_errors_are_one_line(tmp_path):
