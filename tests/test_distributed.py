@@ -14,6 +14,7 @@ from test_train import ROOT, main_command, records, tiny_config
 
 from cotlab_jax import data, experiment, sharding
 from cotlab_jax.export import WEIGHTS_NAME as WEIGHTS
+from cotlab_jax.metrics import read_metrics
 
 MESHES = [dict(data=8), dict(fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)]
 
@@ -116,7 +117,10 @@ def test_a_run_moves_between_device_counts(tmp_path):
     assert "step 20" in export.stdout and os.path.getsize(os.path.join(hf_dir, WEIGHTS)) > 0
 
     more = "--config.train.n_tasks=320"
+    trained = read_metrics(os.path.join(four, "metrics.jsonl"))
     run_on(2, four, more, "--config.mesh.fsdp=2")
+    # Resumed, not restarted: the first 20 steps' records are kept, timings included.
+    assert read_metrics(os.path.join(four, "metrics.jsonl"))[:len(trained)] == trained
     longer = str(tmp_path / "longer")
     run_on(1, longer, more)
     compare(records(four), records(longer))
