@@ -163,8 +163,9 @@ def dag_recovery_from_probs(probs: jax.Array, batch: dict,
     # Top-m among the example's positions the row can attend to: start_e .. p - 1.
     t = jnp.arange(L)
     starts = jnp.repeat(start, C, axis=1)  # [B, R]
-    candidate = (t >= starts[..., None]) & (t <= predictor[..., None])  # [B, R, L]
-    is_parent = jnp.any((t[:, None] == flat_parents[:, :, None, :]) & flat_pmask[:, :, None, :],
+    candidate = (t[None, None] >= starts[..., None]) & (t[None, None] <= predictor[..., None])
+    is_parent = jnp.any((t[None, None, :, None] == flat_parents[:, :, None, :])
+                        & flat_pmask[:, :, None, :],
                         axis=-1)  # [B, R, L]
     weakest_parent = jnp.where(is_parent[None, :, None], rows, jnp.inf).min(-1)
     strongest_other = jnp.where((candidate & ~is_parent)[None, :, None], rows, -jnp.inf).max(-1)

@@ -15,7 +15,6 @@ device count and the batch size) and `tensor` takes the rest, so the paper's bat
 whole: v5e 16x16 (256 chips) gets fsdp=64 x tensor=4, v4 4x4x4 (64 chips) gets fsdp=64.
 """
 
-import dataclasses
 import functools
 import json
 import math
@@ -28,7 +27,7 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, model, sharding, train
+from cotlab_jax import data, experiment, model, sharding
 
 GiB = 1024**3
 
@@ -74,11 +73,11 @@ def parse_mesh(text: str) -> dict[str, int]:
     return axes
 
 
-def abstract_train_inputs(exp: train.Experiment):
+def abstract_train_inputs(exp: experiment.Experiment):
     """(graphdef, state, world, train_key) as sharded `jax.ShapeDtypeStruct`s over `exp.mesh`:
-    what `train.init_state` and `train.train_and_evaluate` would place, without allocating."""
+    what `experiment.init_state` and the training loop would place, without allocating."""
     replicated = NamedSharding(exp.mesh, PartitionSpec())
-    graphdef, state = train.abstract_state(exp)
+    graphdef, state = experiment.abstract_state(exp)
 
     def with_sharding(x, s):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
@@ -101,21 +100,13 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str,
     devices = get_topology(topology_name).devices
     batch_size = config.train.batch_size
     mesh_axes = dict(mesh_axes) if mesh_axes else default_mesh_axes(len(devices), batch_size)
-    mesh = sharding.make_mesh(mesh_axes, devices=devices)
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % batch_shards:
-        raise config_lib.ConfigError(
-            f"config.train.batch_size={batch_size} is invalid: expected a multiple of the mesh's "
-            f"data x fsdp size, {batch_shards}")
-    # Validate and derive on the local devices (one-device mesh), then swap in the TPU mesh.
-    local = config.copy_and_resolve_references()
-    local.mesh = config_lib.mesh_config()
-    exp = dataclasses.replace(train.setup(local), config=config, mesh=mesh)
+    exp = experiment.setup(config, sharding.make_mesh(mesh_axes, devices=devices))
+    mesh = exp.mesh
 
     graphdef, state, world, train_key = abstract_train_inputs(exp)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(
-        functools.partial(train.sampled_train_step, graphdef=graphdef, exp=exp),
+        functools.partial(experiment.sampled_train_step, graphdef=graphdef, exp=exp),
         in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, world),
                       train_key.sharding),
         out_shardings=state_shardings, donate_argnums=0)
@@ -214,13 +205,13 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                              lock_config=True)
+    from cotlab_jax import config_flag
+
+    _CONFIG = config_flag.define_config_flag()
     _TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16",
                                     'TPU topology, e.g. "v5e:16x16", "v4:4x4x4".')
     _MESH = flags.DEFINE_string("mesh", None, 'Mesh axis sizes, e.g. "fsdp=64,tensor=4"; '
                                 "default: fsdp over gcd(devices, batch), tensor over the rest.")
     _OUT = flags.DEFINE_string("out", None, "Write the result as JSON to this path.")
-    app.run(main)
+    app.run(main, flags_parser=config_flag.parse_flags)

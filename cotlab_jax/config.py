@@ -9,8 +9,11 @@ defaults and where this lab departs from the reference.
 """
 
 import math
+from collections.abc import Callable, Mapping
+from typing import NoReturn
 
 import ml_collections
+import numpy as np
 
 PROMPT_STRATEGIES = (
     "standard",
@@ -195,22 +198,51 @@ class ConfigError(ValueError):
     """A configuration value is out of range; the message names field, value and what is allowed."""
 
 
-def _fail(field: str, value, allowed: str):
-    raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}.")
+# Validation: every check below raises through `invalid`, so every message has one form,
+# "config.<field>=<value> is invalid: <what is allowed>."
+
+
+def invalid(name: str, value, allowed: str) -> ConfigError:
+    """The error for `name=value` (`name` as the user wrote it, e.g. `config.train.lr` or
+    `--example_counts`)."""
+    return ConfigError(f"{name}={value!r} is invalid: {allowed}.")
+
+
+def fail(field: str, value, allowed: str) -> NoReturn:
+    """Raises the error for `config.<field>=value`."""
+    raise invalid(f"config.{field}", value, allowed)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_int(field: str, value, minimum: int) -> None:
+    """`config.<field>` must be an integer >= `minimum` (bools are not integers)."""
+    if not (is_int(value) and value >= minimum):
+        fail(field, value, "expected a positive integer" if minimum == 1 else
+             f"expected an integer >= {minimum}")
+
+
+def check_number(field: str, value, within: Callable[[float], bool], allowed: str, *,
+                 allow_inf: bool) -> None:
+    """`config.<field>` must be a real number (not a bool, never NaN; +-inf only with
+    `allow_inf`, which every field decides explicitly) for which `within` holds."""
+    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+          and not math.isnan(value) and (allow_inf or math.isfinite(value)) and within(value))
+    if not ok:
+        fail(field, value, allowed)
 
 
 def _check_choices(field: str, value):
-    choices = tuple(value) if isinstance(value, (list, tuple)) else None
-    if not choices:
-        _fail(field, value, "expected a non-empty tuple of positive integers")
-    for choice in choices:
-        if isinstance(choice, bool) or not isinstance(choice, int) or choice < 1:
-            _fail(field, value, "expected a non-empty tuple of positive integers")
+    choices = tuple(value) if isinstance(value, (list, tuple)) else ()
+    if not choices or not all(is_int(choice) and choice >= 1 for choice in choices):
+        fail(field, value, "expected a non-empty tuple of positive integers")
 
 
-def _check_positive_int(field: str, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(field, value, "expected a positive integer")
+def _check_one_of(field: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        fail(field, value, f"expected one of {allowed}")
 
 
 def validate_data(data, n_tasks: int = 1) -> None:
@@ -219,67 +251,57 @@ def validate_data(data, n_tasks: int = 1) -> None:
                  "n_example_choices"):
         _check_choices(f"data.{name}", data[name])
     for name in ("vocab_size", "n_dims", "H_num_layers"):
-        _check_positive_int(f"data.{name}", data[name])
-    _check_positive_int("train.n_tasks", n_tasks)
-    if data.activation not in ACTIVATIONS:
-        _fail("data.activation", data.activation, f"expected one of {ACTIVATIONS}")
-    if data.prompt_strategy not in PROMPT_STRATEGIES:
-        _fail("data.prompt_strategy", data.prompt_strategy, f"expected one of {PROMPT_STRATEGIES}")
-    if data.dag_strategy not in DAG_STRATEGIES:
-        _fail("data.dag_strategy", data.dag_strategy, f"expected one of {DAG_STRATEGIES}")
-    if not (isinstance(data.data_initializer_range, (int, float))
-            and data.data_initializer_range > 0):
-        _fail("data.data_initializer_range", data.data_initializer_range,
-              "expected a positive number")
+        check_int(f"data.{name}", data[name], 1)
+    check_int("train.n_tasks", n_tasks, 1)
+    _check_one_of("data.activation", data.activation, ACTIVATIONS)
+    _check_one_of("data.prompt_strategy", data.prompt_strategy, PROMPT_STRATEGIES)
+    _check_one_of("data.dag_strategy", data.dag_strategy, DAG_STRATEGIES)
+    check_number("data.data_initializer_range", data.data_initializer_range, lambda x: x > 0,
+                 "expected a positive finite number", allow_inf=False)
     special = uses_special_tokens(data.prompt_strategy)
     usable = data.vocab_size - (NUM_RESERVED_TOKENS if special else 0)
     if usable < 2:
-        _fail("data.vocab_size", data.vocab_size,
-              f"prompt_strategy {data.prompt_strategy!r} reserves "
-              f"{NUM_RESERVED_TOKENS if special else 0} ids; at least 2 usable ids are needed, so "
-              f"vocab_size must be >= {NUM_RESERVED_TOKENS * special + 2}")
+        fail("data.vocab_size", data.vocab_size,
+             f"prompt_strategy {data.prompt_strategy!r} reserves "
+             f"{NUM_RESERVED_TOKENS if special else 0} ids; at least 2 usable ids are needed, so "
+             f"vocab_size must be >= {NUM_RESERVED_TOKENS * special + 2}")
     if data.ablation_fixed_H:
-        _check_positive_int("data.num_unique_H", data.num_unique_H)
+        check_int("data.num_unique_H", data.num_unique_H, 1)
     elif data.num_unique_H != -1:
-        _fail("data.num_unique_H", data.num_unique_H,
-              "a processor pool needs data.ablation_fixed_H=True; leave num_unique_H=-1 otherwise")
+        fail("data.num_unique_H", data.num_unique_H,
+             "a processor pool needs data.ablation_fixed_H=True; leave num_unique_H=-1 otherwise")
     if data.ablation_fixed_dag:
         for name in ("n_input_choices", "n_parent_choices", "chain_length_choices"):
             if len(data[name]) != 1:
-                _fail(f"data.{name}", data[name],
-                      "data.ablation_fixed_dag draws one DAG for every task, so n, m and c need a "
-                      "single choice each")
+                fail(f"data.{name}", data[name],
+                     "data.ablation_fixed_dag draws one DAG for every task, so n, m and c need a "
+                     "single choice each")
     _validate_recipe(data)
 
 
 def _validate_recipe(data) -> None:
     recipe = data.cot_example_prob_recipe_info
-    if data.cot_example_prob_recipe_order not in RECIPE_ORDERS:
-        _fail("data.cot_example_prob_recipe_order", data.cot_example_prob_recipe_order,
-              f"expected one of {RECIPE_ORDERS}")
+    _check_one_of("data.cot_example_prob_recipe_order", data.cot_example_prob_recipe_order,
+                  RECIPE_ORDERS)
     if data.prompt_strategy == "hybrid_special_token" and recipe is None:
-        _fail("data.cot_example_prob_recipe_info", recipe,
-              "prompt_strategy 'hybrid_special_token' needs a recipe, e.g. {'type': 'power_law', "
-              "'initial_prob': 0.0, 'final_prob': 1.0, 'alpha': 1.0, 'scale': 1.0}")
+        fail("data.cot_example_prob_recipe_info", recipe,
+             "prompt_strategy 'hybrid_special_token' needs a recipe, e.g. {'type': 'power_law', "
+             "'initial_prob': 0.0, 'final_prob': 1.0, 'alpha': 1.0, 'scale': 1.0}")
     if recipe is None:
         return
     if data.prompt_strategy != "hybrid_special_token":
-        _fail("data.cot_example_prob_recipe_info", dict(recipe),
-              "a CoT-probability recipe applies only to prompt_strategy 'hybrid_special_token'")
+        fail("data.cot_example_prob_recipe_info", dict(recipe),
+             "a CoT-probability recipe applies only to prompt_strategy 'hybrid_special_token'")
     field = "data.cot_example_prob_recipe_info"
-    if recipe.get("type") not in RECIPE_TYPES:
-        _fail(f"{field}.type", recipe.get("type"), f"expected one of {RECIPE_TYPES}")
-    for key in ("initial_prob", "final_prob", "alpha", "scale"):
-        value = recipe.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            _fail(f"{field}.{key}", value, "expected a number")
-    if recipe["alpha"] < 0:
-        _fail(f"{field}.alpha", recipe["alpha"], "expected alpha >= 0 (inf means no CoT)")
+    _check_one_of(f"{field}.type", recipe.get("type"), RECIPE_TYPES)
     for key in ("initial_prob", "final_prob"):
-        if not 0.0 <= recipe[key] <= 1.0:
-            _fail(f"{field}.{key}", recipe[key], "expected a probability in [0, 1]")
-    if not math.isfinite(recipe["scale"]):
-        _fail(f"{field}.scale", recipe["scale"], "expected a finite number")
+        check_number(f"{field}.{key}", recipe.get(key), lambda x: 0 <= x <= 1,
+                     "expected a probability in [0, 1]", allow_inf=False)
+    # alpha = inf is the recipe's "no CoT" end (CoT probability initial_prob throughout).
+    check_number(f"{field}.alpha", recipe.get("alpha"), lambda x: x >= 0,
+                 "expected a number >= 0 (inf means no CoT)", allow_inf=True)
+    check_number(f"{field}.scale", recipe.get("scale"), lambda x: True,
+                 "expected a finite number", allow_inf=False)
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -289,71 +311,105 @@ def validate_train(train) -> None:
     """Rejects an invalid `config.train` before anything compiles."""
     for name in ("n_tasks", "batch_size", "log_every_n_steps", "checkpoint_every_n_steps",
                  "keep_checkpoints", "reference_world_size"):
-        _check_positive_int(f"train.{name}", train[name])
+        check_int(f"train.{name}", train[name], 1)
     if train.batch_size % train.reference_world_size:
-        _fail("train.reference_world_size", train.reference_world_size,
-              f"expected a divisor of train.batch_size={train.batch_size} (the global batch is "
-              "split evenly over the reference's ranks)")
+        fail("train.reference_world_size", train.reference_world_size,
+             f"expected a divisor of train.batch_size={train.batch_size} (the global batch is "
+             "split evenly over the reference's ranks)")
     if train.n_tasks < train.batch_size:
-        _fail("train.n_tasks", train.n_tasks,
-              f"expected at least one batch (train.batch_size={train.batch_size})")
+        fail("train.n_tasks", train.n_tasks,
+             f"expected at least one batch (train.batch_size={train.batch_size})")
+    # The optimizer's numbers are all finite: an infinite one makes every update NaN.
     for name in ("lr", "eps"):
-        if not _is_number(train[name]) or train[name] <= 0:
-            _fail(f"train.{name}", train[name], "expected a positive number")
+        check_number(f"train.{name}", train[name], lambda x: x > 0, "expected a positive number",
+                     allow_inf=False)
     for name in ("b1", "b2"):
-        if not _is_number(train[name]) or not 0 <= train[name] < 1:
-            _fail(f"train.{name}", train[name], "expected a number in [0, 1)")
+        check_number(f"train.{name}", train[name], lambda x: 0 <= x < 1,
+                     "expected a number in [0, 1)", allow_inf=False)
     for name in ("weight_decay", "grad_clip_norm"):
-        if not _is_number(train[name]) or train[name] < 0:
-            _fail(f"train.{name}", train[name], "expected a number >= 0 (0 disables it)")
-    if isinstance(train.warmup_steps, bool) or not isinstance(train.warmup_steps, int) \
-            or train.warmup_steps < 0:
-        _fail("train.warmup_steps", train.warmup_steps, "expected an integer >= 0")
-    if train.lr_schedule not in LR_SCHEDULES:
-        _fail("train.lr_schedule", train.lr_schedule, f"expected one of {LR_SCHEDULES}")
+        check_number(f"train.{name}", train[name], lambda x: x >= 0,
+                     "expected a number >= 0 (0 disables it)", allow_inf=False)
+    check_int("train.warmup_steps", train.warmup_steps, 0)
+    _check_one_of("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
 
 
 def validate_eval(eval_cfg) -> None:
-    """Rejects an invalid `config.eval` before anything compiles."""
+    """Rejects an invalid `config.eval` before anything compiles (its example counts are
+    checked against the tasks' example count by `parse_example_counts`)."""
     for name in ("n_eval_tasks", "eval_every_n_steps", "batch_size", "max_pred_tokens",
                  "analysis_tasks", "analysis_batch_size"):
-        _check_positive_int(f"eval.{name}", eval_cfg[name])
-    example_counts(eval_cfg, max_examples=None)
+        check_int(f"eval.{name}", eval_cfg[name], 1)
 
 
-def example_counts(eval_cfg, max_examples: int | None) -> tuple[int, ...]:
-    """The counts `eval.example_counts` names, checked against tasks of at most `max_examples`
-    examples (None: unchecked)."""
-    text = eval_cfg.example_counts
-    if text == "all":
-        return tuple(range(1, (max_examples or 1) + 1))
-    parts = [p.strip() for p in text.split(",")] if text.strip() else []
-    if not all(p.isdigit() and int(p) >= 1 for p in parts):
-        _fail("eval.example_counts", text,
-              "expected '', 'all' or comma-separated positive example counts like '1,2,4'")
-    counts = tuple(sorted({int(p) for p in parts}))
-    if max_examples is not None and counts and counts[-1] > max_examples:
-        _fail("eval.example_counts", text, f"the tasks have at most {max_examples} examples")
-    return counts
+def parse_example_counts(value, max_examples: int, name: str = "config.eval.example_counts",
+                         allow_empty: bool = True) -> tuple[int, ...]:
+    """Example counts K' (the last K' examples of each task kept) as a tuple of distinct ints in
+    [1, max_examples], in the given order: the one parser of `config.eval.example_counts`, the
+    evaluation command's `--example_counts` and `evaluate.evaluate_over_k`'s argument.
+
+    `value` is text ("" for none, "all" for 1 .. max_examples, or "1,2,4") or a sequence of
+    integers. `name` is the field as the user wrote it, for the message.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "all":
+            return tuple(range(1, max_examples + 1))
+        parts = [part.strip() for part in text.split(",")] if text else []
+        if not all(part.isdigit() for part in parts):
+            raise invalid(name, value, "expected '', 'all' or comma-separated positive integers "
+                          "like '1,2,4'")
+        counts = tuple(int(part) for part in parts)
+    else:
+        counts = tuple(value)
+        for count in counts:
+            if not is_int(count):
+                raise invalid(name, value, f"{count!r} is not an integer")
+    if not counts and not allow_empty:
+        raise invalid(name, value, f"expected at least one count in [1, {max_examples}]")
+    for count in counts:
+        if not 1 <= count <= max_examples:
+            raise invalid(name, value, f"{count} is not an integer in [1, {max_examples}] (the "
+                          f"tasks have at most {max_examples} examples)")
+    if len(set(counts)) != len(counts):
+        raise invalid(name, value, "every count may appear once")
+    return tuple(int(count) for count in counts)
+
+
+MESH_BATCH_FIELDS = ("train.batch_size", "eval.batch_size")
+
+
+def check_mesh(config, mesh_shape: Mapping[str, int], n_members: int | None = None) -> None:
+    """The one check that a config's arrays divide over a mesh (axis name -> size): attention
+    heads and the MLP over `tensor`, the batch sizes over `data` x `fsdp`, and (given
+    `n_members`) the members of a pack over `replica`."""
+    tensor = mesh_shape["tensor"]
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if config.model[name] % tensor:
+            fail(f"model.{name}", config.model[name],
+                 f"expected a multiple of the mesh's tensor size, {tensor}")
+    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    fields = MESH_BATCH_FIELDS + (("eval.analysis_batch_size",) if config.eval.analyses else ())
+    for field in fields:
+        group, name = field.split(".")
+        if config[group][name] % batch_shards:
+            fail(field, config[group][name],
+                 f"expected a multiple of the mesh's data x fsdp size, {batch_shards}")
+    if n_members is not None and n_members % mesh_shape["replica"]:
+        fail("mesh.replica", mesh_shape["replica"],
+             f"expected a divisor of the pack size, {n_members} (or set "
+             "config.sweep.max_pack_size)")
 
 
 def validate_sweep(sweep) -> None:
     """Rejects an invalid `config.sweep` (its axes' fields are checked when they are expanded)."""
-    if sweep.packing not in PACKINGS:
-        _fail("sweep.packing", sweep.packing, f"expected one of {PACKINGS}")
-    if isinstance(sweep.max_pack_size, bool) or not isinstance(sweep.max_pack_size, int) \
-            or sweep.max_pack_size < 0:
-        _fail("sweep.max_pack_size", sweep.max_pack_size, "expected an integer >= 0 (0: no limit)")
+    _check_one_of("sweep.packing", sweep.packing, PACKINGS)
+    if not (is_int(sweep.max_pack_size) and sweep.max_pack_size >= 0):
+        fail("sweep.max_pack_size", sweep.max_pack_size, "expected an integer >= 0 (0: no limit)")
     for axis in sweep.axes:
         if (not isinstance(axis, (list, tuple)) or len(axis) != 2 or not isinstance(axis[0], str)
                 or not isinstance(axis[1], (list, tuple)) or not axis[1]):
-            _fail("sweep.axes", sweep.axes,
-                  "expected ((field path, (value, ...)), ...) with at least one value per axis")
-
-
-def _is_number(value) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value))
+            fail("sweep.axes", sweep.axes,
+                 "expected ((field path, (value, ...)), ...) with at least one value per axis")
 
 
 # The reference's run name (`str(Args)`, core/args.py) spells out these fields, in this order.

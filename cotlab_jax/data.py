@@ -358,7 +358,8 @@ def chain_tokens(embeddings: jax.Array, processors: jax.Array, adj: jax.Array,
 def _linear(x: jax.Array, weight: jax.Array) -> jax.Array:
     """`x @ weight.T` as d multiply-adds: for small processors batched over tasks, one loop
     fusion is faster on XLA:CPU than a batch of tiny dots or a multiply-and-reduce."""
-    return sum(x[..., i, None] * weight[:, i] for i in range(x.shape[-1]))
+    lead = (1,) * (x.ndim - 1)
+    return sum(x[..., i, None] * weight[:, i].reshape(lead + (-1,)) for i in range(x.shape[-1]))
 
 
 # Ties within this relative distance of the best score count as ties (see `nearest_token`).
@@ -385,7 +386,7 @@ def nearest_token(x: jax.Array, embeddings: jax.Array, forbidden: jax.Array) -> 
     best = (rows @ table.T).max(-1, keepdims=True)
     # Just below the tie band, so the best score itself clears it by at least 2**-100.
     threshold = best - TIE_TOLERANCE * jnp.abs(best) - 2.0**-100
-    reversed_ids = (vocab - jnp.arange(vocab)).astype(x.dtype)
+    reversed_ids = (vocab - jnp.arange(vocab)).astype(x.dtype)[None, :]
     # A tied score gives its reversed id, any other at most 0, by one multiply and one min per
     # logit (~20% faster than clamping the margin to 0 or 1): a margin of at least 2**-100 (the
     # best score's; any positive one unless |best| < 2**-76) times 2**100 * id reaches id.
@@ -443,7 +444,7 @@ def slot_presence(n, c, is_cot, spec: TaskSpec, xp=jnp):
     markers = xp.full((K, 1), spec.special_tokens)
     present = xp.concatenate([
         markers, xp.broadcast_to(xp.arange(N) < n, (K, N)), markers,
-        markers & cot, cot & (xp.arange(C - 1) < c - 1), markers & cot,
+        markers & cot, cot & (xp.arange(C - 1) < c - 1)[None, :], markers & cot,
         markers, xp.ones((K, 1), bool), markers, markers,
     ], axis=1)
     return present, xp.arange(N + C + 7) >= N + 2
@@ -497,7 +498,7 @@ def layout_task(inputs, chain, n, c, k, is_cot, spec: TaskSpec) -> dict[str, jax
 
     # The query: the first k-1 examples in full, then the last one cut after its inputs.
     example = xp.arange(spec.K)[:, None]
-    query_cut = (example < k - 1) | ((example == k - 1) & ~labelled)
+    query_cut = (example < k - 1) | ((example == k - 1) & ~labelled[None, :])
     (query_ids,), query_mask, query_positions = _pack_left(
         (flat(prefix_tokens, tokens),), flat(prefix_present, present & query_cut, xp),
         spec.query_len, pad)
@@ -531,9 +532,10 @@ def sample_task(key, prompt_index, n_prompts: int, shuffled: bool, world, spec: 
     example_valid = jnp.arange(spec.K) < lat["k"]
     n_cot = (lat["is_cot"] & example_valid).sum().astype(jnp.int32)
     task.update(
-        inputs=jnp.where((jnp.arange(spec.N) < lat["n"]) & example_valid[:, None],
+        inputs=jnp.where((jnp.arange(spec.N) < lat["n"])[None, :] & example_valid[:, None],
                          lat["inputs"], -1),
-        chain=jnp.where((jnp.arange(spec.C) < lat["c"]) & example_valid[:, None], chain, -1),
+        chain=jnp.where((jnp.arange(spec.C) < lat["c"])[None, :] & example_valid[:, None], chain,
+                        -1),
         adj=lat["adj"], parent_mask=lat["parent_mask"],
         n=lat["n"], m=lat["m"], c=lat["c"], k=lat["k"],
         is_cot=lat["is_cot"], n_cot=n_cot, n_direct=lat["k"] - n_cot,

@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from safetensors.numpy import load_file, save_file
 
-from cotlab_jax import data, evaluate, hf_convert, model, train
+from cotlab_jax import data, evaluate, hf_convert, model, rundir
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -59,12 +59,13 @@ def write_hf_dir(out: str, params, model_config: model.LlamaConfig,
 
 
 def load_checkpoint(workdir: str, step: int | str = "latest"):
-    """`train.load_run`, with every way a run directory can be unusable as a one-line exit."""
+    """`rundir.load_run` (onto one device, whatever devices trained the run), with every way a
+    run directory can be unusable as a one-line exit."""
     if not os.path.isdir(workdir):
         raise SystemExit(f"--workdir={workdir}: no such directory")
     try:
-        return train.load_run(workdir, step)
-    except train.RunError as error:
+        return rundir.load_run(workdir, step)
+    except rundir.RunError as error:
         raise SystemExit(f"cannot load the run: {error}") from None
     except Exception as error:  # orbax reports damaged files with many exception types
         message = str(error).splitlines()[0] if str(error) else ""
@@ -75,7 +76,7 @@ def load_checkpoint(workdir: str, step: int | str = "latest"):
 def export_run(workdir: str, out: str, step: int | str = "latest") -> int:
     """Writes the checkpoint of `step` as an HF Llama directory at `out`; returns its step."""
     run = load_checkpoint(workdir, step)
-    model_config = train.setup(run.config).model_config
+    model_config = model.LlamaConfig.from_config(run.config.model, run.config.data.vocab_size)
     write_hf_dir(out, run.params, model_config, run.spec)
     return run.step
 
@@ -99,9 +100,9 @@ def evaluate_hf(hf_dir: str, workdir: str, batch_size: int | None = None,
                 max_pred_tokens: int | None = None) -> dict[str, float]:
     """This lab's metrics of an HF Llama directory on the frozen eval set of run `workdir`.
 
-    Raises `train.RunError` (no run there), `FileNotFoundError` (no eval set, no HF files) or
+    Raises `rundir.RunError` (no run there), `FileNotFoundError` (no eval set, no HF files) or
     `ValueError` (an HF model this lab cannot run, or another vocabulary than the run's)."""
-    run_config = train.load_config(workdir)
+    run_config = rundir.load_config(workdir)
     spec = data.TaskSpec.from_config(run_config)
     path = os.path.join(workdir, "eval_set.npz")
     if not os.path.exists(path):
@@ -135,7 +136,7 @@ def main(argv) -> None:
             raise SystemExit("--import_hf needs --task_workdir (the run whose eval set to use)")
         try:
             metrics = evaluate_hf(f.import_hf, f.task_workdir)
-        except (train.RunError, FileNotFoundError, ValueError) as error:
+        except (rundir.RunError, FileNotFoundError, ValueError) as error:
             raise SystemExit(f"--import_hf={f.import_hf}: {error}") from None
         metrics = {name: value if math.isfinite(value) else None
                    for name, value in metrics.items()}
@@ -148,7 +149,11 @@ def main(argv) -> None:
         return
     if not f.workdir or not f.out:
         raise SystemExit("export needs --workdir and --out (or --import_hf to evaluate)")
-    step = export_run(f.workdir, f.out, evaluate.parse_step(f.step))
+    try:
+        step = rundir.parse_step(f.step)
+    except rundir.RunError as error:
+        raise SystemExit(str(error)) from None
+    step = export_run(f.workdir, f.out, step)
     print(f"exported {f.workdir} step {step} to {f.out}")
 
 

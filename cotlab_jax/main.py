@@ -11,12 +11,11 @@ import sys
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from cotlab_jax import config as config_lib
+from cotlab_jax import config_flag
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                          lock_config=True)
+_CONFIG = config_flag.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<run name>.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", None,
@@ -46,14 +45,15 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if _launched_multihost():
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from cotlab_jax import sweep, train  # after initialize(): they touch the devices
+    from cotlab_jax import rundir, sweep, train  # after initialize(): they touch the devices
 
     config = _CONFIG.value
     if config.sweep.axes:
         workdir = _WORKDIR.value or os.path.join("runs", config.sweep.name or "sweep")
         try:
+            sweep.check_overrides(config, config_flag.overridden_fields())
             outcome = sweep.run(config, workdir)
-        except (config_lib.ConfigError, train.RunError) as e:
+        except (config_lib.ConfigError, rundir.RunError) as e:
             sys.exit(f"error: {e}")
         if outcome.get("report"):
             print(outcome["report"]["table"])
@@ -62,11 +62,11 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or os.path.join("runs", config_lib.run_name(config))
     try:
         results = train.train_and_evaluate(config, workdir)
-    except (config_lib.ConfigError, train.RunError) as e:
+    except (config_lib.ConfigError, rundir.RunError) as e:
         sys.exit(f"error: {e}")
     if jax.process_index() == 0 and "eval" in results:
         print(train.summary(results, workdir))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_flag.parse_flags)

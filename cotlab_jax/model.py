@@ -229,7 +229,8 @@ class RMSNorm(nnx.Module):
         # As HF: normalise in float32, round to the compute dtype, then scale.
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+        scale = self.scale[...].astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+        return scale * normed.astype(x.dtype)
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -256,7 +257,7 @@ def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
 
 def apply_rope(x, positions, inv_freq):
     """Rotates x [B, L, heads, head_dim] by positions [B, L] (HF's rotate-half pairing)."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, head_dim / 2]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq[None, None, :]  # [B, L, hd / 2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)

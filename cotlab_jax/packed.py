@@ -2,7 +2,7 @@
 axis, stepped together by one vmapped, jitted train step.
 
 Members may differ in whatever does not shape the program: the seed, the optimizer's numbers
-(`train.OPTIMIZER_HPARAMS`, passed traced, one per member) and the task distribution except the
+(`experiment.OPTIMIZER_HPARAMS`, passed traced, one per member) and the task distribution except the
 vocabulary. Each distinct task spec samples its members' batches (vmapped over their worlds and
 keys); shorter sequences are left-padded to the pack's longest, which changes no member's loss:
 padding is masked and positions count real tokens only. What members must share is `pack_key`.
@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, sharding, train
+from cotlab_jax import data, experiment, sharding
 
 # Config fields (groups or single fields) that shape the packed program or its loop.
 SHARED_FIELDS = ("model", "data.vocab_size", "train.n_tasks", "train.batch_size",
@@ -72,13 +72,13 @@ def sample_packed_batch(step, worlds, train_keys, spec_groups, seq_len: int, bat
             for name in BATCH_FIELDS}
 
 
-def packed_train_step(state, worlds, train_keys, hparams, *, graphdef, exp: train.Experiment,
+def packed_train_step(state, worlds, train_keys, hparams, *, graphdef, exp: experiment.Experiment,
                       spec_groups, seq_len: int):
-    """One step of every member: sample, then `train.train_step` vmapped over the replica axis
+    """One step of every member: sample, then `experiment.train_step` vmapped over the replica axis
     with each member's optimizer numbers."""
     batch = sample_packed_batch(state["step"][0], worlds, train_keys, spec_groups, seq_len,
                                 exp.batch_size)
-    step = functools.partial(train.train_step, graphdef=graphdef, exp=exp)
+    step = functools.partial(experiment.train_step, graphdef=graphdef, exp=exp)
     return jax.vmap(lambda s, b, h: step(s, b, hparams=h), spmd_axis_name="replica")(
         state, batch, hparams)
 
@@ -90,26 +90,24 @@ def _spec_groups(exps):
     return tuple((spec, tuple(members)) for spec, members in groups.items())
 
 
-def program(exps: list[train.Experiment], managers: list[ocp.CheckpointManager],
-            start: int) -> train.Program:
+def program(exps: list[experiment.Experiment], managers: list[ocp.CheckpointManager],
+            start: int) -> experiment.Program:
     """The packed training of `exps` (sharing `pack_key`), initialised or restored from each
     member's own checkpoint of step `start`."""
     exp = exps[0]
-    mesh, n_members = exp.mesh, len(exps)
-    replicas = mesh.shape["replica"]
-    if n_members % replicas:
-        raise config_lib.ConfigError(
-            f"config.mesh.replica={replicas} is invalid for a pack of {n_members} members: "
-            "expected a divisor of the pack size (or set config.sweep.max_pack_size)")
+    mesh = exp.mesh
+    config_lib.check_mesh(exp.config, mesh.shape, n_members=len(exps))
     spec_groups = _spec_groups(exps)
     seq_len = max(e.spec.seq_len for e in exps)
     seeds = jnp.asarray([e.config.seed for e in exps], jnp.int32)
 
-    graphdef, member_layout = train.abstract_state(exp)
-    abstract = jax.eval_shape(
-        lambda seeds: jax.vmap(lambda s: train.build_state(exp, train.model_key(s)))(seeds),
-        seeds)
-    layout = train.state_layout(abstract, mesh, ("replica",))
+    graphdef, member_layout = experiment.abstract_state(exp)
+
+    def build_states(seeds):
+        return jax.vmap(lambda s: experiment.build_state(exp, experiment.model_key(s)))(seeds)
+
+    abstract = jax.eval_shape(build_states, seeds)
+    layout = experiment.state_layout(abstract, mesh, ("replica",))
     packed_shardings = jax.tree.map(lambda x: x.sharding, layout)
     member_shardings = jax.tree.map(lambda x: x.sharding, member_layout)
 
@@ -120,9 +118,7 @@ def program(exps: list[train.Experiment], managers: list[ocp.CheckpointManager],
             state = stack([m.restore(start, args=ocp.args.StandardRestore(member_layout))
                            for m in managers])
         else:
-            state = jax.jit(
-                lambda seeds: jax.vmap(lambda s: train.build_state(exp, train.model_key(s)))(
-                    seeds), out_shardings=packed_shardings)(seeds)
+            state = jax.jit(build_states, out_shardings=packed_shardings)(seeds)
 
         replicated = jax.sharding.NamedSharding(mesh, jax.P())
 
@@ -137,12 +133,12 @@ def program(exps: list[train.Experiment], managers: list[ocp.CheckpointManager],
 
         worlds, train_keys = jax.jit(inputs, out_shardings=replicated)()
         hparams = {name: jnp.asarray([e.config.train[name] for e in exps], jnp.float32)
-                   for name in train.OPTIMIZER_HPARAMS}
+                   for name in experiment.OPTIMIZER_HPARAMS}
         step_fn = jax.jit(functools.partial(packed_train_step, graphdef=graphdef, exp=exp,
                                             spec_groups=spec_groups, seq_len=seq_len),
                           donate_argnums=0, out_shardings=packed_shardings)
         take = jax.jit(lambda state, i: jax.tree.map(lambda x: x[i], state),
                        out_shardings=member_shardings)
-    return train.Program(graphdef=graphdef, state=state,
+    return experiment.Program(graphdef=graphdef, state=state,
                          step=lambda state: step_fn(state, worlds, train_keys, hparams),
                          member_state=lambda state, i: take(state, i), packed=True)

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import packed, train
+from cotlab_jax import experiment, packed, rundir, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ def expand(config: ml_collections.ConfigDict) -> list[Member]:
             set_field(member, path, value)
         member.sweep.member = index
         try:
-            train.setup(member)
+            experiment.setup(member)
         except config_lib.ConfigError as error:
             raise config_lib.ConfigError(f"sweep member {index} {values}: {error}") from None
         name = config_lib.run_name(member) + "".join(
@@ -100,18 +100,31 @@ def expand(config: ml_collections.ConfigDict) -> list[Member]:
     return members
 
 
+def check_overrides(config: ml_collections.ConfigDict, overridden: list[str]) -> None:
+    """Refuses command-line overrides (`--config.<path>=...`, their dotted paths) of a field
+    that the sweep's axes set for every member, which would silently replace them."""
+    for path in overridden:
+        for axis, values in config.sweep.axes:
+            if path == axis or axis.startswith(path + ".") or path.startswith(axis + "."):
+                raise config_lib.ConfigError(
+                    f"--config.{path} overrides a swept field: config.sweep.axes sweeps {axis} "
+                    f"over {tuple(values)}, so every member sets it. Drop the override (one "
+                    f"member alone: --config.sweep.member=i), or sweep other values by editing "
+                    f"the sweep's axes")
+
+
 def member_status(member: Member, workdir: str) -> tuple[str, int]:
     """("finished" | "failed" | "pending", the step it would resume from)."""
-    rundir = os.path.join(workdir, member.name)
-    if os.path.exists(os.path.join(rundir, "failed.json")):
+    run_dir = os.path.join(workdir, member.name)
+    if os.path.exists(os.path.join(run_dir, "failed.json")):
         return "failed", 0
-    results = os.path.join(rundir, "results.json")
+    results = os.path.join(run_dir, "results.json")
     total = member.config.train.n_tasks // member.config.train.batch_size
     if os.path.exists(results):
         with open(results) as f:
             if json.load(f).get("step") == total:
                 return "finished", total
-    return "pending", train.latest_checkpoint(rundir, member.config.train.keep_checkpoints) or 0
+    return "pending", rundir.latest_checkpoint(run_dir, member.config.train.keep_checkpoints) or 0
 
 
 def plan(members: list[Member], starts: dict[int, int], packing: str,
@@ -134,7 +147,7 @@ def write_index(config: ml_collections.ConfigDict, members: list[Member], workdi
         members=[dict(index=m.index, dir=m.name, values=m.values) for m in members])
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        train.write_json(os.path.join(workdir, "sweep.json"), index)
+        rundir.write_json(os.path.join(workdir, "sweep.json"), index)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -9,7 +9,7 @@
 #
 # Every worker runs the same main command; jax.distributed finds the slice's other workers itself.
 # The run directory must be shared by all workers and survive the VM, because the relaunch resumes
-# from its latest checkpoint: a gs:// workdir is mounted with gcsfuse on every worker (train.py
+# from its latest checkpoint: a gs:// workdir is mounted with gcsfuse on every worker (rundir.py
 # writes with plain file APIs, so it needs a mounted path), any other path must already be a shared
 # mount (e.g. Filestore NFS) on the image.
 set -euo pipefail

@@ -1,7 +1,6 @@
 """Task specs, eval sets, a scripted model and NumPy oracles shared by the evaluation tests."""
 
 import functools
-import sys
 import types
 
 import jax
@@ -9,9 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import cotlab_jax
 from cotlab_jax import config as config_lib
-from cotlab_jax import data
+from cotlab_jax import data, rundir
 
 RECIPE = {"type": "power_law", "initial_prob": 0.0, "final_prob": 1.0, "alpha": 1.0, "scale": 1.0}
 VOCAB = 16  # small, so that a random model's greedy tokens hit chain tokens now and then
@@ -102,9 +100,9 @@ def teacher_forced_loss(logits: np.ndarray, labels: np.ndarray) -> tuple[float, 
 
 def stand_in_run(monkeypatch, workdir: str, spec: data.TaskSpec, eval_set, graphdef, state, *,
                  batch_size: int, max_pred_tokens: int, step: int = 7) -> list:
-    """Makes `workdir` a run for `evaluate.run_cli`: saves `eval_set` as its frozen eval set and
-    replaces `cotlab_jax.train` by a stub whose `load_run` returns the given model at `step`
-    (another step number raises its `RunError`). Returns the list of (workdir, step) calls."""
+    """Makes `workdir` a run for `evaluate.cli.run_cli`: saves `eval_set` as its frozen eval set
+    and replaces `rundir.load_run` by a stub that returns the given model at `step` (another
+    step number raises `rundir.RunError`). Returns the list of (workdir, step) calls."""
     data.save_eval_set(f"{workdir}/eval_set.npz", eval_set, spec)
     config = config_lib.get_base_config()
     config.seed, config.eval.batch_size, config.eval.max_pred_tokens = 0, batch_size, \
@@ -113,16 +111,11 @@ def stand_in_run(monkeypatch, workdir: str, spec: data.TaskSpec, eval_set, graph
                                    step=step, world=None, workdir=workdir)
     calls = []
 
-    class RunError(RuntimeError):
-        pass
-
     def load_run(run_dir, which):
         calls.append((run_dir, which))
         if which not in ("latest", step):
-            raise RunError(f"{run_dir} has no checkpoint at step {which}; it has [{step}]")
+            raise rundir.RunError(f"{run_dir} has no checkpoint at step {which}; it has [{step}]")
         return loaded
 
-    fake_train = types.SimpleNamespace(load_run=load_run, RunError=RunError)
-    monkeypatch.setitem(sys.modules, "cotlab_jax.train", fake_train)
-    monkeypatch.setattr(cotlab_jax, "train", fake_train, raising=False)
+    monkeypatch.setattr(rundir, "load_run", load_run)
     return calls

@@ -19,8 +19,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from model_helpers import forward, random_state, tiny_config
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from cotlab_jax import data, model, sharding
+from cotlab_jax import data, losses, model, rundir, sharding
 from cotlab_jax import evaluate as ev
+from cotlab_jax.evaluate import cli
 
 N_TASKS = 30  # with BATCH 8, the last batch is padded
 BATCH = 8
@@ -62,7 +63,8 @@ def test_teacher_forced_loss_matches_hugging_face():
     labels[2] = -100  # a row without labels
     labels[3, 1:] = -100
     labels[3, 0] = 5  # only the first label: it is never predicted
-    loss, sums, counts = jax.jit(ev.teacher_forced_loss)(jnp.asarray(logits), jnp.asarray(labels))
+    loss, sums, counts = jax.jit(losses.teacher_forced_loss)(jnp.asarray(logits),
+                                                             jnp.asarray(labels))
     want = ForCausalLMLoss(torch.tensor(logits), torch.tensor(labels), 13)
     np.testing.assert_allclose(loss, want.item(), rtol=1e-6)
     shifted = np.concatenate([labels[:, 1:], np.full((4, 1), -100)], axis=1)
@@ -361,24 +363,24 @@ def test_evaluate_at_another_chain_length_and_example_count():
 
 def test_cli_argument_errors(tmp_path):
     with pytest.raises(SystemExit, match="--workdir is required"):
-        ev.run_cli(None, "latest")
+        cli.run_cli(None, "latest")
     with pytest.raises(SystemExit, match="no such directory"):
-        ev.run_cli(str(tmp_path / "missing"), "latest")
+        cli.run_cli(str(tmp_path / "missing"), "latest")
     with pytest.raises(SystemExit, match="--step='last'"):
-        ev.run_cli(str(tmp_path), "last")
+        cli.run_cli(str(tmp_path), "last")
     with pytest.raises(SystemExit, match="go together"):
-        ev.run_cli(str(tmp_path), "latest", drop_think="first")
-    assert ev.parse_step("latest") == "latest" and ev.parse_step("500") == 500
+        cli.run_cli(str(tmp_path), "latest", drop_think="first")
+    assert rundir.parse_step("latest") == "latest" and rundir.parse_step("500") == 500
     cot = helpers.make_spec(prompt_strategy="cot")
     with pytest.raises(SystemExit, match="no think spans"):
-        ev.check_variant(cot, "first", None, None)
+        cli.check_variant(cot, "first", None, None)
     with pytest.raises(SystemExit, match="no special tokens"):
-        ev.check_variant(cot, None, "answer", None)
+        cli.check_variant(cot, None, "answer", None)
     fixed = helpers.make_spec(prompt_strategy="cot", ablation_fixed_dag=True,
                               n_input_choices=(4,), chain_length_choices=(4,))
     with pytest.raises(SystemExit, match="fixed DAG"):
-        ev.check_variant(fixed, None, None, 5)
-    ev.check_variant(helpers.make_spec(prompt_strategy="cot_special_token"), "random", "think", 5)
+        cli.check_variant(fixed, None, None, 5)
+    cli.check_variant(helpers.make_spec(prompt_strategy="cot_special_token"), "random", "think", 5)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -394,7 +396,7 @@ def test_cli_errors_are_one_line(args, message):
 
 
 def test_cli_with_a_stand_in_run(tmp_path, monkeypatch, capsys):
-    """The command line's variants on a saved eval set, with `train.load_run` replaced by a stub
+    """The command line's variants on a saved eval set, with `rundir.load_run` replaced by a stub
     that returns the scripted model (the trainer's own end-to-end test covers real runs)."""
     spec, eval_set, a, _ = scripted_setup()
     tok = spec.token_id
@@ -405,7 +407,7 @@ def test_cli_with_a_stand_in_run(tmp_path, monkeypatch, capsys):
                                  batch_size=BATCH, max_pred_tokens=MAX_PRED)
     out = tmp_path / "result.json"
     n = 2 * BATCH
-    result = ev.run_cli(str(tmp_path), "7", force="answer", drop_think="last", drop_k=1,
+    result = cli.run_cli(str(tmp_path), "7", force="answer", drop_think="last", drop_k=1,
                         n_eval_tasks=n, out=str(out), save_predictions=True)
     assert calls == [(str(tmp_path), 7)]
     assert json.loads(out.read_text()) == result == json.loads(capsys.readouterr().out)
@@ -418,7 +420,7 @@ def test_cli_with_a_stand_in_run(tmp_path, monkeypatch, capsys):
     with np.load(tmp_path / "result.npz") as saved:
         assert saved["predictions"].shape == (n, MAX_PRED)
     with pytest.raises(SystemExit, match="frozen eval set has"):
-        ev.run_cli(str(tmp_path), "latest", n_eval_tasks=N_TASKS + 1)
+        cli.run_cli(str(tmp_path), "latest", n_eval_tasks=N_TASKS + 1)
     with pytest.raises(SystemExit, match="no checkpoint at step 8"):
-        ev.run_cli(str(tmp_path), "8")
+        cli.run_cli(str(tmp_path), "8")
     assert calls[-2:] == [(str(tmp_path), "latest"), (str(tmp_path), 8)]

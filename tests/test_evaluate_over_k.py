@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from model_helpers import random_state, tiny_config
 
+from cotlab_jax import config as config_lib
 from cotlab_jax import data, numpy_reference
 from cotlab_jax import evaluate as ev
+from cotlab_jax.evaluate import cli
 
 N_TASKS = 12  # with BATCH 8, the last batch is padded
 BATCH = 8
@@ -211,14 +213,16 @@ def test_all_examples_is_plain_evaluate(strategy):
 
 def test_bad_example_counts_are_refused():
     spec, eval_set = spec_and_eval_set("cot")
-    for counts, message in [([0], "0 is not an integer in \\[1, K=5\\]"),
-                            ([1, 6], "6 is not an integer in \\[1, K=5\\]"),
-                            ([2.0], "2.0 is not"), (["2"], "'2' is not"), ([True], "True"),
-                            ([], "empty"), ([2, 2], "once")]:
-        with pytest.raises(ValueError, match=message):
+    for counts, message in [([0], r"example_counts=\[0\] is invalid: 0 is not an integer in "
+                                  r"\[1, 5\]"),
+                            ([1, 6], r"6 is not an integer in \[1, 5\]"),
+                            ([2.0], "2.0 is not an integer"), (["2"], "'2' is not an integer"),
+                            ([True], "True is not an integer"), ([], "at least one count"),
+                            ([2, 2], "once")]:
+        with pytest.raises(config_lib.ConfigError, match=message):
             ev.evaluate_over_k(*real_model(), eval_set, spec, example_counts=counts,
                                batch_size=BATCH, max_pred_tokens=MAX_PRED)
-    assert ev.check_example_counts(np.array([3, 1]), spec) == (3, 1)
+    assert config_lib.parse_example_counts(np.array([3, 1]), spec.K) == (3, 1)
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -229,12 +233,12 @@ def test_cli_over_k(tmp_path, monkeypatch, capsys):
     helpers.stand_in_run(monkeypatch, str(tmp_path), spec, eval_set, *real_model(),
                          batch_size=BATCH, max_pred_tokens=MAX_PRED)
     out = tmp_path / "result.json"
-    result = ev.run_cli(str(tmp_path), "latest", over_k=True, out=str(out))
+    result = cli.run_cli(str(tmp_path), "latest", over_k=True, out=str(out))
     assert json.loads(out.read_text()) == result == json.loads(capsys.readouterr().out)
     assert list(result["metrics_by_k"]) == [str(count) for count in range(1, spec.K + 1)]
     for count, metrics in metrics_by_k.items():
         assert result["metrics_by_k"][str(count)] == {
-            name: ev._json_value(value) for name, value in metrics.items()}
+            name: cli._json_value(value) for name, value in metrics.items()}
     all_examples = result["metrics_by_k"][str(spec.K)]
     assert result["metrics"].keys() == all_examples.keys()
     for name, value in result["metrics"].items():
@@ -242,16 +246,17 @@ def test_cli_over_k(tmp_path, monkeypatch, capsys):
 
     # As many counts as the default, so the compiled program is shared.
     counts = [str(count) for count in range(spec.K, 0, -1)]
-    chosen = ev.run_cli(str(tmp_path), "latest", over_k=True, example_counts=counts)
+    chosen = cli.run_cli(str(tmp_path), "latest", over_k=True, example_counts=counts)
     assert list(chosen["metrics_by_k"]) == counts
     for count in counts:
         for name, value in chosen["metrics_by_k"][count].items():
             want = result["metrics_by_k"][count][name]
             assert value == (None if want is None else pytest.approx(want, rel=1e-5))
-    assert "metrics_by_k" not in ev.run_cli(str(tmp_path), "latest")
+    assert "metrics_by_k" not in cli.run_cli(str(tmp_path), "latest")
     with pytest.raises(SystemExit, match="needs --over_k"):
-        ev.run_cli(str(tmp_path), "latest", example_counts="1,2")
+        cli.run_cli(str(tmp_path), "latest", example_counts="1,2")
     with pytest.raises(SystemExit, match="comma-separated positive integers"):
-        ev.run_cli(str(tmp_path), "latest", over_k=True, example_counts="1,two")
-    with pytest.raises(SystemExit, match="--example_counts: .*6 is not an integer in"):
-        ev.run_cli(str(tmp_path), "latest", over_k=True, example_counts="1,6")
+        cli.run_cli(str(tmp_path), "latest", over_k=True, example_counts="1,two")
+    with pytest.raises(SystemExit, match=r"--example_counts='1,6' is invalid: 6 is not an "
+                                         r"integer in \[1, 5\]"):
+        cli.run_cli(str(tmp_path), "latest", over_k=True, example_counts="1,6")

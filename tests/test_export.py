@@ -13,7 +13,7 @@ from model_helpers import forward, random_batch
 from safetensors.numpy import load_file
 from test_train import ROOT, tiny_config
 
-from cotlab_jax import export, train
+from cotlab_jax import experiment, export, rundir, train
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,7 +29,7 @@ def exported(tmp_path_factory):
     config.train.n_tasks = 8 * 10
     results = train.train_and_evaluate(config, workdir)
     assert export.export_run(workdir, out) == 10
-    return workdir, out, results["eval"], train.load_run(workdir)
+    return workdir, out, results["eval"], rundir.load_run(workdir)
 
 
 def test_from_pretrained_gives_the_same_logits(exported):
@@ -57,7 +57,7 @@ def test_from_pretrained_gives_the_same_logits(exported):
 def test_import_gives_identical_parameters_and_metrics(exported):
     workdir, out, final_eval, run = exported
     config, _, params = export.load_hf_model(out)
-    assert config == dataclasses.replace(train.setup(run.config).model_config, dtype="float32")
+    assert config == dataclasses.replace(experiment.setup(run.config).model_config, dtype="float32")
     for ours, back in zip(jax.tree.leaves(run.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(back))
     # The lab's evaluation of the HF directory is the run's own final evaluation (up to the

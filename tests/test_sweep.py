@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, packed, sweep, train
+from cotlab_jax import data, experiment, packed, rundir, sweep, train
 from cotlab_jax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,11 +136,16 @@ def test_plan_packs_members_whose_programs_agree():
 
 
 def test_padding_a_batch_to_a_longer_pack_changes_no_loss():
-    """A standard batch left-padded to cot's length gives the same loss and gradients."""
+    """A standard batch left-padded to cot's length gives the same loss, gradients and counts.
+
+    Parameters after an AdamW step are not compared: Adam divides each gradient element by the
+    root of its second moment, so an element near zero, whose rounding differs with the
+    reduction order, can move its update by up to lr. The loss and gradients are what padding
+    could change."""
     config = tiny_sweep_config()
     config.data.prompt_strategy = "standard"
-    exp = train.setup(config)
-    graphdef, state = train.init_state(exp)
+    exp = experiment.setup(config)
+    graphdef, state = experiment.init_state(exp)
     keys = data.root_keys(3)
     world = data.make_world(keys["world"], exp.spec)
     batch = data.sample_batch(world, keys["train"], 0, exp.spec, exp.batch_size)
@@ -149,14 +154,23 @@ def test_padding_a_batch_to_a_longer_pack_changes_no_loss():
         0, [jax.tree.map(lambda x: x[None], world)], [keys["train"][None]], groups,
         exp.spec.seq_len + 7, exp.batch_size)
     assert padded["input_ids"].shape == (1, exp.batch_size, exp.spec.seq_len + 7)
-    step = jax.jit(lambda s, b: train.train_step(s, b, graphdef=graphdef, exp=exp))
-    plain = step(state, {k: batch[k] for k in packed.BATCH_FIELDS})
-    longer = step(state, {k: v[0] for k, v in padded.items()})
-    np.testing.assert_allclose(longer["window"]["loss_sum"], plain["window"]["loss_sum"],
-                               rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(longer["params"]), jax.tree.leaves(plain["params"]),
-                    strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    plain = {k: batch[k] for k in packed.BATCH_FIELDS}
+    longer = {k: v[0] for k, v in padded.items()}
+    step = jax.jit(lambda s, b: experiment.train_step(s, b, graphdef=graphdef, exp=exp))
+    windows = [step(state, b)["window"] for b in (longer, plain)]
+    for name in ("tokens", "n_cot", "n_direct", "steps"):  # counts: exactly equal
+        assert int(windows[0][name]) == int(windows[1][name]), name
+    grad = jax.jit(jax.value_and_grad(experiment.batch_loss), static_argnums=2)
+    (loss_longer, grads_longer), (loss_plain, grads_plain) = (
+        grad(state["params"], b, graphdef) for b in (longer, plain))
+    # The padded sums hold the same terms plus exact zeros, in another order: float32 rounding
+    # of a mean over ~1e3 tokens (relative 1e-6), and of each gradient element, a sum of terms
+    # up to the leaf's largest magnitude, hence an absolute bound scaled by that magnitude (an
+    # element whose terms cancel has no meaningful relative error).
+    np.testing.assert_allclose(loss_longer, loss_plain, rtol=1e-6)
+    np.testing.assert_allclose(windows[0]["loss_sum"], loss_plain, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_longer), jax.tree.leaves(grads_plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
 @pytest.fixture(scope="module")
@@ -175,35 +189,38 @@ def member_dirs(workdir):
 
 def test_packed_members_match_training_each_alone(finished_sweep, tmp_path):
     pairs = zip(sweep.expand(tiny_sweep_config()), member_dirs(finished_sweep), strict=True)
-    for member, rundir in list(pairs)[:2]:
+    for member, run_dir in list(pairs)[:2]:
         alone = str(tmp_path / str(member.index))
         train.train_and_evaluate(member.config, alone)
-        ours, theirs = records(rundir), records(alone)
+        ours, theirs = records(run_dir), records(alone)
         assert [(r["step"], r["kind"]) for r in ours] == [(r["step"], r["kind"]) for r in theirs]
+        # Packed (vmapped) and alone, the sums reduce in other orders: parameters whose
+        # gradient sits at float32 rounding level can take another Adam update (up to lr), but
+        # the loss hardly depends on them (their gradient is ~0), so losses stay within ~1e-5.
         for a, b in zip(ours, theirs, strict=True):
             for name in ("loss", "answer_loss"):
                 if name in a:
-                    assert a[name] == pytest.approx(b[name], rel=2e-5), (a["step"], name)
+                    assert a[name] == pytest.approx(b[name], rel=1e-4), (a["step"], name)
 
 
 def test_sweep_writes_member_runs_and_the_report(finished_sweep):
     rundirs = member_dirs(finished_sweep)
     assert len(rundirs) == 4
-    for rundir in rundirs:
-        with open(os.path.join(rundir, "results.json")) as f:
+    for run_dir in rundirs:
+        with open(os.path.join(run_dir, "results.json")) as f:
             assert json.load(f)["step"] == 30
-        by_k = [r for r in records(rundir) if r["kind"] == "eval_by_k"]
+        by_k = [r for r in records(run_dir) if r["kind"] == "eval_by_k"]
         assert [r["step"] for r in by_k] == [30]
         assert {f"answer_acc_k{k}" for k in range(1, 5)} <= by_k[0].keys()
-        analyses = [r for r in records(rundir) if r["kind"] == "analysis"]
+        analyses = [r for r in records(run_dir) if r["kind"] == "analysis"]
         assert [r["step"] for r in analyses] == [15, 30]
         assert {"embed_probe_r2", "embed_cka", "parent_mass_query_L1H1"} <= analyses[0].keys()
-        (coverage,) = [r for r in records(rundir) if r["kind"] == "data"]
+        (coverage,) = [r for r in records(run_dir) if r["kind"] == "data"]
         assert coverage["step"] == 0 and 0 < coverage["token_coverage"] <= 1
-        cot = train.load_config(rundir).data.prompt_strategy == "cot"
-        assert os.path.exists(os.path.join(rundir, "query_attention.png")) == cot
+        cot = rundir.load_config(run_dir).data.prompt_strategy == "cot"
+        assert os.path.exists(os.path.join(run_dir, "query_attention.png")) == cot
         # Every member is a complete run of its own.
-        assert train.load_run(rundir).step == 30
+        assert rundir.load_run(run_dir).step == 30
     report = os.path.join(finished_sweep, "report")
     for name in ("summary.md", "summary.csv", "accuracy_vs_steps.png", "final_accuracy.png",
                  "accuracy_vs_k.png", "analysis_over_steps.png", "dag_heatmap_0.png"):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, evaluate, train
+from cotlab_jax import data, evaluate, experiment, rundir, train
+from cotlab_jax.evaluate import cli as evaluate_cli
 from cotlab_jax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +78,7 @@ def test_run_directory_and_metrics(finished_run):
 
 def test_final_eval_matches_the_checkpoint(finished_run):
     """The logged evaluation is what the saved parameters give on the saved eval set."""
-    run = train.load_run(finished_run)
+    run = rundir.load_run(finished_run)
     assert run.step == 40
     eval_set = data.load_eval_set(os.path.join(finished_run, "eval_set.npz"), run.spec)
     again = evaluate.evaluate(run.graphdef, run.params, eval_set, run.spec,
@@ -140,20 +141,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(train.NonFiniteLossError, match="became non-finite at step") as error:
         train.train_and_evaluate(config, workdir)
     bad_step = int(str(error.value).split("at step ")[1].split(";")[0])
-    run = train.load_run(workdir)
+    run = rundir.load_run(workdir)
     assert run.step < bad_step
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(run.params))
 
 
 def test_train_step_freezes_the_state_after_a_non_finite_loss():
-    exp = train.setup(tiny_config())
-    graphdef, state = train.init_state(exp)
+    exp = experiment.setup(tiny_config())
+    graphdef, state = experiment.init_state(exp)
     keys = data.root_keys(0)
     world = data.make_world(keys["world"], exp.spec)
     state["params"] = jax.tree.map(lambda x: x * np.nan, state["params"])
     before = jax.tree.map(np.asarray, state)
-    step = jax.jit(lambda s: train.sampled_train_step(s, world, keys["train"],
-                                                      graphdef=graphdef, exp=exp))
+    step = jax.jit(lambda s: experiment.sampled_train_step(s, world, keys["train"],
+                                                           graphdef=graphdef, exp=exp))
     after = jax.device_get(step(state))
     assert int(after["nonfinite_step"]) == 0 and int(after["step"]) == 1
     for x, y in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"]),
@@ -165,7 +166,7 @@ def test_resume_with_other_shapes_is_refused(finished_run):
     config = tiny_config()
     config.model.hidden_size = 64
     config.data.vocab_size = 40
-    with pytest.raises(train.RunError, match=r"model\.hidden_size .*data\.vocab_size|"
+    with pytest.raises(rundir.RunError, match=r"model\.hidden_size .*data\.vocab_size|"
                                              r"data\.vocab_size .*model\.hidden_size"):
         train.train_and_evaluate(config, finished_run)
 
@@ -178,8 +179,22 @@ def test_resume_with_other_shapes_is_refused(finished_run):
     ("eval", "n_eval_tasks", 0, "config.eval.n_eval_tasks=0 is invalid"),
     ("model", "num_key_value_heads", 3, "num_key_value_heads"),
     ("data", "activation", "tanh", "config.data.activation='tanh' is invalid"),
-    ("mesh", "tensor", 3, "config.mesh is invalid: .*do not multiply to the"),
-    ("mesh", "data", 0, "config.mesh is invalid: .*expected positive sizes"),
+    ("train", "lr", float("inf"), "config.train.lr=inf is invalid: expected a positive number"),
+    ("train", "eps", float("nan"), "config.train.eps=nan is invalid: expected a positive number"),
+    ("train", "batch_size", True, "config.train.batch_size=True is invalid: expected a positive "
+                                  "integer"),
+    ("train", "warmup_steps", -1, "config.train.warmup_steps=-1 is invalid: expected an integer "
+                                  ">= 0"),
+    ("data", "data_initializer_range", float("inf"),
+     "config.data.data_initializer_range=inf is invalid: expected a positive finite number"),
+    ("eval", "example_counts", "1,9", r"config.eval.example_counts='1,9' is invalid: 9 is not an "
+                                      r"integer in \[1, 4\]"),
+    ("eval", "example_counts", "1,1", "config.eval.example_counts='1,1' is invalid: every count "
+                                      "may appear once"),
+    ("eval", "example_counts", "some", "config.eval.example_counts='some' is invalid: expected "
+                                       "'', 'all' or comma-separated"),
+    ("mesh", "tensor", 3, r"config.mesh=\{.*\} is invalid: .*do not multiply to the"),
+    ("mesh", "data", 0, r"config.mesh=\{.*\} is invalid: .*expected positive sizes"),
 ])
 def test_invalid_config_is_rejected_before_compiling(group, field, value, message, tmp_path):
     config = tiny_config()
@@ -192,17 +207,51 @@ def test_invalid_config_is_rejected_before_compiling(group, field, value, messag
 def test_batch_must_divide_over_the_mesh(tmp_path):
     config = tiny_config()
     config.mesh.update(dict(data=4, fsdp=2))  # 8 devices in the tests; batch 8 fits
-    train.setup(config)
+    experiment.setup(config)
     config.eval.batch_size = 12
     with pytest.raises(config_lib.ConfigError,
                        match=r"config.eval.batch_size=12 is invalid: .*multiple of .* 8"):
-        train.setup(config)
+        experiment.setup(config)
     config = tiny_config()  # 2 heads, 1 KV head
     config.mesh.update(dict(data=4, tensor=2))
     with pytest.raises(config_lib.ConfigError, match=r"config.model.num_key_value_heads=1 is "
-                                                     r"invalid: expected a multiple of "
-                                                     r"config.mesh.tensor=2"):
-        train.setup(config)
+                                                     r"invalid: expected a multiple of the "
+                                                     r"mesh's tensor size, 2"):
+        experiment.setup(config)
+
+
+def test_recipe_numbers_decide_infinity_per_field():
+    config = tiny_config("hybrid_special_token")
+    config.data.cot_example_prob_recipe_info["alpha"] = float("inf")  # the "no CoT" end
+    experiment.setup(config)
+    for key, value, message in [
+            ("alpha", float("nan"), r"alpha=nan is invalid: expected a number >= 0 \(inf means "
+                                    r"no CoT\)"),
+            ("alpha", -1.0, "alpha=-1.0 is invalid"),
+            ("scale", float("inf"), "scale=inf is invalid: expected a finite number"),
+            ("final_prob", 1.5, r"final_prob=1.5 is invalid: expected a probability in \[0, 1\]"),
+            ("initial_prob", "0", "initial_prob='0' is invalid")]:
+        config = tiny_config("hybrid_special_token")
+        config.data.cot_example_prob_recipe_info[key] = value
+        with pytest.raises(config_lib.ConfigError,
+                           match=r"config\.data\.cot_example_prob_recipe_info\." + message):
+            experiment.setup(config)
+
+
+def test_one_mesh_check_for_heads_batches_and_packs():
+    config = tiny_config()  # 2 heads, 1 KV head, intermediate 64, batch 8, eval batch 16
+    mesh = dict(replica=1, data=1, fsdp=1, tensor=1)
+    config_lib.check_mesh(config, mesh)
+    for axes, message in [
+            (dict(tensor=2), r"config.model.num_key_value_heads=1 is invalid: expected a "
+                             r"multiple of the mesh's tensor size, 2"),
+            (dict(data=2, fsdp=8), r"config.train.batch_size=8 is invalid: expected a multiple of "
+                                   r"the mesh's data x fsdp size, 16"),
+            (dict(replica=2), r"config.mesh.replica=2 is invalid: expected a divisor of the pack "
+                              r"size, 3")]:
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.check_mesh(config, {**mesh, **axes}, n_members=3)
+    config_lib.check_mesh(config, {**mesh, "replica": 2})  # a single run: no pack to divide
 
 
 def test_main_command_errors_are_one_line(tmp_path):
@@ -216,8 +265,8 @@ def test_main_command_errors_are_one_line(tmp_path):
     result = run_main(str(blocked / "run"), check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write to workdir")
-    with pytest.raises(train.RunError, match="no config.json"):
-        train.load_run(str(tmp_path))
+    with pytest.raises(rundir.RunError, match="no config.json"):
+        rundir.load_run(str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -232,13 +281,13 @@ def special_token_run(tmp_path_factory):
 
 
 def test_standalone_evaluation_variants(special_token_run, tmp_path):
-    run = train.load_run(special_token_run)
+    run = rundir.load_run(special_token_run)
     think_start = run.spec.token_id("think_start")
-    plain, _ = evaluate.variant_eval_set(run)
+    plain, _ = evaluate_cli.variant_eval_set(run)
     assert (plain["query_ids"] == think_start).any()
-    dropped, _ = evaluate.variant_eval_set(run, drop_think="first", drop_k=run.spec.K)
+    dropped, _ = evaluate_cli.variant_eval_set(run, drop_think="first", drop_k=run.spec.K)
     assert not (dropped["query_ids"][dropped["query_mask"]] == think_start).any()
-    forced, _ = evaluate.variant_eval_set(run, force="answer")
+    forced, _ = evaluate_cli.variant_eval_set(run, force="answer")
     assert (forced["query_ids"][:, -1] == run.spec.token_id("answer_start")).all()
 
     out = tmp_path / "variant.json"
@@ -264,10 +313,10 @@ def test_standalone_evaluation_on_a_tfds_dataset(special_token_run, tmp_path):
     """The TFDS dataset of the run's config holds its frozen eval set: same metrics."""
     from cotlab_jax import tfds_builder
 
-    run = train.load_run(special_token_run)
+    run = rundir.load_run(special_token_run)
     dataset = tfds_builder.build(run.config, str(tmp_path / "tfds"),
                                  n_train_tasks=run.config.train.batch_size)
-    result = evaluate.run_cli(special_token_run, "latest", eval_dataset=dataset)
+    result = evaluate_cli.run_cli(special_token_run, "latest", eval_dataset=dataset)
     with open(os.path.join(special_token_run, "results.json")) as f:
         logged = json.load(f)["eval"]
     assert result["variant"]["eval_dataset"] == dataset

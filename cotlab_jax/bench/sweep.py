@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from cotlab_jax import data, packed, train
+from cotlab_jax import data, experiment, packed
 from cotlab_jax.bench.train import load_config
 
 
@@ -51,17 +51,17 @@ def main(argv):
         config = base.copy_and_resolve_references()
         config.seed, config.train.lr = i, base.train.lr * (1 + i / args.members)
         configs.append(config)
-    exps = [train.setup(c) for c in configs]
+    exps = [experiment.setup(c) for c in configs]
 
     with jax.set_mesh(exps[0].mesh):
         program = packed.program(exps, [], 0)
         packed_state = program.state
         singles = []
         for exp in exps:
-            graphdef, state = train.init_state(exp)
+            graphdef, state = experiment.init_state(exp)
             keys = data.root_keys(exp.config.seed)
             world = data.make_world(keys["world"], exp.spec)
-            step = train.compile_train_step(exp, graphdef, state)
+            step = experiment.compile_train_step(exp, graphdef, state)
             singles.append((lambda s, step=step, world=world, key=keys["train"]:
                             step(s, world, key), state))
 

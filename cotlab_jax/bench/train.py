@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from cotlab_jax import data, train
+from cotlab_jax import data, experiment
 
 
 def load_config(path: str):
@@ -37,15 +37,16 @@ def main(argv):
     config = load_config(args.config)
     if args.batch_size:
         config.train.batch_size = args.batch_size
-    exp = train.setup(config)
+    exp = experiment.setup(config)
     keys = data.root_keys(config.seed)
     world = data.make_world(keys["world"], exp.spec)
     with jax.set_mesh(exp.mesh):
-        graphdef, state = train.init_state(exp)
-        sampled = train.compile_train_step(exp, graphdef, state)
-        presampled = jax.jit(lambda s, b: train.train_step(s, b, graphdef=graphdef, exp=exp),
+        graphdef, state = experiment.init_state(exp)
+        sampled = experiment.compile_train_step(exp, graphdef, state)
+        presampled = jax.jit(lambda s, b: experiment.train_step(s, b, graphdef=graphdef, exp=exp),
                              donate_argnums=0)
-        batch = jax.jit(lambda s: train.sample_train_batch(s, world, keys["train"], exp))(state)
+        batch = jax.jit(
+            lambda s: experiment.sample_train_batch(s, world, keys["train"], exp))(state)
 
         def time_steps(fn):
             nonlocal state

@@ -1,4 +1,4 @@
-"""Evaluation on the frozen eval set (DESIGN 1.4), its variants, and a command line.
+"""Evaluation on the frozen eval set (DESIGN 1.4) and its variants.
 
     metrics = evaluate(graphdef, state, eval_set, spec, batch_size=64, max_pred_tokens=100)
 
@@ -29,33 +29,19 @@ Variants (the second paper) are pure functions of an eval set, applied before `e
 chain length or example count. The model has no maximum length: rotary position embeddings take
 any position, so longer prompts than in training only leave the trained distribution.
 
-Command line (a run written by `cotlab_jax.main`; prints the JSON result):
-
-    python -m cotlab_jax.evaluate --workdir=DIR [--step=latest|N]
-        [--drop_think=first|last|random --drop_k=K [--drop_seed=S]] [--force=think|answer]
-        [--chain_length=C] [--n_examples=K] [--n_eval_tasks=N] [--batch_size=B]
-        [--max_pred_tokens=T] [--eval_dataset=TFDS_DIR] [--out=FILE.json [--save_predictions]]
-        [--over_k [--example_counts=1,2,4]]
-
-Without --chain_length/--n_examples it evaluates the run's frozen eval set (its first N tasks with
---n_eval_tasks); with them, a fresh eval set of the changed spec from the same seed and world.
-With --over_k the result also has `metrics_by_k` {K': metrics} for K' = 1 .. K (or the chosen
---example_counts), on the same (variant) eval set.
+The command line, `python -m cotlab_jax.evaluate`, is `cotlab_jax.evaluate.cli`.
 """
 
 import functools
-import json
-import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cotlab_jax import data, decode, model
+from cotlab_jax import config as config_lib
+from cotlab_jax import data, decode, losses, model
 
 IGNORE_INDEX = data.IGNORE_INDEX
 GEN_LEN_PERCENTILES = (25, 50, 75, 90, 99)
@@ -64,41 +50,6 @@ EVAL_FIELDS = ("input_ids", "labels", "attention_mask", "positions", "query_ids"
                "target_ids", "chain", "n", "c", "k")
 DROP_CHOICES = ("first", "last", "random")
 FORCE_TOKENS = {"think": "think_start", "answer": "answer_start"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses.
-
-
-def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cross-entropy of logits [..., V] against labels [...], in float32, and the label mask.
-
-    Positions labelled -100 get 0 and False.
-    """
-    logits = logits.astype(jnp.float32)
-    valid = labels != IGNORE_INDEX
-    picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0), valid
-
-
-def teacher_forced_loss(logits: jax.Array,
-                        labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """HF `LlamaForCausalLM`'s loss: logits at t-1 against the label at t, -100 ignored.
-
-    Args:
-      logits: [B, L, V] (upcast to float32, as HF does).
-      labels: [B, L] int, aligned with the inputs.
-    Returns:
-      loss: the mean over every labelled token of the batch (0, not HF's NaN, if there is none).
-      sums: float32 [B], each sequence's summed cross-entropy.
-      counts: int32 [B], each sequence's number of labelled tokens (its first label never counts).
-    `sums.sum() / counts.sum()` over several batches is the mean over all of them.
-    """
-    # Shifting the labels left (as HF does) instead of slicing the logits copies no [B, L, V].
-    shifted = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
-    ce, valid = token_cross_entropy(logits, shifted)
-    sums, counts = ce.sum(-1), valid.sum(-1, dtype=jnp.int32)
-    return sums.sum() / jnp.maximum(counts.sum(), 1), sums, counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +70,7 @@ def score_generations(last_prompt_token: jax.Array, tokens: jax.Array, lengths: 
     output = jnp.concatenate([last_prompt_token[:, None], tokens], axis=1)
     # The last generated token sits at index `lengths` of `output`.
     tail = jnp.take_along_axis(
-        output, jnp.maximum(lengths[:, None] + jnp.arange(-3, 1), 0), axis=1)
+        output, jnp.maximum(lengths[:, None] + jnp.arange(-3, 1)[None, :], 0), axis=1)
     answer = tail[:, 1]
     format_ok = ((lengths >= 3)
                  & (tail[:, 0] == spec.token_id("answer_start"))
@@ -148,7 +99,7 @@ def _eval_batch(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.A
     """
     logits = model.apply(graphdef, state, batch["input_ids"], batch["positions"],
                          batch["attention_mask"])
-    _, loss_sum, loss_count = teacher_forced_loss(logits, batch["labels"])
+    _, loss_sum, loss_count = losses.teacher_forced_loss(logits, batch["labels"])
     out = dict(loss_sum=loss_sum, loss_count=loss_count)
     pad = spec.token_id("pad")
     query_ids, query_mask = batch["query_ids"], batch["query_mask"]
@@ -165,7 +116,7 @@ def _eval_batch(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.A
         tokens, step_logits, _ = decode.greedy_decode(
             graphdef, state, query_ids, query_mask, spec.target_len, None, pad)
         targets = batch["target_ids"]
-        chain_loss, chain_mask = token_cross_entropy(step_logits, targets)
+        chain_loss, chain_mask = losses.token_cross_entropy(step_logits, targets)
         chain_correct = tokens == targets  # never true where the target is -100
         # The answer is each task's last target: chain index c-1 (cot) or 0 (standard).
         answer_index = (chain_mask.sum(-1) - 1)[:, None]
@@ -341,22 +292,6 @@ def evaluate(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.nd
     return (metrics, per_task) if return_predictions else metrics
 
 
-def check_example_counts(example_counts, spec: data.TaskSpec) -> tuple[int, ...]:
-    """The example counts as a tuple of ints; ValueError unless they are distinct integers in
-    [1, spec.K] (at least one)."""
-    counts = tuple(example_counts)
-    if not counts:
-        raise ValueError("example_counts is empty: expected integers in [1, K]")
-    for count in counts:
-        is_int = isinstance(count, int | np.integer) and not isinstance(count, bool)
-        if not (is_int and 1 <= count <= spec.K):
-            raise ValueError(f"example_counts: {count!r} is not an integer in [1, K={spec.K}] "
-                             "(K: the spec's largest example count)")
-    if len(set(counts)) != len(counts):
-        raise ValueError(f"example_counts={counts}: every count may appear once")
-    return tuple(int(count) for count in counts)
-
-
 def evaluate_over_k(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.ndarray],
                     spec: data.TaskSpec, *, example_counts=None, batch_size: int,
                     max_pred_tokens: int, batch_sharding: jax.sharding.Sharding | None = None,
@@ -367,8 +302,9 @@ def evaluate_over_k(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str
     Returns {K': metrics}, or with `return_predictions` ({K': metrics}, {K': per_task}).
     Batching, sharding and aggregation are `evaluate`'s; K' = K is `evaluate` itself.
     """
-    counts = check_example_counts(
-        range(1, spec.K + 1) if example_counts is None else example_counts, spec)
+    counts = config_lib.parse_example_counts(
+        "all" if example_counts is None else example_counts, spec.K, name="example_counts",
+        allow_empty=False)
     max_pred_tokens = max_pred_tokens if spec.special_tokens else None
     counts_array = np.asarray(counts, np.int32)
     stacked = _per_task_outputs(
@@ -463,202 +399,3 @@ def force_token(eval_set: dict[str, np.ndarray], spec: data.TaskSpec,
     return _replace_queries(
         eval_set, np.concatenate([query_ids, forced], axis=1),
         np.concatenate([query_mask, np.ones_like(query_mask[:, :1])], axis=1))
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-def define_flags() -> None:
-    """The command line's flags; defined only when it runs, so that importing this module
-    (the trainer does) adds no flags to another program."""
-    flags.DEFINE_string("workdir", None, "The run directory (as written by cotlab_jax.main).")
-    flags.DEFINE_string("step", "latest", "The checkpoint step to evaluate: `latest` or a number.")
-    flags.DEFINE_enum("drop_think", None, list(DROP_CHOICES),
-                      "Drop the think span of --drop_k demonstrations: the first, last or random "
-                      "ones.")
-    flags.DEFINE_integer("drop_k", None, "How many think spans --drop_think drops.", lower_bound=0)
-    flags.DEFINE_integer("drop_seed", 0, "The key for --drop_think=random.")
-    flags.DEFINE_enum("force", None, list(FORCE_TOKENS),
-                      "Append <think_s> (think) or <ans_s> (answer) to every query.")
-    flags.DEFINE_integer("chain_length", None,
-                         "Evaluate on a fresh eval set with this chain length.", lower_bound=1)
-    flags.DEFINE_integer("n_examples", None,
-                         "Evaluate on a fresh eval set with this example count.", lower_bound=1)
-    flags.DEFINE_integer("n_eval_tasks", None, "Eval tasks (default: the run's config.eval; with "
-                         "the frozen set, its first N tasks).", lower_bound=1)
-    flags.DEFINE_integer("batch_size", None, "Eval batch size (default: the run's config.eval).",
-                         lower_bound=1)
-    flags.DEFINE_integer("max_pred_tokens", None,
-                         "Decoding budget with special tokens (default: the run's config.eval).",
-                         lower_bound=1)
-    flags.DEFINE_string("eval_dataset", None, "Evaluate on this TFDS dataset's test split (a "
-                        "directory written by `python -m cotlab_jax.tfds_builder`) instead of "
-                        "the run's frozen eval set.")
-    flags.DEFINE_string("out", None, "Write the JSON result here (it is always printed).")
-    flags.DEFINE_bool("save_predictions", False, "Also write the per-task arrays to OUT.npz.")
-    flags.DEFINE_bool("over_k", False, "Also evaluate with only each task's last K' examples "
-                      "kept, for K' = 1 .. K: the result's `metrics_by_k`.")
-    flags.DEFINE_list("example_counts", None, "With --over_k: the example counts K' "
-                      "(comma-separated, each in [1, K]; default 1 .. K).")
-
-
-def parse_step(step: str) -> int | str:
-    """`latest` or a step number, as `train.load_run` takes it; anything else exits."""
-    if step == "latest":
-        return step
-    if not step.isdigit():
-        raise SystemExit(f"--step={step!r}: expected `latest` or a non-negative integer")
-    return int(step)
-
-
-def parse_example_counts(values) -> tuple[int, ...] | None:
-    """--example_counts (a list of strings, or one comma-separated string) as ints; anything
-    else exits. None stays None."""
-    if values is None:
-        return None
-    if isinstance(values, str):
-        values = values.split(",")
-    values = [str(value).strip() for value in values]
-    if not values or not all(value.isdigit() for value in values):
-        raise SystemExit(f"--example_counts={','.join(values)}: expected comma-separated "
-                         "positive integers")
-    return tuple(int(value) for value in values)
-
-
-def check_variant(spec: data.TaskSpec, drop_think: str | None, force: str | None,
-                  chain_length: int | None) -> None:
-    """Exits with a one-line message if the variant does not apply to the run's task spec."""
-    if drop_think is not None and spec.prompt_strategy not in ("cot_special_token",
-                                                               "hybrid_special_token"):
-        raise SystemExit(f"--drop_think: prompt_strategy {spec.prompt_strategy!r} has no think "
-                         "spans")
-    if force is not None and not spec.special_tokens:
-        raise SystemExit(f"--force: prompt_strategy {spec.prompt_strategy!r} has no special "
-                         "tokens")
-    if chain_length is not None and spec.ablation_fixed_dag and (chain_length != spec.C):
-        raise SystemExit("--chain_length: the run's single fixed DAG (data.ablation_fixed_dag) "
-                         f"has {spec.C} chain tokens")
-
-
-def variant_eval_set(run, drop_think=None, drop_k=None, drop_seed=0, force=None,
-                     chain_length=None, n_examples=None, n_eval_tasks=None, eval_dataset=None):
-    """(eval set, spec) of the requested variant for a `train.Run` (config, spec, world,
-    workdir)."""
-    spec = run.spec
-    if eval_dataset is not None:
-        if chain_length is not None or n_examples is not None:
-            raise SystemExit("--eval_dataset fixes the tasks: it excludes --chain_length and "
-                             "--n_examples")
-        from cotlab_jax import tfds_builder  # TFDS is imported only when asked for
-
-        try:
-            eval_set = tfds_builder.load_eval_set(eval_dataset, spec)
-        except (ValueError, FileNotFoundError) as error:
-            raise SystemExit(f"--eval_dataset={eval_dataset}: {error}") from None
-    elif chain_length is not None or n_examples is not None:
-        changes = {}
-        if chain_length is not None:
-            changes["chain_length_choices"] = (chain_length,)
-        if n_examples is not None:
-            changes["n_example_choices"] = (n_examples,)
-        spec = spec.with_changes(**changes)
-        eval_set = data.build_eval_set(run.world, data.root_keys(run.config.seed)["eval"], spec,
-                                       n_eval_tasks or run.config.eval.n_eval_tasks)
-    else:
-        path = os.path.join(run.workdir, "eval_set.npz")
-        if not os.path.exists(path):
-            raise SystemExit(f"no frozen eval set at {path}")
-        eval_set = data.load_eval_set(path, spec)
-        n_frozen = len(eval_set["k"])
-        if n_eval_tasks is not None:
-            if n_eval_tasks > n_frozen:
-                raise SystemExit(f"--n_eval_tasks={n_eval_tasks}: the frozen eval set has "
-                                 f"{n_frozen} tasks")
-            eval_set = {name: value[:n_eval_tasks] for name, value in eval_set.items()}
-    if drop_think is not None:
-        eval_set = drop_think_spans(eval_set, spec, drop_k, drop_think,
-                                    jax.random.key(drop_seed))
-    if force is not None:
-        eval_set = force_token(eval_set, spec, force)
-    return eval_set, spec
-
-
-def _json_value(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, drop_seed=0,
-            force=None, chain_length=None, n_examples=None, n_eval_tasks=None, batch_size=None,
-            max_pred_tokens=None, out=None, save_predictions=False, eval_dataset=None,
-            over_k=False, example_counts=None) -> dict:
-    """The command line's work, with its flags as arguments; returns the JSON result."""
-    if not workdir:
-        raise SystemExit("--workdir is required")
-    if not os.path.isdir(workdir):
-        raise SystemExit(f"--workdir={workdir}: no such directory")
-    step = parse_step(step)
-    if (drop_think is None) != (drop_k is None):
-        raise SystemExit("--drop_think and --drop_k go together")
-    if save_predictions and out is None:
-        raise SystemExit("--save_predictions needs --out")
-    if example_counts is not None and not over_k:
-        raise SystemExit("--example_counts needs --over_k")
-    example_counts = parse_example_counts(example_counts)
-    from cotlab_jax import train  # not at the top: train imports this module
-
-    try:
-        loaded = train.load_run(workdir, step)
-    except (train.RunError, FileNotFoundError) as error:
-        raise SystemExit(f"cannot load the run: {error}") from None
-    check_variant(loaded.spec, drop_think, force, chain_length)
-    eval_set, spec = variant_eval_set(loaded, drop_think, drop_k, drop_seed, force,
-                                      chain_length, n_examples, n_eval_tasks, eval_dataset)
-    if example_counts is not None:
-        try:
-            check_example_counts(example_counts, spec)
-        except ValueError as error:
-            raise SystemExit(f"--example_counts: {error}") from None
-    sizes = dict(batch_size=batch_size or loaded.config.eval.batch_size,
-                 max_pred_tokens=max_pred_tokens or loaded.config.eval.max_pred_tokens)
-    metrics, per_task = evaluate(loaded.graphdef, loaded.params, eval_set, spec,
-                                 return_predictions=True, **sizes)
-    result = dict(
-        workdir=workdir, step=int(loaded.step), prompt_strategy=spec.prompt_strategy,
-        n_eval_tasks=len(eval_set["k"]),
-        variant=dict(drop_think=drop_think, drop_k=drop_k,
-                     drop_seed=drop_seed if drop_think == "random" else None, force=force,
-                     chain_length=chain_length, n_examples=n_examples,
-                     eval_dataset=eval_dataset),
-        metrics={name: _json_value(value) for name, value in metrics.items()},
-    )
-    if over_k:
-        metrics_by_k = evaluate_over_k(loaded.graphdef, loaded.params, eval_set, spec,
-                                       example_counts=example_counts, **sizes)
-        result["metrics_by_k"] = {
-            str(count): {name: _json_value(value) for name, value in values.items()}
-            for count, values in metrics_by_k.items()}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            f.write(text + "\n")
-        if save_predictions:
-            np.savez(os.path.splitext(out)[0] + ".npz", **per_task)
-    return result
-
-
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
-    run_cli(f.workdir, f.step, drop_think=f.drop_think, drop_k=f.drop_k, drop_seed=f.drop_seed,
-            force=f.force, chain_length=f.chain_length, n_examples=f.n_examples,
-            n_eval_tasks=f.n_eval_tasks, batch_size=f.batch_size,
-            max_pred_tokens=f.max_pred_tokens, out=f.out, save_predictions=f.save_predictions,
-            eval_dataset=f.eval_dataset, over_k=f.over_k, example_counts=f.example_counts)
-
-
-if __name__ == "__main__":
-    define_flags()
-    app.run(main)
