@@ -164,8 +164,11 @@ def quantize(
     )
     provider = _WeightEinsumProvider([rule])
     length = 2
-    x = jax.random.normal(jax.random.key(0), (1, length, config.hidden_size))
-    x = x.astype(config.compute_dtype)
+    # A float32 example whatever the compute dtype: the layers cast their weights to the
+    # input's dtype, a no-op here, so qwix recognises each weight by identity. (It cannot trace
+    # a cast back to the weight under vmap, and its fallback, matching shapes, is ambiguous: k
+    # and v, gate and up have equal shapes.) How a weight is quantized does not depend on it.
+    x = jax.random.normal(jax.random.key(0), (1, length, config.hidden_size), jnp.float32)
     positions = jnp.arange(length)[None]
     causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
 

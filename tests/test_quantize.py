@@ -88,6 +88,18 @@ def test_stored_weights_are_round_to_nearest_per_output_channel(scheme):
         assert np.all(error <= bound * (1 + 1e-5) + 1e-7), key
 
 
+def test_the_compute_dtype_does_not_change_the_stored_weights():
+    # The layers cast their weights to the compute dtype before use; under bfloat16 every weight
+    # is still found and quantized (`quantize` raises if one is not), from the float32 values.
+    config = tiny_config(hidden_size=64, intermediate_size=128, head_dim=16,
+                         initializer_range=0.125, dtype="bfloat16")
+    graphdef, state = random_state(config, SEED)
+    got = layer_weights(quantize.quantize(config, graphdef, state, "w8")[1])
+    for key, want in layer_weights(quantized("w8")[1]).items():
+        for part in ("qvalue", "scale"):
+            np.testing.assert_array_equal(got[key]["array"][part], want["array"][part])
+
+
 @pytest.mark.parametrize("scheme", ["w8", "w4"])
 def test_weight_only_model_is_the_dense_model_on_its_stored_weights(scheme):
     # Nothing but the seven layer weights is quantized (not the embedding, head, norms nor the
