@@ -49,6 +49,10 @@ of this model's code need care, neither needing a change to `cotlab_jax.model`:
    indexing), so the quantized weights are rewrapped in `_CastableWithAux`, a `WithAux` whose
    `astype` casts the quantized array's scale (the dtype it dequantizes to), as qwix's own
    extensions subclass `WithAux` (e.g. `qwix.contrib.smooth_quant.WithSqScale`).
+   qwix recognises an einsum operand as a weight by identity with a module's Param; it cannot
+   follow that cast back to the Param under vmap, and its fallback (matching shapes) is
+   ambiguous here (k and v, gate and up have equal shapes). So the quantizing call gets a
+   float32 example, which makes the model's casts no-ops whatever its compute dtype.
 The provider is `_WeightEinsumProvider`, a `qwix.PtqProvider` that leaves einsums with a batch
 axis shared by both operands (activation by activation: attention) to plain `jnp.einsum`.
 
