@@ -1,9 +1,9 @@
-"""`python -m cotlab_jax.bench {all,sampler,model,train,sweep} [--flags]`."""
+"""`python -m cotlab_jax.bench {all,sampler,model,train,sweep,quantize} [--flags]`."""
 
 import importlib
 import sys
 
-BENCHMARKS = ("all", "sampler", "model", "train", "sweep")
+BENCHMARKS = ("all", "sampler", "model", "train", "sweep", "quantize")
 
 
 def main() -> None:

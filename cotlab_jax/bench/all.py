@@ -1,6 +1,6 @@
 """Every benchmark of the lab in one command: `python -m cotlab_jax.bench all [--size=auto]`.
 
-Runs the sampler, model, train and sweep benchmarks one after another, each in its own process
+Runs the sampler, model, train, sweep and quantize benchmarks one after another, each in its own process
 (a crash or out-of-memory in one leaves the others' numbers), prints one summary table and writes
 every benchmark's JSON plus `all.json` (the same numbers together) under `--out_dir`.
 
@@ -26,6 +26,7 @@ PLANS = {
         "model": ("model", ["--shapes=cpu"]),
         "train_quickstart": ("train", ["--config=configs/quickstart.py"]),
         "sweep_8x_hidden64": ("sweep", ["--members=8", "--hidden_size=64"]),
+        "quantize": ("quantize", ["--shape=cpu"]),
     },
     "accelerator": {
         "sampler": ("sampler", ["--batch_size=16384"]),
@@ -34,6 +35,7 @@ PLANS = {
         "sweep_8x_hidden64": ("sweep", ["--members=8", "--hidden_size=64", "--repeats=3"]),
         "sweep_16x_depth4_hidden256": ("sweep", ["--members=16", "--hidden_size=256",
                                                  "--num_hidden_layers=4", "--repeats=3"]),
+        "quantize": ("quantize", ["--shape=depth4"]),
     },
 }
 
@@ -77,6 +79,11 @@ def summary_rows(label: str, result: dict) -> list[tuple[str, str, str]]:
                  f"hidden {result['hidden_size']}",
                  f"packed {1e3 * ms['packed']:.1f} ms vs one by one "
                  f"{1e3 * ms['one_by_one']:.1f} ms per step of all ({result['speedup']:.2f}x)")]
+    if name == "quantize":
+        return [(label, f"{result['shape']} {r['scheme']}",
+                 f"{r['bytes']:,d} bytes ({r['bytes_vs_dense']:.2f} of dense), decode "
+                 f"{r['decode_tasks_per_s']:,.1f} tasks/s ({r['speed_vs_dense']:.2f}x dense)")
+                for r in result["results"]]
     return [(label, "", "(no summary)")]
 
 
