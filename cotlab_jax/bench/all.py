@@ -1,8 +1,8 @@
 """Every benchmark of the lab in one command: `python -m cotlab_jax.bench all [--size=auto]`.
 
-Runs the sampler, model, train, sweep and quantize benchmarks one after another, each in its own process
-(a crash or out-of-memory in one leaves the others' numbers), prints one summary table and writes
-every benchmark's JSON plus `all.json` (the same numbers together) under `--out_dir`.
+Runs the sampler, model, train, sweep and quantize benchmarks one after another, each in its own
+process (a crash or out-of-memory in one leaves the others' numbers), prints one summary table
+and writes every benchmark's JSON plus `all.json` (the same numbers together) under `--out_dir`.
 
 Two plans, sized by `--size` (`auto`: `accelerator` when JAX's default backend is not the CPU):
 - `cpu`: the laptop-sized cases (a few minutes on 2 cores).
