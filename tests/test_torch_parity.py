@@ -1,13 +1,9 @@
 """Training matches PyTorch: the same model, from the same initial weights, trained on the same
-batches (this lab's sampler) with this lab's jitted train step and with Hugging Face
-`LlamaForCausalLM` + `torch.optim.AdamW` in float32, gives the same loss at every step.
-
-The torch side is the reference's training step (its core/train.py): the loss is HF's own
-(`labels` with -100 masked, shifted inside the model, mean over the batch's loss tokens) and
-the optimizer `torch.optim.AdamW` with `weight_decay=0.01`. The reference trains at a constant
-rate without clipping; this lab's warmup, cosine decay and clipping are checked against torch's
-own equivalents (`transformers.get_cosine_schedule_with_warmup`,
-`torch.nn.utils.clip_grad_norm_`).
+batches (this lab's sampler) with the training loop's jitted train step and with its PyTorch twin
+(`cotlab_jax.torch_twin`: HF `LlamaForCausalLM` + `torch.optim.AdamW` in float32, the
+reference's training step, HF's own loss), gives the same loss at every step: in plain AdamW (the
+reference's recipe) and with warmup, cosine decay and clipping against torch's own
+(`transformers.get_cosine_schedule_with_warmup`, `torch.nn.utils.clip_grad_norm_`).
 """
 
 import jax
@@ -15,10 +11,11 @@ import numpy as np
 import pytest
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, hf_convert, train
+from cotlab_jax import data, train
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+torch_twin = pytest.importorskip("cotlab_jax.torch_twin")
 
 STEPS = 30
 # Float32 sums in another order (XLA over 8 CPU shards vs torch's kernels) differ by ~1e-7
@@ -52,43 +49,8 @@ def parity_config(steps: int):
     return config
 
 
-def torch_twin(exp: train.Experiment, params, schedule: str):
-    """HF Llama holding `params`, its AdamW (the config's numbers) and LR schedule."""
-    hf_config = transformers.LlamaConfig(
-        **hf_convert.to_hf_config(exp.model_config), attn_implementation="eager")
-    hf = transformers.LlamaForCausalLM(hf_config)
-    state_dict = hf_convert.to_hf_state_dict(params, exp.model_config)
-    hf.load_state_dict({name: torch.from_numpy(array) for name, array in state_dict.items()})
-    cfg = exp.config.train
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.b1, cfg.b2),
-                                  eps=cfg.eps, weight_decay=cfg.weight_decay)
-    make = {"constant": transformers.get_constant_schedule_with_warmup,
-            "cosine": transformers.get_cosine_schedule_with_warmup,
-            "linear": transformers.get_linear_schedule_with_warmup}[schedule]
-    extra = {} if schedule == "constant" else dict(num_training_steps=exp.total_steps)
-    scheduler = make(optimizer, num_warmup_steps=cfg.warmup_steps, **extra)
-    return hf.train(), optimizer, scheduler
-
-
-def torch_step(hf, optimizer, scheduler, batch, clip_norm: float) -> tuple[float, float]:
-    """The reference's step (loss from HF's `labels`), plus optional clipping; (loss, grad
-    norm before clipping)."""
-    optimizer.zero_grad()
-    loss = hf(input_ids=torch.from_numpy(np.asarray(batch["input_ids"], np.int64)),
-              attention_mask=torch.from_numpy(np.asarray(batch["attention_mask"], np.int64)),
-              labels=torch.from_numpy(np.asarray(batch["labels"], np.int64))).loss
-    loss.backward()
-    if clip_norm:
-        norm = torch.nn.utils.clip_grad_norm_(hf.parameters(), clip_norm)
-    else:
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad) for p in hf.parameters()]))
-    optimizer.step()
-    scheduler.step()
-    return loss.item(), norm.item()
-
-
 def train_both(schedule: str, warmup_steps: int, clip_norm: float, weight_decay: float):
+    """Per-step (loss, gradient norm before clipping), [STEPS, 2]: ours, then the twin's."""
     config = parity_config(STEPS)
     config.train.update(dict(lr_schedule=schedule, warmup_steps=warmup_steps,
                              grad_clip_norm=clip_norm, weight_decay=weight_decay))
@@ -97,13 +59,13 @@ def train_both(schedule: str, warmup_steps: int, clip_norm: float, weight_decay:
     world = data.make_world(keys["world"], exp.spec)
     with jax.set_mesh(exp.mesh):
         graphdef, state = train.init_state(exp)
-        hf, optimizer, scheduler = torch_twin(exp, state["params"], schedule)
+        twin = torch_twin.TorchTwin(state["params"], exp.model_config, config.train,
+                                    exp.total_steps)
         step_fn = train.compile_train_step(exp, graphdef, state)
         ours, theirs = [], []
         for step in range(STEPS):
             batch = data.sample_batch(world, keys["train"], step, exp.spec, exp.batch_size)
-            assert np.asarray(batch["attention_mask"]).all()  # HF's default positions apply
-            theirs.append(torch_step(hf, optimizer, scheduler, batch, clip_norm))
+            theirs.append(twin.step(jax.device_get(batch)))
             state = step_fn(state, world, keys["train"])  # samples the same batch itself
             window = jax.device_get(state["window"])  # the window is this step alone
             ours.append((float(window["loss_sum"]), float(window["grad_norm"])))

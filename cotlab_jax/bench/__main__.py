@@ -1,9 +1,9 @@
-"""`python -m cotlab_jax.bench {sampler,model,train,sweep} [--flags]`."""
+"""`python -m cotlab_jax.bench {sampler,model,train,sweep,fidelity} [--flags]`."""
 
 import importlib
 import sys
 
-BENCHMARKS = ("sampler", "model", "train", "sweep")
+BENCHMARKS = ("sampler", "model", "train", "sweep", "fidelity")
 
 
 def main() -> None:
