@@ -31,7 +31,8 @@ from cotlab_jax.bench.train import load_config
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m cotlab_jax.bench fidelity")
     parser.add_argument("--config", default="configs/quickstart.py",
-                        help="its first sweep member (the quickstart's: CoT prompts)")
+                        help="a config file; its sweep axes are ignored (the quickstart's base is "
+                        "its CoT member)")
     parser.add_argument("--steps", type=int, default=None,
                         help="train steps (default: the config's); the schedule spans them")
     parser.add_argument("--evals", type=int, default=4, help="evaluations after step 0")
