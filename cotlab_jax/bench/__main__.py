@@ -1,9 +1,9 @@
-"""`python -m cotlab_jax.bench {all,sampler,model,train,sweep,quantize} [--flags]`."""
+"""`python -m cotlab_jax.bench {all,sampler,model,train,sweep,quantize,fidelity} [--flags]`."""
 
 import importlib
 import sys
 
-BENCHMARKS = ("all", "sampler", "model", "train", "sweep", "quantize")
+BENCHMARKS = ("all", "sampler", "model", "train", "sweep", "quantize", "fidelity")
 
 
 def main() -> None:
