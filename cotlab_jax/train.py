@@ -62,7 +62,9 @@ class Experiment:
 def setup(config: ml_collections.ConfigDict) -> Experiment:
     """Validates every config group (before anything compiles) and derives the experiment."""
     spec = data.TaskSpec.from_config(config)
-    model_config = model.LlamaConfig.from_config(config.model, config.data.vocab_size)
+    # As the reference: with special tokens the embedding has padding_idx = the pad id (V-1).
+    padding_idx = spec.token_id("pad") if spec.special_tokens else None
+    model_config = model.LlamaConfig.from_config(config.model, config.data.vocab_size, padding_idx)
     config_lib.validate_train(config.train)
     config_lib.validate_eval(config.eval)
     config_lib.example_counts(config.eval, spec.K)
