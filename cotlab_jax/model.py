@@ -354,6 +354,67 @@ def project(spec: str, x, w, flat: bool, preferred_element_type=None):
     return product.reshape(*lead, *out)
 
 
+_MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)  # as jax.nn.dot_product_attention's
+
+
+def cpu_attention(query, key, value, mask):
+    """`jax.nn.dot_product_attention(query, key, value, mask=mask)` (its XLA path's numbers:
+    float32 scores and softmax, a fully masked row uniform), laid out for XLA:CPU: queries are
+    grouped per KV head as [B, kv, groups, L, hd] up front and the backward pass is written out,
+    so no [B, heads, L, S] tensor is transposed (the batched einsums' output order and autodiff
+    did: copies of the probabilities and their gradients in every layer).
+
+    query [B, L, heads, hd]; key, value [B, S, kv_heads, hd]; mask [B, 1, L, S] (True = attend).
+    """
+    batch, length, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    grouped = jnp.transpose(grouped, (0, 2, 3, 1, 4))
+    precision = jax.config.jax_default_matmul_precision
+    out = _grouped_attention(grouped, key, value, mask, precision)  # [B, kv, groups, L, hd]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(query.shape)
+
+
+def _grouped_scores(query, key, mask, precision):
+    """Masked, scaled float32 scores [B, kv, groups, L, S] of query [B, kv, groups, L, hd]."""
+    scores = jnp.einsum(
+        "bkgld,bskd->bkgls", query, key, precision=precision, preferred_element_type=jnp.float32
+    )
+    scores = scores * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    return jnp.where(mask[:, :, None], scores, _MASKED_SCORE)
+
+
+def _grouped_attention_forward(query, key, value, mask, precision):
+    probs = jax.nn.softmax(_grouped_scores(query, key, mask, precision), axis=-1)
+    out = jnp.einsum("bkgls,bskd->bkgld", probs.astype(value.dtype), value, precision=precision)
+    return out, (query, key, value, mask, probs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grouped_attention(query, key, value, mask, precision):
+    return _grouped_attention_forward(query, key, value, mask, precision)[0]
+
+
+def _grouped_attention_backward(precision, residuals, d_out):
+    query, key, value, mask, probs = residuals
+    d_probs = jnp.einsum(
+        "bkgld,bskd->bkgls", d_out, value, precision=precision, preferred_element_type=jnp.float32
+    )
+    # Softmax's backward; masked scores were constants, so they get no gradient.
+    d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+    d_scores = jnp.where(mask[:, :, None], d_scores, 0.0)
+    d_scores = d_scores * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    d_query = jnp.einsum("bkgls,bskd->bkgld", d_scores.astype(key.dtype), key, precision=precision)
+    d_key = jnp.einsum(
+        "bkgls,bkgld->bskd", d_scores.astype(query.dtype), query, precision=precision
+    )
+    d_value = jnp.einsum("bkgls,bkgld->bskd", probs.astype(d_out.dtype), d_out, precision=precision)
+    return d_query, d_key, d_value, None
+
+
+_grouped_attention.defvjp(_grouped_attention_forward, _grouped_attention_backward)
+
+
 def attention_probabilities(query, key, mask):
     """Float32 attention probabilities [B, heads, L, S], as `jax.nn.dot_product_attention`'s XLA
     path computes them: softmax over S of q·k / sqrt(head_dim) in float32, masked entries set to
@@ -417,6 +478,9 @@ class Attention(nnx.Module):
             out = jnp.einsum(
                 "bhls,bshk->blhk", probs.astype(dtype), jnp.repeat(value, groups, axis=2)
             )
+        elif cpu:
+            probs = None
+            out = cpu_attention(query, key, value, mask)
         else:
             probs = None
             out = jax.nn.dot_product_attention(

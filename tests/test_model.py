@@ -263,6 +263,47 @@ def test_cpu_formulation_has_the_accelerator_formulations_loss_and_gradients():
     np.testing.assert_array_equal(logits["auto"], logits["cpu"])
 
 
+@pytest.mark.parametrize("heads, kv_heads, query_length", [(4, 2, 13), (3, 3, 13), (4, 1, 1)])
+def test_cpu_attention_is_dot_product_attention(heads, kv_heads, query_length):
+    """Outputs and all three input gradients equal jax.nn.dot_product_attention's on random
+    inputs with causal and padding masks, fully masked rows included (each path sums in its
+    own order: float32 rounding, ~1e-6 of the largest value)."""
+    rng = np.random.default_rng(heads + kv_heads + query_length)
+    batch, keys, head_dim = 3, 13, 8
+    query = jnp.asarray(rng.normal(size=(batch, query_length, heads, head_dim)), jnp.float32)
+    key, value = (
+        jnp.asarray(rng.normal(size=(batch, keys, kv_heads, head_dim)), jnp.float32)
+        for _ in range(2)
+    )
+    real = np.ones((batch, keys), bool)
+    real[1, :4] = False
+    real[2, :-2] = False  # most of row 2 is padding: its early queries see no key at all
+    query_slots = np.arange(keys - query_length, keys)
+    causal = np.arange(keys)[None, :] <= query_slots[:, None]
+    mask = jnp.asarray(causal[None, None] & real[:, None, None, :])
+    cotangent = jnp.asarray(rng.normal(size=query.shape), jnp.float32)
+
+    def weighted(attention):
+        return lambda q, k, v: jnp.sum(attention(q, k, v, mask=mask) * cotangent)
+
+    ours = jax.value_and_grad(
+        weighted(lambda q, k, v, mask: model.cpu_attention(q, k, v, mask)), argnums=(0, 1, 2)
+    )(query, key, value)
+    theirs = jax.value_and_grad(weighted(jax.nn.dot_product_attention), argnums=(0, 1, 2))(
+        query, key, value
+    )
+    np.testing.assert_allclose(
+        model.cpu_attention(query, key, value, mask),
+        jax.nn.dot_product_attention(query, key, value, mask=mask),
+        atol=1e-6 * 4,
+    )
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)
+    for mine, reference in zip(ours[1], theirs[1], strict=True):
+        scale = np.abs(np.asarray(reference)).max()
+        assert scale > 0.1
+        np.testing.assert_allclose(mine, reference, atol=2e-6 * scale)
+
+
 def test_cpu_formulation_decodes_like_the_accelerator_formulation():
     ids, mask = random_batch(7, 3, 10, 64)
     outputs = {}
