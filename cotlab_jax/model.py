@@ -9,8 +9,12 @@ attention, SwiGLU MLP, no biases, tied or untied output embedding. Parameters ar
 cast to the compute dtype (`config.dtype`) where used; norms, rotary angles and softmax run in
 float32 and logits come back in float32.
 
-The layers' parameters are stacked along a leading `layers` axis and run by one `lax.scan`, so
-compile time does not grow with depth. Every parameter carries logical axis names (`embed`,
+The layers' parameters are stacked along a leading `layers` axis. On accelerators one
+`lax.scan` runs them, so compile time does not grow with depth. XLA:CPU runs another layout of
+the same math faster (`LlamaConfig.formulation`, chosen per platform when lowering): layers
+unrolled, projections as 2-D matmuls and attention with a hand-written backward, which spare
+the CPU the scan's stacking copies and the transposing copies of wide activations in the
+backward pass. Every parameter carries logical axis names (`embed`,
 `vocab`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`) as flax `out_sharding` metadata,
 which `cotlab_jax.sharding` maps onto a mesh.
 
