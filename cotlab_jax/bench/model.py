@@ -211,6 +211,8 @@ def bench_vs_torch(name: str, shape: Shape, args, mesh, torch_twin) -> dict:
         jax_loss, torch_loss = float(jax_step()), twin.train_step(ids_np, mask_np)
         if abs(jax_loss - torch_loss) > 1e-5 * abs(torch_loss):
             raise RuntimeError(f"{name}: first-step losses differ: {jax_loss} vs {torch_loss}")
+        # Warm-up: the updated state's layout can cost one more compilation.
+        jax.block_until_ready(jax_step())
         jax.block_until_ready(jax_decode())
         torch_decode()
         times = {key: [] for key in ("jax_step", "torch_step", "jax_decode", "torch_decode")}
