@@ -90,6 +90,9 @@ def model_config() -> ml_collections.ConfigDict:
             dtype="bfloat16",  # compute dtype; parameters are always float32
             remat_policy="none",  # "none", "full", or a jax.checkpoint_policies name
             attention_impl="auto",  # "auto" (cuDNN where offered), "xla", "cudnn"
+            # "auto" (= "highest", true float32, with float32 dtype; JAX's default with bfloat16),
+            # "default", "high", "highest": every matmul, einsum and attention in the model
+            matmul_precision="auto",
         )
     )
 

@@ -50,7 +50,9 @@ def setup(config: ml_collections.ConfigDict,
     `mesh` (default: `training_mesh(config)`). The mesh is where a run is placed, not part of
     what it is: a run trained on one mesh is loaded, evaluated or resumed on another."""
     spec = data.TaskSpec.from_config(config)
-    model_config = model.LlamaConfig.from_config(config.model, config.data.vocab_size)
+    # As the reference: with special tokens the embedding has padding_idx = the pad id (V-1).
+    padding_idx = spec.token_id("pad") if spec.special_tokens else None
+    model_config = model.LlamaConfig.from_config(config.model, config.data.vocab_size, padding_idx)
     config_lib.validate_train(config.train)
     config_lib.validate_eval(config.eval)
     config_lib.parse_example_counts(config.eval.example_counts, spec.K)

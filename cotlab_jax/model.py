@@ -9,8 +9,12 @@ attention, SwiGLU MLP, no biases, tied or untied output embedding. Parameters ar
 cast to the compute dtype (`config.dtype`) where used; norms, rotary angles and softmax run in
 float32 and logits come back in float32.
 
-The layers' parameters are stacked along a leading `layers` axis and run by one `lax.scan`, so
-compile time does not grow with depth. Every parameter carries logical axis names (`embed`,
+The layers' parameters are stacked along a leading `layers` axis. On accelerators one
+`lax.scan` runs them, so compile time does not grow with depth. XLA:CPU runs another layout of
+the same math faster (`LlamaConfig.formulation`, chosen per platform when lowering): layers
+unrolled, projections as 2-D matmuls and attention with a hand-written backward, which spare
+the CPU the scan's stacking copies and the transposing copies of wide activations in the
+backward pass. Every parameter carries logical axis names (`embed`,
 `vocab`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`) as flax `out_sharding` metadata,
 which `cotlab_jax.sharding` maps onto a mesh.
 
@@ -18,9 +22,11 @@ Sequences are left-padded: `attention_mask` marks real tokens, and callers pass 
 (cumsum(mask) - 1), so padding never shifts a token's rotary position.
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +50,11 @@ REMAT_POLICIES = (
     "checkpoint_dots_with_no_batch_dims",
 )
 ROPE_TYPES = ("default", "llama3")
+# "auto": "highest" (true float32 products) with float32 compute, JAX's default with bfloat16.
+MATMUL_PRECISIONS = ("auto", "default", "high", "highest")
+# How the same math is laid out for the compiler (see `Llama.__call__`); "auto" picks per
+# platform when lowering.
+FORMULATIONS = ("auto", "cpu", "accelerator")
 
 
 def _invalid(field: str, value, allowed: str):
@@ -114,8 +125,15 @@ class Llama3RopeScaling:
 class LlamaConfig:
     """The decoder's hyperparameters; validated on construction (raises `ConfigError`).
 
-    Defaults are the reference's depth-4 model (DESIGN 1.5). `head_dim=None` means
-    hidden_size // num_attention_heads. Hashable, so it can sit in a jit-static graphdef.
+    Defaults are the reference's depth-4 model. `head_dim=None` means
+    hidden_size // num_attention_heads. `matmul_precision` applies to every matmul, einsum and
+    attention product of the model (`MATMUL_PRECISIONS`). `padding_idx`: as torch's
+    `nn.Embedding(padding_idx=...)` (the reference sets V-1 with special tokens), that embedding
+    row starts at zero and the lookup passes it no gradient (a tied output head still does).
+    `formulation`: "accelerator" runs the layers in one `lax.scan` (compile time flat in depth)
+    with batched einsums; "cpu" unrolls the layers and runs projections as 2-D matmuls, which
+    XLA:CPU runs faster; "auto" picks per platform when lowering. Hashable, so it can sit in a
+    jit-static graphdef.
     """
 
     vocab_size: int
@@ -133,6 +151,9 @@ class LlamaConfig:
     dtype: str = "bfloat16"
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    matmul_precision: str = "auto"
+    padding_idx: int | None = None
+    formulation: str = "auto"
 
     def __post_init__(self):
         if not (_is_int(self.vocab_size) and self.vocab_size > 0):
@@ -189,20 +210,46 @@ class LlamaConfig:
                 "model.attention_impl", self.attention_impl, f"expected one of {ATTENTION_IMPLS}"
             )
 
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            _invalid(
+                "model.matmul_precision",
+                self.matmul_precision,
+                f"expected one of {MATMUL_PRECISIONS}",
+            )
+        if self.padding_idx is not None and not (
+            _is_int(self.padding_idx) and 0 <= self.padding_idx < self.vocab_size
+        ):
+            _invalid(
+                "model.padding_idx",
+                self.padding_idx,
+                f"expected None or a token id in [0, vocab_size={self.vocab_size})",
+            )
+        if self.formulation not in FORMULATIONS:
+            _invalid("model.formulation", self.formulation, f"expected one of {FORMULATIONS}")
+
     @classmethod
-    def from_config(cls, model_cfg, vocab_size: int) -> "LlamaConfig":
-        """From the project's `config.model` group and `config.data.vocab_size`."""
-        fields = {field.name for field in dataclasses.fields(cls)} - {"vocab_size"}
+    def from_config(cls, model_cfg, vocab_size: int, padding_idx: int | None = None):
+        """From the project's `config.model` group and `config.data.vocab_size`; `padding_idx`
+        is the pad token's id when the prompts use special tokens (as the reference), else None.
+        """
+        fields = {field.name for field in dataclasses.fields(cls)} - {"vocab_size", "padding_idx"}
         values = dict(model_cfg)
         unknown = sorted(set(values) - fields)
         if unknown:
             _invalid("model", unknown, f"unknown fields; known are {sorted(fields)}")
         values["rope_scaling"] = Llama3RopeScaling.from_dict(values.get("rope_scaling"))
-        return cls(vocab_size=vocab_size, **values)
+        return cls(vocab_size=vocab_size, padding_idx=padding_idx, **values)
 
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+    @property
+    def resolved_matmul_precision(self) -> str | None:
+        """The precision name for `jax.default_matmul_precision`; None keeps JAX's default."""
+        if self.matmul_precision == "auto":
+            return "highest" if self.dtype == "float32" else None
+        return self.matmul_precision
 
 
 def _param(key, shape, axes, std):
@@ -290,6 +337,89 @@ def _attention_implementation(config: LlamaConfig, query, key) -> str:
     return "cudnn" if on_gpu and fits else "xla"
 
 
+def project(spec: str, x, w, flat: bool, preferred_element_type=None):
+    """`jnp.einsum(spec, x, w)` for a projection: x's trailing axes contract with w's leading ones.
+
+    flat (the CPU formulation, see `Llama.__call__`): the same product as one 2-D matmul over
+    the flattened tokens, [tokens, in] @ [in, out]. Its autodiff weight gradient is then a
+    plain x^T g that XLA:CPU runs without first transposing the output gradient g (the batched
+    einsum's gradient made it copy g [tokens, out] transposed, the slowest op of a CPU step).
+    """
+    if not flat:
+        return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+    x_axes, w_axes = spec.split("->")[0].split(",")
+    contracted = len(set(x_axes) & set(w_axes))
+    lead = x.shape[: x.ndim - contracted]
+    out = w.shape[contracted:]
+    product = jnp.matmul(
+        x.reshape(math.prod(lead), -1),
+        w.reshape(math.prod(w.shape[:contracted]), -1),
+        preferred_element_type=preferred_element_type,
+    )
+    return product.reshape(*lead, *out)
+
+
+_MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)  # as jax.nn.dot_product_attention's
+
+
+def cpu_attention(query, key, value, mask):
+    """`jax.nn.dot_product_attention(query, key, value, mask=mask)` (its XLA path's numbers:
+    float32 scores and softmax, a fully masked row uniform), laid out for XLA:CPU: queries are
+    grouped per KV head as [B, kv, groups, L, hd] up front and the backward pass is written out,
+    so no [B, heads, L, S] tensor is transposed (the batched einsums' output order and autodiff
+    did: copies of the probabilities and their gradients in every layer).
+
+    query [B, L, heads, hd]; key, value [B, S, kv_heads, hd]; mask [B, 1, L, S] (True = attend).
+    """
+    batch, length, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    grouped = jnp.transpose(grouped, (0, 2, 3, 1, 4))
+    precision = jax.config.jax_default_matmul_precision
+    out = _grouped_attention(grouped, key, value, mask, precision)  # [B, kv, groups, L, hd]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(query.shape)
+
+
+def _grouped_scores(query, key, mask, precision):
+    """Masked, scaled float32 scores [B, kv, groups, L, S] of query [B, kv, groups, L, hd]."""
+    scores = jnp.einsum(
+        "bkgld,bskd->bkgls", query, key, precision=precision, preferred_element_type=jnp.float32
+    )
+    scores = scores * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    return jnp.where(mask[:, :, None], scores, _MASKED_SCORE)
+
+
+def _grouped_attention_forward(query, key, value, mask, precision):
+    probs = jax.nn.softmax(_grouped_scores(query, key, mask, precision), axis=-1)
+    out = jnp.einsum("bkgls,bskd->bkgld", probs.astype(value.dtype), value, precision=precision)
+    return out, (query, key, value, mask, probs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grouped_attention(query, key, value, mask, precision):
+    return _grouped_attention_forward(query, key, value, mask, precision)[0]
+
+
+def _grouped_attention_backward(precision, residuals, d_out):
+    query, key, value, mask, probs = residuals
+    d_probs = jnp.einsum(
+        "bkgld,bskd->bkgls", d_out, value, precision=precision, preferred_element_type=jnp.float32
+    )
+    # Softmax's backward; masked scores were constants, so they get no gradient.
+    d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+    d_scores = jnp.where(mask[:, :, None], d_scores, 0.0)
+    d_scores = d_scores * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    d_query = jnp.einsum("bkgls,bskd->bkgld", d_scores.astype(key.dtype), key, precision=precision)
+    d_key = jnp.einsum(
+        "bkgls,bkgld->bskd", d_scores.astype(query.dtype), query, precision=precision
+    )
+    d_value = jnp.einsum("bkgls,bkgld->bskd", probs.astype(d_out.dtype), d_out, precision=precision)
+    return d_query, d_key, d_value, None
+
+
+_grouped_attention.defvjp(_grouped_attention_forward, _grouped_attention_backward)
+
+
 def attention_probabilities(query, key, mask):
     """Float32 attention probabilities [B, heads, L, S], as `jax.nn.dot_product_attention`'s XLA
     path computes them: softmax over S of q·k / sqrt(head_dim) in float32, masked entries set to
@@ -321,18 +451,19 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs.params(), (d, kv, hd), ("embed", "kv_heads", "head_dim"), std)
         self.o_proj = _param(rngs.params(), (h, hd, d), ("heads", "head_dim", "embed"), std)
 
-    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention=False):
+    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention, cpu):
         """x [B, L, D]; mask [B, 1, L, S] (True = attend); kv_cache None or (k, v) [B, S, KV, hd].
 
         Without a cache the keys are this call's tokens (S = L); with one, this call's keys and
         values are written into it at slot `cache_index` and attention runs over all S slots.
         Returns the output [B, L, D], the (updated) keys and values, and with `return_attention`
-        (static) the float32 probabilities [B, heads, L, S] (else None).
+        (static) the float32 probabilities [B, heads, L, S] (else None). `cpu` (static): the
+        CPU formulation (see `Llama.__call__`).
         """
         dtype = x.dtype
-        query = jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(dtype))
-        key = jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(dtype))
-        value = jnp.einsum("bld,dhk->blhk", x, self.v_proj[...].astype(dtype))
+        query = project("bld,dhk->blhk", x, self.q_proj[...].astype(dtype), cpu)
+        key = project("bld,dhk->blhk", x, self.k_proj[...].astype(dtype), cpu)
+        value = project("bld,dhk->blhk", x, self.v_proj[...].astype(dtype), cpu)
         inv_freq = rope_inverse_frequencies(self.config)
         query = sharding.constrain(
             apply_rope(query, positions, inv_freq), ("batch", "length", "heads", "head_dim")
@@ -352,6 +483,9 @@ class Attention(nnx.Module):
             out = jnp.einsum(
                 "bhls,bshk->blhk", probs.astype(dtype), jnp.repeat(value, groups, axis=2)
             )
+        elif cpu:
+            probs = None
+            out = cpu_attention(query, key, value, mask)
         else:
             probs = None
             out = jax.nn.dot_product_attention(
@@ -361,7 +495,7 @@ class Attention(nnx.Module):
                 mask=mask,
                 implementation=_attention_implementation(self.config, query, key),
             )
-        out = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(dtype))
+        out = project("blhk,hkd->bld", out, self.o_proj[...].astype(dtype), cpu)
         return out, (key, value), probs
 
 
@@ -372,12 +506,12 @@ class MLP(nnx.Module):
         self.up_proj = _param(rngs.params(), (d, m), ("embed", "mlp"), std)
         self.down_proj = _param(rngs.params(), (m, d), ("mlp", "embed"), std)
 
-    def __call__(self, x):
+    def __call__(self, x, cpu):
         dtype = x.dtype
-        gate = jnp.einsum("bld,dm->blm", x, self.gate_proj[...].astype(dtype))
-        up = jnp.einsum("bld,dm->blm", x, self.up_proj[...].astype(dtype))
+        gate = project("bld,dm->blm", x, self.gate_proj[...].astype(dtype), cpu)
+        up = project("bld,dm->blm", x, self.up_proj[...].astype(dtype), cpu)
         hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("blm,md->bld", hidden, self.down_proj[...].astype(dtype))
+        return project("blm,md->bld", hidden, self.down_proj[...].astype(dtype), cpu)
 
 
 class Block(nnx.Module):
@@ -389,13 +523,61 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention=False):
+    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention, cpu):
         attended, kv, probs = self.self_attn(
-            self.input_layernorm(x), positions, mask, kv_cache, cache_index, return_attention
+            self.input_layernorm(x), positions, mask, kv_cache, cache_index, return_attention, cpu
         )
         x = x + attended
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), cpu)
         return sharding.constrain(x, ("batch", "length", "embed")), kv, probs
+
+
+def _decoder(
+    config,
+    layers_graphdef,
+    layers_state,
+    x,
+    positions,
+    mask,
+    kv_cache,
+    cache_index,
+    head,
+    norm,
+    return_attention,
+    cpu,
+):
+    """The layer stack, final norm and output head of `Llama.__call__`: (logits, cache, probs).
+
+    `cpu` (static) picks the CPU formulation: layers unrolled and projections as 2-D matmuls
+    (`project`); else one scan over the stacked layers and batched einsums. Same math.
+    """
+
+    def layer(x, layer_inputs):
+        layer_state, layer_cache = layer_inputs
+        block = nnx.merge(layers_graphdef, layer_state)
+        x, kv, probs = block(x, positions, mask, layer_cache, cache_index, return_attention, cpu)
+        # Scan stacks the per-layer outputs; a `None` (probs when off) adds nothing to it.
+        return x, (kv, probs)
+
+    if kv_cache is None:
+        # Keys and values are not kept without a cache: `None` makes scan drop them.
+        def body(x, layer_state):
+            x, (_, probs) = layer(x, (layer_state, None))
+            return x, (None, probs)
+    else:
+        body = layer
+    xs = layers_state if kv_cache is None else (layers_state, kv_cache)
+    body = _remat(body, config.remat_policy)
+    if not cpu:
+        x, (new_cache, probs) = jax.lax.scan(body, x, xs)
+    else:
+        outputs = []
+        for index in range(config.num_hidden_layers):
+            x, output = body(x, jax.tree.map(operator.itemgetter(index), xs))
+            outputs.append(output)
+        new_cache, probs = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *outputs)
+    logits = project("bld,dv->blv", norm(x), head, cpu, preferred_element_type=jnp.float32)
+    return logits, new_cache, probs
 
 
 def _remat(fn, policy_name: str):
@@ -414,6 +596,8 @@ class Llama(nnx.Module):
         self.embed_tokens = _param(
             rngs.params(), (config.vocab_size, config.hidden_size), ("vocab", "embed"), std
         )
+        if config.padding_idx is not None:  # as torch's nn.Embedding(padding_idx=...)
+            self.embed_tokens[...] = self.embed_tokens[...].at[config.padding_idx].set(0.0)
 
         # One Block whose parameters have a leading `layers` axis, one slice per layer.
         @nnx.split_rngs(splits=config.num_hidden_layers)
@@ -440,6 +624,13 @@ class Llama(nnx.Module):
         With `return_attention` (static) also the attention probabilities, float32
         [layers, B, heads, L, S], as a third output (see `apply`).
         """
+        precision = self.config.resolved_matmul_precision
+        with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+            return self._forward(
+                input_ids, positions, key_mask, kv_cache, cache_index, return_attention
+            )
+
+    def _forward(self, input_ids, positions, key_mask, kv_cache, cache_index, return_attention):
         config = self.config
         dtype = config.compute_dtype
         length = input_ids.shape[1]
@@ -447,6 +638,9 @@ class Llama(nnx.Module):
         # embed cannot produce batch-sharded rows without a full rematerialisation.
         table = sharding.constrain(self.embed_tokens[...].astype(dtype), (None, None))
         x = jnp.take(table, input_ids, axis=0)
+        if config.padding_idx is not None:  # the padding row's lookups pass no gradient
+            is_pad = (input_ids == config.padding_idx)[..., None]
+            x = jnp.where(is_pad, jax.lax.stop_gradient(x), x)
         x = sharding.constrain(x, ("batch", "length", "embed"))
         query_slots = cache_index + jnp.arange(length)
         key_slots = jnp.arange(key_mask.shape[1])
@@ -454,34 +648,47 @@ class Llama(nnx.Module):
         mask = causal[None, None] & key_mask.astype(bool)[:, None, None, :]
 
         layers_graphdef, layers_state = nnx.split(self.layers)
-
-        def layer(x, layer_inputs):
-            layer_state, layer_cache = layer_inputs
-            block = nnx.merge(layers_graphdef, layer_state)
-            x, kv, probs = block(x, positions, mask, layer_cache, cache_index, return_attention)
-            # Scan stacks the per-layer outputs; a `None` (probs when off) adds nothing to it.
-            return x, (kv, probs)
-
-        if kv_cache is None:
-            # Keys and values are not kept without a cache: `None` makes scan drop them.
-            def body(x, layer_state):
-                x, (_, probs) = layer(x, (layer_state, None))
-                return x, (None, probs)
-        else:
-            body = layer
+        if kv_cache is not None:
             kv_cache = tuple(
                 sharding.constrain(c, ("layers", "batch", "length", "kv_heads", "head_dim"))
                 for c in kv_cache
             )
-        xs = layers_state if kv_cache is None else (layers_state, kv_cache)
-        x, (new_cache, probs) = jax.lax.scan(_remat(body, config.remat_policy), x, xs)
-
-        x = self.norm(x)
         if config.tie_word_embeddings:
             head = self.embed_tokens[...].astype(dtype).T
         else:
             head = self.lm_head[...].astype(dtype)
-        logits = jnp.einsum("bld,dv->blv", x, head, preferred_element_type=jnp.float32)
+
+        def decoder(x, layers_state, kv_cache, head, cpu):
+            return _decoder(
+                config,
+                layers_graphdef,
+                layers_state,
+                x,
+                positions,
+                mask,
+                kv_cache,
+                cache_index,
+                head,
+                self.norm,
+                return_attention,
+                cpu,
+            )
+
+        if config.formulation == "auto":
+            # XLA:CPU runs the CPU formulation faster. The branch is chosen when lowering, for
+            # the platform compiled for (an ahead-of-time TPU compilation on a CPU host gets the
+            # accelerator program), and XLA only ever sees that one.
+            logits, new_cache, probs = jax.lax.platform_dependent(
+                x,
+                layers_state,
+                kv_cache,
+                head,
+                cpu=functools.partial(decoder, cpu=True),
+                default=functools.partial(decoder, cpu=False),
+            )
+        else:
+            cpu = config.formulation == "cpu"
+            logits, new_cache, probs = decoder(x, layers_state, kv_cache, head, cpu=cpu)
         logits = sharding.constrain(logits, ("batch", "length", "vocab"))
         if return_attention:
             return logits, new_cache, probs

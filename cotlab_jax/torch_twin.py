@@ -9,8 +9,8 @@ tokens). This lab's optional warmup, decay and clipping (`config.train`) map ont
 transformers' `get_{constant,cosine,linear}_schedule_with_warmup` and
 `torch.nn.utils.clip_grad_norm_`.
 
-Used by `tests/test_torch_parity.py` and `python -m cotlab_jax.bench fidelity`; needs the
-`interop` extra (torch, transformers).
+Used by `tests/test_torch_parity.py`, `python -m cotlab_jax.bench fidelity` and
+`python -m cotlab_jax.bench model --vs_torch`; needs the `interop` extra (torch, transformers).
 """
 
 import numpy as np
@@ -72,6 +72,16 @@ class TorchTwin:
         self.optimizer.step()
         self.scheduler.step()
         return loss.item(), norm.item()
+
+    @torch.no_grad()
+    def greedy_decode(self, prompts, prompt_mask, new_tokens: int) -> np.ndarray:
+        """Greedy decoding with HF's KV cache: `new_tokens` tokens after left-padded prompts."""
+        self.model.eval()
+        out = self.model.generate(input_ids=_tensor(prompts), attention_mask=_tensor(prompt_mask),
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False, use_cache=True, pad_token_id=0)
+        self.model.train()
+        return out[:, np.shape(prompts)[1]:].numpy()
 
     def params(self) -> nnx.State:
         """The current weights as this lab's parameters (to evaluate them with this lab)."""

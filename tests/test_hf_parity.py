@@ -1,7 +1,9 @@
 """Same weights, same numbers as Hugging Face `LlamaForCausalLM` (float32, CPU)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from model_helpers import forward, random_batch, random_state, tiny_config
 
@@ -11,11 +13,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-def hf_model(config: model.LlamaConfig, seed: int):
+def hf_model(config: model.LlamaConfig, seed: int, **hf_overrides):
     """A randomly initialised HF model described by our config (tests `to_hf_config`)."""
     torch.manual_seed(seed)
     hf_config = transformers.LlamaConfig(
-        **hf_convert.to_hf_config(config), attn_implementation="eager"
+        **hf_convert.to_hf_config(config), attn_implementation="eager", **hf_overrides
     )
     return transformers.LlamaForCausalLM(hf_config).eval()
 
@@ -204,3 +206,53 @@ def test_greedy_decoding_matches_hf_generate():
         np.testing.assert_allclose(logits[row, :length], hf_step_logits[row, :length], atol=1e-4)
         top2 = np.sort(hf_step_logits[row, :length], axis=-1)[:, -2:]
         assert np.all(top2[:, 1] - top2[:, 0] > 1e-3)  # no near-ties: the match is not luck
+
+
+@pytest.mark.parametrize("padding_idx", [None, 47])
+def test_loss_and_gradients_match_hf(padding_idx):
+    """One training step's loss and every parameter's gradient, as torch autograd gives them,
+    including the reference's `padding_idx=V-1` embedding (tied: the row gets only the output
+    head's gradient) with the pad id among the real tokens."""
+    config = tiny_config(vocab_size=48, padding_idx=padding_idx, tie_word_embeddings=True)
+    hf = hf_model(config, seed=13, pad_token_id=padding_idx)
+    graphdef, state = converted(hf, config)
+    ids, mask = random_batch(13, 4, 20, config.vocab_size, pads=(0, 3, 9, 0))
+    ids = jnp.where(mask & (jnp.arange(20) % 4 == 1), config.vocab_size - 1, ids)
+    # Real tokens predicting real tokens: a padding query attends to nothing, and how a fully
+    # masked row is filled (and differentiated) is each implementation's own choice.
+    weights = np.asarray(mask[:, 1:] & mask[:, :-1], np.float32)
+
+    def loss_fn(state):
+        logits = model.apply(graphdef, state, ids, model.positions_from_mask(mask), mask)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+        return jnp.sum(losses * weights) / jnp.sum(weights)
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state)
+
+    hf.zero_grad()
+    hf_out = hf(
+        input_ids=torch.from_numpy(np.asarray(ids, np.int64)),
+        attention_mask=torch.from_numpy(np.asarray(mask, np.int64)),
+        position_ids=torch.from_numpy(np.asarray(model.positions_from_mask(mask), np.int64)),
+    ).logits
+    hf_losses = torch.nn.functional.cross_entropy(
+        hf_out[:, :-1].reshape(-1, config.vocab_size),
+        torch.from_numpy(np.asarray(ids[:, 1:], np.int64)).reshape(-1),
+        reduction="none",
+    )
+    hf_weights = torch.from_numpy(weights.reshape(-1))
+    hf_loss = (hf_losses * hf_weights).sum() / hf_weights.sum()
+    hf_loss.backward()
+    hf_grads = {name: p.grad.numpy() for name, p in hf.named_parameters()}
+    hf_grads = hf_convert.from_hf_state_dict(hf_grads, config)
+
+    np.testing.assert_allclose(float(loss), hf_loss.item(), rtol=1e-6)
+    # Float32 sums in other orders: differences of ~1e-6 of the largest gradient entry.
+    for ours, theirs in zip(jax.tree.leaves(grads), jax.tree.leaves(hf_grads), strict=True):
+        scale = np.abs(np.asarray(theirs)).max()
+        assert scale > 0
+        np.testing.assert_allclose(ours, theirs, atol=1e-5 * scale)
+    embed_grad = np.asarray(grads["embed_tokens"][...])
+    pad_row = config.vocab_size - 1
+    if padding_idx is not None:  # HF's row gets only the head's share; ours the same
+        assert np.abs(embed_grad[pad_row]).max() > 0

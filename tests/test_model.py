@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 from model_helpers import forward, random_batch, random_state, tiny_config
 
-from cotlab_jax import model
+from cotlab_jax import decode, model
 from cotlab_jax.config import ConfigError, model_config
 
 # --- configuration -----------------------------------------------------------------------------
@@ -199,17 +200,18 @@ def test_remat_keeps_loss_and_gradients_and_saves_less(capsys):
 
     saved = {}
     for policy in ("none", "full", "dots_with_no_batch_dims_saveable"):
-        policy_graphdef, _ = random_state(tiny_config(remat_policy=policy), 4)
+        policy_config = tiny_config(remat_policy=policy, formulation="accelerator")
+        policy_graphdef, _ = random_state(policy_config, 4)
         saved[policy] = _saved_layer_residuals(policy_graphdef, state, ids, mask, capsys)
     # "full" keeps only each layer's input; the dots policy also keeps the projections.
     assert saved["full"] < saved["dots_with_no_batch_dims_saveable"] < saved["none"], saved
 
 
-def test_layers_run_in_one_scan():
-    """The traced program does not grow with depth: one scan over stacked layers."""
+def test_accelerator_layers_run_in_one_scan():
+    """The accelerator program does not grow with depth: one scan over stacked layers."""
 
     def program(depth):
-        config = tiny_config(num_hidden_layers=depth)
+        config = tiny_config(num_hidden_layers=depth, formulation="accelerator")
         graphdef, state = jax.eval_shape(functools.partial(model.init, config), jax.random.key(0))
         ids = jnp.zeros((2, 8), jnp.int32)
         mask = jnp.ones((2, 8), bool)
@@ -232,3 +234,159 @@ def test_flops_per_token_matches_compiled_cost():
     measured = compiled.cost_analysis()["flops"] / ids.size
     assert measured == pytest.approx(model.flops_per_token(config, 64, training=False), rel=0.05)
     assert model.flops_per_token(config, 64) == 3 * model.flops_per_token(config, 64, False)
+
+
+# --- formulations, precision, padding_idx --------------------------------------------------------
+
+
+def test_cpu_formulation_has_the_accelerator_formulations_loss_and_gradients():
+    """Unrolled layers and 2-D projections (the CPU formulation) compute the scanned, batched
+    program's numbers: the same products summed in another order, so equal to float32 rounding
+    (relative 1e-6 per product; loss and gradients ~1e-5 after two layers and the backward)."""
+    ids, mask = random_batch(6, 3, 16, 64)
+    results = {}
+    for formulation in ("cpu", "accelerator"):
+        graphdef, state = random_state(tiny_config(formulation=formulation), 6)
+        value_and_grad = jax.jit(jax.value_and_grad(_loss, argnums=1))
+        results[formulation] = value_and_grad(graphdef, state, ids, mask)
+    (cpu_loss, cpu_grads), (acc_loss, acc_grads) = results["cpu"], results["accelerator"]
+    np.testing.assert_allclose(cpu_loss, acc_loss, rtol=1e-5)
+    for cpu_g, acc_g in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(acc_grads), strict=True):
+        scale = np.abs(np.asarray(acc_g)).max()
+        assert scale > 0
+        np.testing.assert_allclose(cpu_g, acc_g, atol=1e-5 * scale)
+    # On a CPU "auto" lowers the CPU branch: the very same program.
+    logits = {}
+    for formulation in ("cpu", "auto"):
+        graphdef, state = random_state(tiny_config(formulation=formulation), 6)
+        logits[formulation] = forward(graphdef, state, ids, mask)
+    np.testing.assert_array_equal(logits["auto"], logits["cpu"])
+
+
+@pytest.mark.parametrize("heads, kv_heads, query_length", [(4, 2, 13), (3, 3, 13), (4, 1, 1)])
+def test_cpu_attention_is_dot_product_attention(heads, kv_heads, query_length):
+    """Outputs and all three input gradients equal jax.nn.dot_product_attention's on random
+    inputs with causal and padding masks, fully masked rows included (each path sums in its
+    own order: float32 rounding, ~1e-6 of the largest value)."""
+    rng = np.random.default_rng(heads + kv_heads + query_length)
+    batch, keys, head_dim = 3, 13, 8
+    query = jnp.asarray(rng.normal(size=(batch, query_length, heads, head_dim)), jnp.float32)
+    key, value = (
+        jnp.asarray(rng.normal(size=(batch, keys, kv_heads, head_dim)), jnp.float32)
+        for _ in range(2)
+    )
+    real = np.ones((batch, keys), bool)
+    real[1, :4] = False
+    real[2, :-2] = False  # most of row 2 is padding: its early queries see no key at all
+    query_slots = np.arange(keys - query_length, keys)
+    causal = np.arange(keys)[None, :] <= query_slots[:, None]
+    mask = jnp.asarray(causal[None, None] & real[:, None, None, :])
+    cotangent = jnp.asarray(rng.normal(size=query.shape), jnp.float32)
+
+    def weighted(attention):
+        return lambda q, k, v: jnp.sum(attention(q, k, v, mask=mask) * cotangent)
+
+    ours = jax.value_and_grad(
+        weighted(lambda q, k, v, mask: model.cpu_attention(q, k, v, mask)), argnums=(0, 1, 2)
+    )(query, key, value)
+    theirs = jax.value_and_grad(weighted(jax.nn.dot_product_attention), argnums=(0, 1, 2))(
+        query, key, value
+    )
+    np.testing.assert_allclose(
+        model.cpu_attention(query, key, value, mask),
+        jax.nn.dot_product_attention(query, key, value, mask=mask),
+        atol=1e-6 * 4,
+    )
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)
+    for mine, reference in zip(ours[1], theirs[1], strict=True):
+        scale = np.abs(np.asarray(reference)).max()
+        assert scale > 0.1
+        np.testing.assert_allclose(mine, reference, atol=2e-6 * scale)
+
+
+def test_cpu_formulation_decodes_like_the_accelerator_formulation():
+    ids, mask = random_batch(7, 3, 10, 64)
+    outputs = {}
+    for formulation in ("cpu", "accelerator"):
+        graphdef, state = random_state(tiny_config(formulation=formulation), 7)
+        outputs[formulation] = decode.greedy_decode(graphdef, state, ids, mask, 5)
+    np.testing.assert_array_equal(outputs["cpu"][0], outputs["accelerator"][0])
+    np.testing.assert_allclose(outputs["cpu"][1], outputs["accelerator"][1], atol=1e-5)
+
+
+def _dot_precisions(config) -> set:
+    graphdef, state = random_state(config, 0)
+    ids, mask = random_batch(0, 2, 8, config.vocab_size)
+    loss_and_grad = jax.value_and_grad(_loss, argnums=1)
+    jaxpr = jax.make_jaxpr(loss_and_grad, static_argnums=0)(graphdef, state, ids, mask)
+    precisions = set()
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                precisions.add(eqn.params["precision"])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return precisions
+
+
+@pytest.mark.parametrize(
+    "requested, expected",
+    [
+        ("auto", jax.lax.Precision.HIGHEST),  # float32 compute means true float32 products
+        ("default", jax.lax.Precision.DEFAULT),
+        ("high", jax.lax.Precision.HIGH),
+    ],
+)
+def test_matmul_precision_reaches_every_product(requested, expected):
+    """Every dot of the float32 forward and backward (projections, attention scores and values,
+    the output head, in both formulations) carries the configured precision."""
+    for formulation in ("cpu", "accelerator"):
+        config = tiny_config(matmul_precision=requested, formulation=formulation)
+        assert _dot_precisions(config) == {(expected, expected)}
+
+
+def test_bfloat16_auto_precision_leaves_jax_defaults():
+    # No precision of ours; jax's attention picks its own bfloat16 algorithm, as before.
+    precisions = _dot_precisions(tiny_config(dtype="bfloat16", formulation="accelerator"))
+    assert None in precisions
+    assert precisions <= {None, jax.lax.DotAlgorithmPreset.BF16_BF16_F32}
+
+
+def test_matmul_precision_is_validated():
+    with pytest.raises(ConfigError, match=r"config\.model\.matmul_precision='fast'.*highest"):
+        tiny_config(matmul_precision="fast")
+    with pytest.raises(ConfigError, match=r"config\.model\.formulation='gpu'"):
+        tiny_config(formulation="gpu")
+    with pytest.raises(ConfigError, match=r"config\.model\.padding_idx=64"):
+        tiny_config(padding_idx=64)
+    assert model.LlamaConfig.from_config(model_config(), 1024).matmul_precision == "auto"
+
+
+def test_padding_idx_row_starts_at_zero_and_gets_no_lookup_gradient():
+    """As torch's nn.Embedding(padding_idx=V-1): zero at init, no gradient through the lookup,
+    and the forward pass unchanged. (Tied, the output head still trains the row: the gradient
+    is compared with torch's in test_hf_parity.)"""
+    pad = 63
+    config = tiny_config(padding_idx=pad, tie_word_embeddings=False, num_hidden_layers=1)
+    _, init_state = model.init(config, jax.random.key(3))
+    embed = np.asarray(init_state["embed_tokens"][...])
+    np.testing.assert_array_equal(embed[pad], 0.0)
+    assert np.all(np.abs(embed[:pad]).max(axis=-1) > 0)
+
+    graphdef, state = random_state(config, 3)  # a non-zero pad row, to see its gradient
+    plain_graphdef, _ = random_state(tiny_config(tie_word_embeddings=False, num_hidden_layers=1), 3)
+    ids, mask = random_batch(3, 3, 16, config.vocab_size, pads=(0,))
+    ids = ids.at[:, ::3].set(pad)  # the pad id as real input tokens
+    np.testing.assert_array_equal(
+        forward(graphdef, state, ids, mask), forward(plain_graphdef, state, ids, mask)
+    )
+    grad_fn = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)
+    grads = grad_fn(graphdef, state, ids, mask)["embed_tokens"][...]
+    plain = grad_fn(plain_graphdef, state, ids, mask)["embed_tokens"][...]
+    assert np.abs(np.asarray(plain[pad])).max() > 1e-3  # the lookup does pass one without it
+    np.testing.assert_array_equal(grads[pad], 0.0)
+    other = np.arange(config.vocab_size) != pad
+    np.testing.assert_allclose(grads[other], plain[other], rtol=1e-6, atol=1e-8)
