@@ -1,5 +1,5 @@
-"""How the trained models solve the tasks (DESIGN 1.6, "Analyses"): attention to the DAG parents,
-learned embeddings against the data embeddings, and token coverage.
+"""How the trained models solve the tasks (the first paper's analyses; README "Analyses"):
+attention to the DAG parents, learned embeddings against the data embeddings, and token coverage.
 
     metrics = dag_recovery(graphdef, params, eval_set, spec, batch_size=16)
     metrics.update(embedding_metrics(params, world, spec))

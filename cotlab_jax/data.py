@@ -1,4 +1,4 @@
-"""CoT-ICL tasks as pure, jitted functions of a key (DESIGN.md 1.1 - 1.3).
+"""CoT-ICL tasks as pure, jitted functions of a key (docs/tasks.md, sections 1-3).
 
 A task is K in-context examples sharing one random DAG over token positions and one random token
 processor per chain index. Everything here has static shapes: the per-run maxima N, M, C, K of the
@@ -29,7 +29,7 @@ from cotlab_jax import config as config_lib
 
 IGNORE_INDEX = -100
 
-# Reserved ids, counted down from the top of the vocabulary (DESIGN 1.2).
+# Reserved ids, counted down from the top of the vocabulary (docs/tasks.md, section 2).
 SPECIAL_TOKEN_OFFSETS = dict(
     pad=1, bos=2, eos=3, input_start=4, input_end=5,
     think_start=6, think_end=7, answer_start=8, answer_end=9,
@@ -410,7 +410,7 @@ def _nearest_token_vmap(axis_size, in_batched, x, embeddings, forbidden):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt layout (DESIGN 1.3).
+# Prompt layout (docs/tasks.md, section 3).
 #
 # Every example is first written into S = N + C + 7 slots, the union of all strategies' forms:
 #   <in_s> x_0..x_{N-1} <in_e> <think_s> y_0..y_{C-2} <think_e> <ans_s> y_last <ans_e> <eos>
@@ -468,7 +468,7 @@ def _pack_left(tokens, present, length: int, pad):
 
 
 def layout_task(inputs, chain, n, c, k, is_cot, spec: TaskSpec) -> dict[str, jax.Array]:
-    """One task's training sequence, evaluation query and targets (DESIGN 1.3, 1.4).
+    """One task's training sequence, evaluation query and targets (docs/tasks.md, sections 3 and 4).
 
     `is_cot` [K] decides each example's form: for the query it may differ from training (for
     instance, False on a demonstration drops its think span). Where n, c, k are ints and `is_cot`

@@ -1,4 +1,4 @@
-"""The Llama decoder (DESIGN 1.5) in Flax NNX, used functionally.
+"""The reference's Llama decoder (docs/tasks.md section 5) in Flax NNX, used functionally.
 
     graphdef, state = init(config, key)              # split once
     logits = apply(graphdef, state, ids, positions, mask)   # jit over the state pytree

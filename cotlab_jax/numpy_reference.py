@@ -1,6 +1,6 @@
-"""A plain NumPy implementation of DESIGN.md 1.1 - 1.3, one example at a time, as the PyTorch
-reference writes it: lists, loops, no masks, no JAX. The tests check the JAX sampler against it, and
-`python -m cotlab_jax.bench sampler` times it side by side."""
+"""A plain NumPy implementation of the task (docs/tasks.md, sections 1-3), one example at a time,
+as the PyTorch reference writes it: lists, loops, no masks, no JAX. The tests check the JAX
+sampler against it, and `python -m cotlab_jax.bench sampler` times it side by side."""
 
 import numpy as np
 
@@ -105,8 +105,8 @@ def sample_task(rng, spec, embeddings):
     """One task drawn the reference's way: returns (tokens, labels, query, target), lists.
 
     `spec` is a `cotlab_jax.data.TaskSpec` (read for its fields only), `embeddings` float32
-    [V, d]; the draws follow DESIGN 1.1 with NumPy's generator, so the tasks are distributed like
-    the sampler's, not equal to them.
+    [V, d]; the draws follow docs/tasks.md section 1 with NumPy's generator, so the tasks are
+    distributed like the sampler's, not equal to them.
     """
     n = int(rng.choice(spec.n_input_choices))
     m = min(int(rng.choice(spec.n_parent_choices)), n)

@@ -1,7 +1,8 @@
 """Analyses: attention capture, DAG recovery, the embedding probe, token coverage, figures.
 
-The recovery metrics are checked against a plain re-statement of the layout (DESIGN 1.3) and
-hand-built attention patterns whose scores are known; the model path by forcing its attention.
+The recovery metrics are checked against a plain re-statement of the layout (docs/tasks.md
+section 3) and hand-built attention patterns whose scores are known; the model path by forcing
+its attention.
 """
 
 import functools
@@ -38,8 +39,9 @@ def spec_and_set(strategy: str):
 
 
 def layout_oracle(eval_set, b: int, spec: data.TaskSpec):
-    """Task b's training sequence written from DESIGN 1.3: per position, its label ((example, DAG
-    index as i or N + j), a marker name, or None for padding) and its example (-1 for none)."""
+    """Task b's training sequence written from docs/tasks.md section 3: per position, its label
+    ((example, DAG index as i or N + j), a marker name, or None for padding) and its example (-1
+    for none)."""
     n, c, k = (int(eval_set[name][b]) for name in ("n", "c", "k"))
     labels, owners = (["<bos>"], [-1]) if spec.special_tokens else ([], [])
     for e in range(k):

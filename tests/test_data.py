@@ -1,4 +1,5 @@
-"""The JAX sampler against the NumPy oracle of DESIGN 1.1 - 1.3 (tests/oracle.py)."""
+"""The JAX sampler against the NumPy oracle of docs/tasks.md sections 1-3
+(cotlab_jax/numpy_reference.py)."""
 
 import functools
 

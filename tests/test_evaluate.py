@@ -1,4 +1,5 @@
-"""Evaluation (DESIGN 1.4): metrics against NumPy recomputations, the answer rule, the variants.
+"""Evaluation (docs/tasks.md section 4): metrics against NumPy recomputations, the answer rule,
+the variants.
 
 Compilations dominate the runtime, so the tests share a few eval sets and one batch size.
 """

@@ -38,7 +38,7 @@ def hf_logits(hf, ids, mask) -> np.ndarray:
         ).logits.numpy()
 
 
-REFERENCE_ROPE = model.Llama3RopeScaling()  # DESIGN 1.5: factor 1, low 1, high 4, 1000
+REFERENCE_ROPE = model.Llama3RopeScaling()  # docs/tasks.md section 5: factor 1, low 1, high 4, 1000
 
 
 @pytest.mark.parametrize(

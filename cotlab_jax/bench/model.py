@@ -49,8 +49,8 @@ class Shape:
 
 
 def _reference(depth: int) -> Shape:
-    # DESIGN 1.5: 32 heads / 8 KV heads of 64, V=1024, batch 64 of 320 tokens; decoding 64
-    # prompts of 316 tokens, 4 new tokens each.
+    # docs/tasks.md section 5: 32 heads / 8 KV heads of 64, V=1024, batch 64 of 320 tokens;
+    # decoding 64 prompts of 316 tokens, 4 new tokens each.
     return Shape(depth, 2048, 8192, 32, 8, 64, 1024, 64, 320, 64, 316, 4)
 
 
