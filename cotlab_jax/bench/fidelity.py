@@ -1,4 +1,4 @@
-"""Training fidelity: `python -m cotlab_jax.bench fidelity [--config=configs/x.py] [...]`.
+"""Training fidelity: `python -m cotlab_jax.bench fidelity [--config=configs/<file>.py] [...]`.
 
 Trains one config twice from the same initial weights on the same batches (this lab's sampler):
 with this lab's jitted train step (the training loop's), and with its PyTorch twin

@@ -1,4 +1,4 @@
-"""End-to-end step time: `python -m cotlab_jax.bench train [--config=configs/x.py] [...]`.
+"""End-to-end step time: `python -m cotlab_jax.bench train [--config=configs/<file>.py] [...]`.
 
 Times, in one run and interleaved, (a) the training loop's step (sample the batch on device, then
 forward, backward and AdamW) and (b) the same train step on a batch sampled beforehand, and
