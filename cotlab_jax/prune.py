@@ -478,19 +478,21 @@ def _solve(gram, dense, keep, unit_size, partitions, method, options, reports, n
 
 
 def prune_params(config: model.LlamaConfig, graphdef: nnx.GraphDef, state: nnx.State, batch,
-                 mlp_keep: float = 0.5, heads_keep: float = 1.0, method: str = "osscar",
+                 mlp_keep: float | None = 0.5, heads_keep: float | None = None,
+                 method: str = "osscar",
                  head_units: str = "query_heads", options: SearchOptions = SearchOptions(),
                  chunk_size: int = 16) -> PruneResult:
     """Prunes every layer's MLP neurons to `mlp_keep` and attention heads to `heads_keep` of
-    their number (1.0: that part is left as it is), calibrated on `batch` (input_ids,
+    their number (None: that part is left as it is; 1.0 keeps every unit but still refits),
+    calibrated on `batch` (input_ids,
     attention_mask and optionally positions, [B, L]; see `calibration_batch`). `chunk_size`
     tasks go through the model at a time."""
     if method not in METHODS:
         raise ConfigError(f"prune method={method!r} is invalid: expected one of {METHODS}")
-    n_mlp = _keep_count(mlp_keep, config.intermediate_size, "mlp_keep")
-    unit_size, partitions, head_keep, new_heads, new_kv = _head_plan(config, heads_keep,
-                                                                     head_units)
-    prune_heads, prune_mlp = heads_keep < 1, mlp_keep < 1
+    prune_heads, prune_mlp = heads_keep is not None, mlp_keep is not None
+    n_mlp = _keep_count(mlp_keep, config.intermediate_size, "mlp_keep") if prune_mlp else None
+    unit_size, partitions, head_keep, new_heads, new_kv = _head_plan(
+        config, heads_keep if prune_heads else 1.0, head_units)
     ids = jnp.asarray(batch["input_ids"])
     key_mask = jnp.asarray(batch["attention_mask"]).astype(bool)
     positions = (jnp.asarray(batch["positions"]) if "positions" in batch
