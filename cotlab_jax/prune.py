@@ -163,10 +163,8 @@ def _columns(units: np.ndarray, unit_size: int) -> np.ndarray:
 
 
 def refit(gram_reg: np.ndarray, cross: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """The closed-form minimiser on the kept rows: G_SS^{-1} C_S (Cholesky-backed solve)."""
-    sub = gram_reg[np.ix_(columns, columns)]
-    lower = np.linalg.cholesky(sub)
-    return np.linalg.solve(lower.T, np.linalg.solve(lower, cross[columns]))
+    """The closed-form minimiser on the kept rows: G_SS^{-1} C_S."""
+    return np.linalg.solve(gram_reg[np.ix_(columns, columns)], cross[columns])
 
 
 def reduced_objective(gram_reg, cross, columns, weight) -> float:
@@ -200,19 +198,26 @@ def _block_quadratic(blocks: np.ndarray, rows: np.ndarray) -> np.ndarray:
 class _Support:
     """The refit state of a support S (see the module docstring): P, T = P G, W = P C and the
     residual R = C - G W, all float64, kept exact under removals and additions by low-rank
-    updates. `objective` is f(S) = -1/2 tr(W^T C)."""
+    updates. `objective` is f(S) = -1/2 tr(W^T C).
+
+    T and R serve only additions: `remove(..., search_terms=False)` skips them (the backward
+    pass) and `refresh_search_terms` computes them afresh for the current support."""
 
     def __init__(self, gram_reg: np.ndarray, cross: np.ndarray, unit_size: int):
-        m = gram_reg.shape[0]
         self.G, self.C, self.u = gram_reg, cross, unit_size
-        self.n_units = m // unit_size
+        self.n_units = gram_reg.shape[0] // unit_size
         self.kept = np.ones(self.n_units, bool)
-        lower_inv = np.linalg.inv(np.linalg.cholesky(gram_reg))
-        self.P = lower_inv.T @ lower_inv
-        self.T = np.eye(m)
+        self.P = np.linalg.inv(gram_reg)
+        self.P = 0.5 * (self.P + self.P.T)
         self.W = self.P @ cross
-        self.R = np.zeros_like(cross)  # C - G G^{-1} C, zero up to rounding
+        self.T = self.R = None
         self.objective = -0.5 * float(np.sum(self.W * cross))
+
+    def refresh_search_terms(self) -> None:
+        s = _columns(np.flatnonzero(self.kept), self.u)
+        self.T = np.zeros_like(self.G)
+        self.T[s] = self.P[np.ix_(s, s)] @ self.G[s]
+        self.R = self.C - self.G[:, s] @ self.W[s]
 
     def removal_costs(self) -> np.ndarray:
         """Exact objective increase of removing each kept unit alone (inf for pruned ones)."""
@@ -252,18 +257,20 @@ class _Support:
         gain = 0.5 * float(np.sum(joint_residual * np.linalg.solve(joint_schur, joint_residual)))
         return add, removal_cost - gain
 
-    def remove(self, units: np.ndarray) -> None:
+    def remove(self, units: np.ndarray, search_terms: bool = True) -> None:
         c = _columns(units, self.u)
         p_cols = self.P[:, c]
         inv_block = np.linalg.inv(self.P[np.ix_(c, c)])
         w_rows = self.W[c]
         self.objective += 0.5 * float(np.sum(w_rows * (inv_block @ w_rows)))
         scaled = p_cols @ inv_block
-        self.R += self.T[c].T @ (inv_block @ w_rows)
+        if search_terms:
+            self.R += self.T[c].T @ (inv_block @ w_rows)
+            self.T -= scaled @ self.T[c]
+            self.T[c] = 0.0
         self.W -= scaled @ w_rows
-        self.T -= scaled @ self.T[c]
         self.P -= scaled @ p_cols.T
-        self.P[c], self.P[:, c], self.T[c], self.W[c] = 0.0, 0.0, 0.0, 0.0
+        self.P[c], self.P[:, c], self.W[c] = 0.0, 0.0, 0.0
         self.kept[units] = False
 
     def add(self, units: np.ndarray) -> None:
@@ -304,7 +311,9 @@ def _even_split(total: int, parts: int) -> list[int]:
 def osscar_search(gram_reg, cross, unit_size, keep_per_partition, partitions,
                   options: SearchOptions) -> tuple[np.ndarray, dict]:
     """OSSCAR's kept units (sorted) for the reduced problem (G, C) and search statistics."""
+    start = time.perf_counter()
     state = _Support(gram_reg, cross, unit_size)
+    init_seconds = time.perf_counter() - start
     n_parts = len(keep_per_partition)
     to_remove = [int(np.sum(partitions == p)) - keep_per_partition[p] for p in range(n_parts)]
     steps = max(1, min(options.backward_steps, max(to_remove)))
@@ -313,8 +322,10 @@ def osscar_search(gram_reg, cross, unit_size, keep_per_partition, partitions,
         counts = [per_step[p][step] for p in range(n_parts)]
         costs = state.removal_costs()
         state.remove(_pick(costs[state.kept], np.flatnonzero(state.kept), partitions, counts,
-                           largest=False))
+                           largest=False), search_terms=False)
     backward_objective = state.objective
+    state.refresh_search_terms()
+    backward_seconds = time.perf_counter() - start - init_seconds
 
     swap = options.swap_size or max(1, state.n_units // 512)
     iters = accepted = 0
@@ -339,6 +350,9 @@ def osscar_search(gram_reg, cross, unit_size, keep_per_partition, partitions,
     kept = np.flatnonzero(state.kept)
     stats = dict(backward_objective=backward_objective, search_objective=state.objective,
                  local_search_iters=iters, swaps_accepted=accepted,
+                 inverse_seconds=init_seconds, backward_seconds=backward_seconds,
+                 local_search_seconds=time.perf_counter() - start - init_seconds
+                 - backward_seconds,
                  search_weight=state.W[_columns(kept, unit_size)])
     return kept, stats
 
