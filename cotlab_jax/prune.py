@@ -150,11 +150,15 @@ class PruneResult:
 # The layer-wise problem in reduced form (NumPy, float64).
 
 
+def ridge_strength(gram: np.ndarray, ridge: float) -> float:
+    """mu = ridge * mean(diag(X^T X))."""
+    return ridge * float(np.mean(np.diag(gram)))
+
+
 def regularised_gram(gram: np.ndarray, ridge: float) -> np.ndarray:
-    """G = X^T X + mu I, mu = ridge * mean(diag(X^T X))."""
+    """G = X^T X + mu I (float64)."""
     gram = np.asarray(gram, np.float64)
-    mu = ridge * float(np.mean(np.diag(gram)))
-    return gram + mu * np.eye(gram.shape[0])
+    return gram + ridge_strength(gram, ridge) * np.eye(gram.shape[0])
 
 
 def _columns(units: np.ndarray, unit_size: int) -> np.ndarray:
@@ -173,13 +177,18 @@ def reduced_objective(gram_reg, cross, columns, weight) -> float:
     return float(0.5 * np.sum(weight * (gram_sub @ weight)) - np.sum(weight * cross[columns]))
 
 
-def relative_error(gram: np.ndarray, dense: np.ndarray, columns, weight) -> float:
-    """||X W - X W0||^2 / ||X W0||^2 from the raw Gram X^T X (W zero outside `columns`)."""
+def relative_error(gram: np.ndarray, dense: np.ndarray, columns, weight,
+                   gram_dense: np.ndarray | None = None) -> float:
+    """||X W - X W0||^2 / ||X W0||^2 from the raw Gram X^T X (W zero outside `columns`);
+    `gram_dense` = X^T X W0 if already known."""
     gram = np.asarray(gram, np.float64)
     dense = np.asarray(dense, np.float64)
+    if gram_dense is None:
+        gram_dense = gram @ dense
     delta = -dense.copy()
     delta[columns] += weight
-    return float(np.sum(delta * (gram @ delta)) / np.sum(dense * (gram @ dense)))
+    gram_delta = gram[:, columns] @ weight - gram_dense
+    return float(np.sum(delta * gram_delta) / np.sum(dense * gram_dense))
 
 
 def _diagonal_blocks(matrix: np.ndarray, units: np.ndarray, unit_size: int) -> np.ndarray:
@@ -195,7 +204,7 @@ def _block_quadratic(blocks: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return 0.5 * np.einsum("aud,aud->a", rows, np.linalg.solve(blocks, rows))
 
 
-class _Support:
+class Support:
     """The refit state of a support S (see the module docstring): P, T = P G, W = P C and the
     residual R = C - G W, all float64, kept exact under removals and additions by low-rank
     updates. `objective` is f(S) = -1/2 tr(W^T C).
@@ -203,13 +212,13 @@ class _Support:
     T and R serve only additions: `remove(..., search_terms=False)` skips them (the backward
     pass) and `refresh_search_terms` computes them afresh for the current support."""
 
-    def __init__(self, gram_reg: np.ndarray, cross: np.ndarray, unit_size: int):
+    def __init__(self, gram_reg: np.ndarray, cross: np.ndarray, unit_size: int, weight=None):
         self.G, self.C, self.u = gram_reg, cross, unit_size
         self.n_units = gram_reg.shape[0] // unit_size
         self.kept = np.ones(self.n_units, bool)
         self.P = np.linalg.inv(gram_reg)
         self.P = 0.5 * (self.P + self.P.T)
-        self.W = self.P @ cross
+        self.W = self.P @ cross if weight is None else np.array(weight, np.float64)
         self.T = self.R = None
         self.objective = -0.5 * float(np.sum(self.W * cross))
 
@@ -309,10 +318,11 @@ def _even_split(total: int, parts: int) -> list[int]:
 
 
 def osscar_search(gram_reg, cross, unit_size, keep_per_partition, partitions,
-                  options: SearchOptions) -> tuple[np.ndarray, dict]:
-    """OSSCAR's kept units (sorted) for the reduced problem (G, C) and search statistics."""
+                  options: SearchOptions, dense=None) -> tuple[np.ndarray, dict]:
+    """OSSCAR's kept units (sorted) for the reduced problem (G, C) and search statistics.
+    `dense`: the full-support minimiser G^{-1} C where known (the dense weights when C = G W0)."""
     start = time.perf_counter()
-    state = _Support(gram_reg, cross, unit_size)
+    state = Support(gram_reg, cross, unit_size, dense)
     init_seconds = time.perf_counter() - start
     n_parts = len(keep_per_partition)
     to_remove = [int(np.sum(partitions == p)) - keep_per_partition[p] for p in range(n_parts)]
@@ -381,18 +391,19 @@ def prune_layer(gram, dense, keep_per_partition, unit_size: int = 1, partitions=
         raise ConfigError(f"prune keep_per_partition={keep_per_partition} is invalid: expected "
                           f"between 1 and the partition sizes {sizes.tolist()}")
     gram_reg = regularised_gram(gram, options.ridge)
-    cross = gram_reg @ dense
+    gram_dense = gram @ dense
+    cross = gram_dense + ridge_strength(gram, options.ridge) * dense  # G W0
     stats = dict(method=method)
     if method == "osscar":
         kept, search = osscar_search(gram_reg, cross, unit_size, keep_per_partition, partitions,
-                                     options)
+                                     options, dense)
         stats.update({k: v for k, v in search.items() if k != "search_weight"})
     else:
         kept = magnitude_units(dense, unit_size, keep_per_partition, partitions)
     columns = _columns(kept, unit_size)
     weight = dense[columns] if method == "magnitude" else refit(gram_reg, cross, columns)
     stats.update(objective=reduced_objective(gram_reg, cross, columns, weight),
-                 relative_error=relative_error(gram, dense, columns, weight),
+                 relative_error=relative_error(gram, dense, columns, weight, gram_dense),
                  solve_seconds=time.perf_counter() - start)
     return LayerResult(kept=kept, weight=weight, stats=stats)
 

@@ -238,3 +238,47 @@ def test_bad_arguments_say_which(overrides, message):
     config, graphdef, state, batch = small_model()
     with pytest.raises(ConfigError, match=message):
         prune.prune_params(config, graphdef, state, batch, **overrides)
+
+
+def test_low_rank_updates_match_fresh_solves():
+    """Every removal, addition and swap prediction of `Support` against a fresh inverse."""
+    rng = np.random.default_rng(8)
+    unit, n_units, d = 2, 15, 7
+    inputs = correlated_inputs(rng, 120, unit * n_units)
+    gram_reg = prune.regularised_gram(inputs.T @ inputs, 0.03)
+    cross = rng.normal(size=(unit * n_units, d)) * 10
+    state = prune.Support(gram_reg, cross, unit)
+
+    def check():
+        cols = (np.flatnonzero(state.kept)[:, None] * unit + np.arange(unit)).ravel()
+        inverse = np.zeros_like(gram_reg)
+        inverse[np.ix_(cols, cols)] = np.linalg.inv(gram_reg[np.ix_(cols, cols)])
+        weight = inverse @ cross
+        np.testing.assert_allclose(state.P, inverse, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(state.W, weight, rtol=1e-8, atol=1e-10)
+        if state.T is not None:
+            np.testing.assert_allclose(state.T, inverse @ gram_reg, atol=1e-9)
+            np.testing.assert_allclose(state.R, cross - gram_reg @ weight, atol=1e-8)
+        assert state.objective == pytest.approx(-0.5 * np.sum(weight * cross), rel=1e-10)
+
+    check()
+    state.remove(np.array([3, 9]), search_terms=False)
+    check()
+    state.refresh_search_terms()
+    check()
+    partitions = np.zeros(n_units, np.int64)
+    for remove, add in (([0, 5, 11], [3]), ([1], [9, 5]), ([2, 3], [0])):
+        state.remove(np.array(remove))
+        check()
+        state.add(np.array(add))
+        check()
+    for size in (1, 2, 3):
+        kept, pruned = np.flatnonzero(state.kept), np.flatnonzero(~state.kept)
+        remove = np.sort(rng.choice(kept, size, replace=False))
+        before = state.objective
+        add, change = state.swap_change(remove, pruned, partitions, [size])
+        assert len(add) == size and not set(add) & set(remove)
+        state.remove(remove)
+        state.add(add)
+        check()
+        assert state.objective - before == pytest.approx(change, rel=1e-8, abs=1e-9)
