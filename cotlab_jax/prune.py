@@ -6,6 +6,14 @@ arXiv 2403.12983), with magnitude pruning as the baseline.
     result.config, result.graphdef, result.state   # a normal, smaller LlamaConfig and its model
     result.report                                  # per layer: kept units, errors, timings
 
+A run's checkpoint, pruned and written as a Hugging Face Llama directory (with
+`prune_report.json`), which `python -m cotlab_jax.export --import_hf=OUT --task_workdir=RUN`
+evaluates on the run's eval set:
+
+    python -m cotlab_jax.prune --workdir=RUN --out=OUT [--mlp_keep=0.5] [--heads_keep=0.5]
+        [--head_units=query_heads|kv_groups] [--method=osscar|magnitude|magnitude_refit]
+        [--calibration_tasks=128] [--step=latest]
+
 The result is a dense model of the same architecture with fewer MLP neurons
 (`intermediate_size`) and/or fewer attention heads, so training, evaluation and
 `cotlab_jax.hf_convert` take it like any other. Layers are stacked on one axis, so every layer
@@ -86,15 +94,18 @@ Differences from the paper and the authors' code
 
 import dataclasses
 import functools
+import json
 import math
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
-from cotlab_jax import data, model
+from cotlab_jax import data, evaluate, export, model
 from cotlab_jax.config import ConfigError
 
 METHODS = ("osscar", "magnitude", "magnitude_refit")
@@ -495,6 +506,17 @@ def _head_plan(config: model.LlamaConfig, heads_keep: float, head_units: str):
     return group * hd, np.zeros(kv, np.int64), [groups], groups * group, groups
 
 
+def check_arguments(config: model.LlamaConfig, mlp_keep, heads_keep, method: str,
+                    head_units: str):
+    """Raises `ConfigError` naming a bad argument; returns the MLP's kept count (None: not
+    pruned) and the heads' plan."""
+    if method not in METHODS:
+        raise ConfigError(f"prune method={method!r} is invalid: expected one of {METHODS}")
+    n_mlp = None if mlp_keep is None else _keep_count(mlp_keep, config.intermediate_size,
+                                                      "mlp_keep")
+    return n_mlp, _head_plan(config, 1.0 if heads_keep is None else heads_keep, head_units)
+
+
 def _solve(gram, dense, keep, unit_size, partitions, method, options, reports, name):
     result = prune_layer(np.asarray(gram), np.asarray(dense), keep, unit_size, partitions,
                          method, options)
@@ -509,15 +531,11 @@ def prune_params(config: model.LlamaConfig, graphdef: nnx.GraphDef, state: nnx.S
                  chunk_size: int = 16) -> PruneResult:
     """Prunes every layer's MLP neurons to `mlp_keep` and attention heads to `heads_keep` of
     their number (None: that part is left as it is; 1.0 keeps every unit but still refits),
-    calibrated on `batch` (input_ids,
-    attention_mask and optionally positions, [B, L]; see `calibration_batch`). `chunk_size`
-    tasks go through the model at a time."""
-    if method not in METHODS:
-        raise ConfigError(f"prune method={method!r} is invalid: expected one of {METHODS}")
+    calibrated on `batch` (input_ids, attention_mask and optionally positions, [B, L]; see
+    `calibration_batch`). `chunk_size` tasks go through the model at a time."""
+    n_mlp, (unit_size, partitions, head_keep, new_heads, new_kv) = check_arguments(
+        config, mlp_keep, heads_keep, method, head_units)
     prune_heads, prune_mlp = heads_keep is not None, mlp_keep is not None
-    n_mlp = _keep_count(mlp_keep, config.intermediate_size, "mlp_keep") if prune_mlp else None
-    unit_size, partitions, head_keep, new_heads, new_kv = _head_plan(
-        config, heads_keep if prune_heads else 1.0, head_units)
     ids = jnp.asarray(batch["input_ids"])
     key_mask = jnp.asarray(batch["attention_mask"]).astype(bool)
     positions = (jnp.asarray(batch["positions"]) if "positions" in batch
@@ -613,3 +631,67 @@ def prune_params(config: model.LlamaConfig, graphdef: nnx.GraphDef, state: nnx.S
                   params=[model.count_params(state), model.count_params(new_state)],
                   seconds=time.perf_counter() - start, layers=layer_reports)
     return PruneResult(new_config, new_graphdef, new_state, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def prune_run(workdir: str, out: str, step: int | str = "latest", calibration_tasks: int = 128,
+              calibration_seed: int = 0, mlp_keep: float | None = 0.5,
+              heads_keep: float | None = None, method: str = "osscar",
+              head_units: str = "query_heads", options: SearchOptions = SearchOptions()) -> dict:
+    """Prunes a run's checkpoint (see `prune_params`) and writes it to `out` as an HF Llama
+    directory with `prune_report.json`; returns the report."""
+    if not (isinstance(calibration_tasks, int) and calibration_tasks >= 1):
+        raise ConfigError(f"prune calibration_tasks={calibration_tasks!r} is invalid: expected "
+                          "a positive integer")
+    run = export.load_checkpoint(workdir, step)
+    config = model.LlamaConfig.from_config(run.config.model, run.config.data.vocab_size)
+    check_arguments(config, mlp_keep, heads_keep, method, head_units)
+    batch = calibration_batch(run.config, calibration_tasks, calibration_seed)
+    result = prune_params(config, run.graphdef, run.params, batch, mlp_keep, heads_keep, method,
+                          head_units, options)
+    export.write_hf_dir(out, result.state, result.config, run.spec)
+    report = dict(result.report, workdir=workdir, step=run.step,
+                  calibration_seed=calibration_seed)
+    with open(os.path.join(out, "prune_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "The run directory whose checkpoint to prune.")
+    flags.DEFINE_string("step", "latest", "The checkpoint step, `latest` or a number.")
+    flags.DEFINE_string("out", None, "The HF Llama directory to write.")
+    flags.DEFINE_float("mlp_keep", 0.5, "Fraction of MLP neurons kept per layer (1.0: refit only).")
+    flags.DEFINE_float("heads_keep", None, "Fraction of attention heads kept (unset: untouched).")
+    flags.DEFINE_enum("head_units", "query_heads", HEAD_UNITS, "What a pruned head is (GQA).")
+    flags.DEFINE_enum("method", "osscar", METHODS, "The pruning method.")
+    flags.DEFINE_integer("calibration_tasks", 128, "Calibration tasks (data.sample_batch).")
+    flags.DEFINE_integer("calibration_seed", 0, "The calibration tasks' key.")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    if not f.workdir or not f.out:
+        raise SystemExit("prune needs --workdir and --out")
+    try:
+        report = prune_run(f.workdir, f.out, evaluate.parse_step(f.step), f.calibration_tasks,
+                           f.calibration_seed, mlp_keep=f.mlp_keep, heads_keep=f.heads_keep,
+                           head_units=f.head_units, method=f.method)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
+    for layer, entry in enumerate(report["layers"]):
+        errors = ", ".join(f"{part} {entry[part]['relative_error']:.4f}"
+                           for part in ("attention", "mlp") if part in entry)
+        print(f"layer {layer}: relative reconstruction error {errors}")
+    print(f"pruned {f.workdir} step {report['step']} ({report['params'][0]:,} -> "
+          f"{report['params'][1]:,} parameters) to {f.out} in {report['seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

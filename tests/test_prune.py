@@ -2,14 +2,18 @@
 pruned models against the original and against Hugging Face `transformers`."""
 
 import dataclasses
-import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from model_helpers import forward, random_batch, random_state, tiny_config
+from model_helpers import forward, random_batch, random_state
+from model_helpers import tiny_config as tiny_model_config
+from test_train import ROOT, tiny_config
 
-from cotlab_jax import hf_convert, model, prune
+from cotlab_jax import export, hf_convert, model, prune, train
 from cotlab_jax.config import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -134,7 +138,7 @@ def test_refit_objective_and_search_match_numpy_lstsq(unit_size, partitions):
 
 
 def small_model(**overrides):
-    config = tiny_config(num_attention_heads=8, num_key_value_heads=2, **overrides)
+    config = tiny_model_config(num_attention_heads=8, num_key_value_heads=2, **overrides)
     graphdef, state = random_state(config, 3)
     ids, mask = random_batch(4, 10, 18, config.vocab_size, pads=(0, 4, 9))
     return config, graphdef, state, dict(input_ids=ids, attention_mask=mask)
@@ -210,21 +214,40 @@ def test_pruned_model_exports_to_hf_and_matches_its_logits(heads_keep, head_unit
         assert error == pytest.approx(reported, rel=1e-4)
 
 
-def test_calibration_batch_from_a_run_config_prunes():
-    path = os.path.join(os.path.dirname(__file__), "configs", "tiny.py")
-    spec = importlib.util.spec_from_file_location("tiny_run_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    run_config = module.get_config()
-    batch = prune.calibration_batch(run_config, 6, seed=1)
-    assert batch["input_ids"].shape[0] == 6
-    config = model.LlamaConfig.from_config(run_config.model, run_config.data.vocab_size)
-    graphdef, state = random_state(config, 0)
-    result = prune.prune_params(config, graphdef, state, batch, mlp_keep=0.25, heads_keep=0.5,
-                                method="magnitude")
-    assert result.report["calibration_tokens"] == int(np.sum(batch["attention_mask"]))
-    assert result.config.intermediate_size == 16 and result.config.num_attention_heads == 1
-    assert model.count_params(result.state) == result.report["params"][1]
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny CoT run trained for 2 steps: (config, workdir)."""
+    workdir = str(tmp_path_factory.mktemp("prune") / "run")
+    config = tiny_config("cot")
+    config.train.n_tasks = 8 * 2
+    train.train_and_evaluate(config, workdir)
+    return config, workdir
+
+
+def test_prune_run_writes_an_hf_dir_the_lab_evaluates(tiny_run, tmp_path):
+    config, workdir = tiny_run
+    out = str(tmp_path / "pruned")
+    report = prune.prune_run(workdir, out, calibration_tasks=6, mlp_keep=0.25, heads_keep=0.5)
+    with open(os.path.join(out, "prune_report.json")) as f:
+        assert json.load(f)["layers"] == report["layers"]
+    batch = prune.calibration_batch(config, 6)
+    assert report["calibration_tokens"] == int(np.sum(batch["attention_mask"])) > 6 * 10
+    pruned_config, _, params = export.load_hf_model(out)
+    assert (pruned_config.intermediate_size, pruned_config.num_attention_heads) == (16, 1)
+    assert model.count_params(params) == report["params"][1] < report["params"][0]
+    # (`export.evaluate_hf(out, workdir)` evaluates such a directory: tests/test_export.py.)
+
+
+def test_prune_cli_rejects_a_bad_fraction_in_one_line(tiny_run, tmp_path):
+    _, workdir = tiny_run
+    result = subprocess.run(
+        [sys.executable, "-m", "cotlab_jax.prune", f"--workdir={workdir}",
+         f"--out={tmp_path / 'x'}", "--mlp_keep=0"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "prune mlp_keep=0.0 is invalid: expected a fraction in (0, 1]")
+    assert not os.path.exists(tmp_path / "x")
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -82,7 +82,10 @@ def main(argv):
 
     batch = prune.calibration_batch(config_lib.get_base_config(), args.tasks)
     tokens = int(np.sum(batch["attention_mask"]))
-    rows = [bench_width(width, batch, args) for width in widths]
+    rows = []
+    for width in widths:
+        rows.append(bench_width(width, batch, args))
+        print(f"width {width}: {json.dumps(rows[-1])}", flush=True)
     for previous, row in zip(rows, rows[1:], strict=False):
         ratio = np.log(row["width"] / previous["width"])
         row["calibration_exponent"] = float(
