@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -116,3 +117,7 @@ def main(argv):
                        cpu_count=os.cpu_count(), tokens=tokens, flags=vars(args), rows=rows),
                   f, indent=2)
     print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":  # also `python -m cotlab_jax.bench.prune`
+    main(sys.argv)
