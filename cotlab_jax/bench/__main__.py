@@ -1,9 +1,9 @@
-"""`python -m cotlab_jax.bench {all,sampler,model,train,sweep,quantize,fidelity} [--flags]`."""
+"""`python -m cotlab_jax.bench NAME [--flags]`, NAME one of `BENCHMARKS`."""
 
 import importlib
 import sys
 
-BENCHMARKS = ("all", "sampler", "model", "train", "sweep", "quantize", "fidelity")
+BENCHMARKS = ("all", "sampler", "model", "train", "sweep", "quantize", "prune", "fidelity")
 
 
 def main() -> None:
