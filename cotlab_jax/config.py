@@ -260,7 +260,7 @@ def validate_data(data, n_tasks: int = 1) -> None:
     _check_one_of("data.prompt_strategy", data.prompt_strategy, PROMPT_STRATEGIES)
     _check_one_of("data.dag_strategy", data.dag_strategy, DAG_STRATEGIES)
     check_number("data.data_initializer_range", data.data_initializer_range, lambda x: x > 0,
-                 "expected a positive finite number", allow_inf=False)
+                 "expected a positive number (finite)", allow_inf=False)
     special = uses_special_tokens(data.prompt_strategy)
     usable = data.vocab_size - (NUM_RESERVED_TOKENS if special else 0)
     if usable < 2:
@@ -302,7 +302,7 @@ def _validate_recipe(data) -> None:
                      "expected a probability in [0, 1]", allow_inf=False)
     # alpha = inf is the recipe's "no CoT" end (CoT probability initial_prob throughout).
     check_number(f"{field}.alpha", recipe.get("alpha"), lambda x: x >= 0,
-                 "expected a number >= 0 (inf means no CoT)", allow_inf=True)
+                 "expected alpha >= 0 (inf means no CoT)", allow_inf=True)
     check_number(f"{field}.scale", recipe.get("scale"), lambda x: True,
                  "expected a finite number", allow_inf=False)
 

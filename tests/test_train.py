@@ -186,7 +186,7 @@ def test_resume_with_other_shapes_is_refused(finished_run):
     ("train", "warmup_steps", -1, "config.train.warmup_steps=-1 is invalid: expected an integer "
                                   ">= 0"),
     ("data", "data_initializer_range", float("inf"),
-     "config.data.data_initializer_range=inf is invalid: expected a positive finite number"),
+     r"config.data.data_initializer_range=inf is invalid: expected a positive number \(finite\)"),
     ("eval", "example_counts", "1,9", r"config.eval.example_counts='1,9' is invalid: 9 is not an "
                                       r"integer in \[1, 4\]"),
     ("eval", "example_counts", "1,1", "config.eval.example_counts='1,1' is invalid: every count "
@@ -225,7 +225,7 @@ def test_recipe_numbers_decide_infinity_per_field():
     config.data.cot_example_prob_recipe_info["alpha"] = float("inf")  # the "no CoT" end
     experiment.setup(config)
     for key, value, message in [
-            ("alpha", float("nan"), r"alpha=nan is invalid: expected a number >= 0 \(inf means "
+            ("alpha", float("nan"), r"alpha=nan is invalid: expected alpha >= 0 \(inf means "
                                     r"no CoT\)"),
             ("alpha", -1.0, "alpha=-1.0 is invalid"),
             ("scale", float("inf"), "scale=inf is invalid: expected a finite number"),
