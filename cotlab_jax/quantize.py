@@ -178,7 +178,9 @@ def quantize(
 
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def quantize_layers(block):
-        quantized = qwix.quantize_model(block, provider, x, positions, causal, None, 0)
+        # The accelerator formulation (cpu=False): its projections are the einsums qwix intercepts.
+        quantized = qwix.quantize_model(block, provider, x, positions, causal, None, 0, False,
+                                        False)
         _make_weights_castable(quantized)
         return quantized
 
@@ -186,6 +188,9 @@ def quantize(
 
     def quantized_state(params):
         llama = nnx.merge(graphdef, params, copy=True)
+        # On every platform: the CPU formulation's flat matmuls are not einsums, so qwix would
+        # not run the quantized products there.
+        llama.config = dataclasses.replace(llama.config, formulation="accelerator")
         llama.layers = quantize_layers(llama.layers)
         missed = _unquantized_matrices(llama.layers)
         if missed:
