@@ -429,7 +429,7 @@ def _sampled_eval_batch(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[st
     vote = sampling.majority_vote(answers)
     truth = task_answers(batch)
     out = dict(loss_sum=loss_sum, loss_count=loss_count, vote=vote, answer_correct=vote == truth,
-               sample_correct=(answers == truth).T, sample_valid=valid.T,
+               sample_correct=(answers == truth[None, :]).T, sample_valid=valid.T,
                predictions=tokens.transpose(1, 0, 2))
     if spec.special_tokens:
         out["gen_len"] = lengths.T
