@@ -284,22 +284,21 @@ def test_evaluate_sampled_is_keyed_per_task_and_votes():
     spec, eval_set = special_set()
     graphdef, state = markov_model()
     common = dict(max_pred_tokens=MAX_PRED, n_samples=3, temperature=1.0, seed=4,
-                  return_predictions=True)
+                  answer_rule="vllm", return_predictions=True)
     metrics, per_task = ev.evaluate_sampled(graphdef, state, eval_set, spec, batch_size=BATCH,
                                             **common)
     _, other = ev.evaluate_sampled(graphdef, state, eval_set, spec, batch_size=5, **common)
     np.testing.assert_array_equal(other["predictions"], per_task["predictions"])
     predictions = per_task["predictions"]
     assert len({p.tobytes() for p in predictions.reshape(-1, MAX_PRED)}) > 1
-    last = eval_set["query_ids"][:, -1]
-    answers = np.array([[reference_rule(int(last[i]), [int(t) for t in predictions[i, s]
-                                                       [:per_task["gen_len"][i, s]]], spec)
-                         for s in range(3)] for i in range(len(last))])
+    answers = np.array([[vllm_rule(predictions[i, s, :per_task["gen_len"][i, s]].tolist(), spec)
+                         for s in range(3)] for i in range(len(predictions))])
     votes = [Counter(row.tolist()).most_common(1)[0][0] for row in answers]
     assert per_task["vote"].tolist() == votes
     truth = helpers.answers(eval_set)
     assert metrics["answer_acc"] == pytest.approx(np.mean(np.array(votes) == truth))
     assert metrics["sample_answer_acc"] == pytest.approx(np.mean(answers == truth[:, None]))
+    assert metrics["answer_acc"] > 0 and 0 < metrics["vote_invalid"] < 1  # not a trivial vote
 
 
 def test_variant_spec_refuses_what_the_model_cannot_take():

@@ -580,7 +580,7 @@ def _replace_queries(eval_set, query_ids, query_mask, **extra) -> dict[str, np.n
 @functools.partial(jax.jit, static_argnames=("spec", "which"))
 def _drop_think_queries(inputs, chain, n, c, k, is_cot, n_drop, key, spec, which):
     K = spec.K
-    cot_demo = is_cot & (jnp.arange(K) < (k - 1)[:, None])
+    cot_demo = is_cot & (jnp.arange(K)[None, :] < (k - 1)[:, None])
     if which == "random":
         # Keyed by the task's index in the set, so a task's choice does not depend on the others.
         score = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (K,)))(
