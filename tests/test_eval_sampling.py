@@ -3,6 +3,9 @@ oracles, and the command line on another prompt strategy and task shape."""
 
 import functools
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import eval_helpers as helpers
@@ -314,6 +317,8 @@ def test_variant_spec_refuses_what_the_model_cannot_take():
                               n_input_choices=(4,), chain_length_choices=(4,))
     with pytest.raises(ValueError, match="fixed DAG"):
         ev.variant_spec(fixed, n_inputs=3)
+    with pytest.raises(ValueError, match="n_parents=0: expected an integer >= 1"):
+        ev.variant_spec(cot, n_parents=0)
     assert ev.variant_spec(cot, prompt_strategy="standard", n_inputs=3).prompt_strategy \
         == "standard"
     changed = ev.variant_spec(hybrid_spec(), prompt_strategy="cot_special_token", n_inputs=3,
@@ -366,3 +371,12 @@ def test_cli_samples_a_fresh_cot_special_token_set(tmp_path, monkeypatch):
         cli.run_cli(str(tmp_path), "latest", n_samples=3)
     with pytest.raises(SystemExit, match=r"--top_p=0.0: expected a number in \(0, 1\]"):
         cli.run_cli(str(tmp_path), "latest", temperature=1.0, top_p=0.0)
+
+
+def test_cli_sampling_error_is_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "cotlab_jax.evaluate", "--workdir=/tmp", "--n_samples=3"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        "--n_samples=3 needs temperature > 0: greedy samples are all the same"

@@ -29,6 +29,14 @@ Variants (the second paper) are pure functions of an eval set, applied before `e
 chain length or example count. The model has no maximum length: rotary position embeddings take
 any position, so longer prompts than in training only leave the trained distribution.
 
+Answer rules (`extract_answers`): with special tokens an output is read by `reference` (the
+reference trainer's rule), `vllm` (the reference's sampling evaluator's) or `strict` (this lab's:
+the full `<ans_s> a <ans_e> <eos>` ending); `evaluate` defaults to `strict`, the command line to
+`reference`. Sampling (`evaluate_sampled`, the reference's vLLM evaluator): several generations
+per query at a temperature / top-p (`cotlab_jax.sampling`, keyed per task and sample), the answer
+taken by majority vote. `variant_spec` gives the run's spec with another prompt strategy or task
+shape, refused where the trained vocabulary cannot take it.
+
 The command line, `python -m cotlab_jax.evaluate`, is `cotlab_jax.evaluate.cli`.
 """
 
@@ -550,20 +558,19 @@ def variant_spec(spec: data.TaskSpec, *, prompt_strategy: str | None = None,
             raise ValueError("prompt_strategy='hybrid_special_token': the run has no CoT-example "
                              "probability recipe (data.cot_example_prob_recipe_info) to draw with")
         changes["prompt_strategy"] = prompt_strategy
-    for field, value in (("n_input_choices", n_inputs), ("n_parent_choices", n_parents),
-                         ("chain_length_choices", chain_length),
-                         ("n_example_choices", n_examples)):
-        if value is not None:
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{field}: {value!r} is not an integer >= 1")
-            changes[field] = (value,)
-    if spec.ablation_fixed_dag:
-        fixed = dict(n_input_choices=spec.N, n_parent_choices=spec.M,
-                     chain_length_choices=spec.C)
-        for field, value in fixed.items():
-            if field in changes and changes[field] != (value,):
-                raise ValueError(f"{field}={changes[field]}: the run's single fixed DAG "
-                                 f"(data.ablation_fixed_dag) has {field[:-8]} {value}")
+    shape = (("n_inputs", n_inputs, "n_input_choices", spec.N),
+             ("n_parents", n_parents, "n_parent_choices", spec.M),
+             ("chain_length", chain_length, "chain_length_choices", spec.C),
+             ("n_examples", n_examples, "n_example_choices", None))
+    for name, value, field, fixed_by_dag in shape:
+        if value is None:
+            continue
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+        if spec.ablation_fixed_dag and fixed_by_dag is not None and value != fixed_by_dag:
+            raise ValueError(f"{name}={value}: the run's single fixed DAG "
+                             f"(data.ablation_fixed_dag) has {name} {fixed_by_dag}")
+        changes[field] = (value,)
     return spec.with_changes(**changes)
 
 
