@@ -414,6 +414,7 @@ def test_cli_with_a_stand_in_run(tmp_path, monkeypatch, capsys):
     assert json.loads(out.read_text()) == result == json.loads(capsys.readouterr().out)
     assert result["step"] == 7 and result["n_eval_tasks"] == n
     assert result["variant"] == dict(drop_think="last", drop_k=1, drop_seed=None, force="answer",
+                                     prompt_strategy=None, n_inputs=None, n_parents=None,
                                      chain_length=None, n_examples=None, eval_dataset=None)
     want_acc = (helpers.answers(eval_set)[:n] == a).mean()
     assert result["metrics"]["format_acc"] == 1.0

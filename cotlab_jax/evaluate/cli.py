@@ -3,14 +3,24 @@ result; the run may have been trained on any devices, it loads onto one):
 
     python -m cotlab_jax.evaluate --workdir=DIR [--step=latest|N]
         [--drop_think=first|last|random --drop_k=K [--drop_seed=S]] [--force=think|answer]
-        [--chain_length=C] [--n_examples=K] [--n_eval_tasks=N] [--batch_size=B]
-        [--max_pred_tokens=T] [--eval_dataset=TFDS_DIR] [--out=FILE.json [--save_predictions]]
+        [--prompt_strategy=S] [--n_inputs=N] [--n_parents=M] [--chain_length=C]
+        [--n_examples=K] [--n_eval_tasks=N] [--batch_size=B] [--max_pred_tokens=T]
+        [--answer_rule=reference|vllm|strict] [--n_samples=S --temperature=T [--top_p=P]
+        [--sample_seed=S]] [--eval_dataset=TFDS_DIR] [--out=FILE.json [--save_predictions]]
         [--over_k [--example_counts=1,2,4]]
 
-Without --chain_length/--n_examples it evaluates the run's frozen eval set (its first N tasks with
---n_eval_tasks); with them, a fresh eval set of the changed spec from the same seed and world.
-With --over_k the result also has `metrics_by_k` {K': metrics} for K' = 1 .. K (or the chosen
---example_counts), on the same (variant) eval set.
+Without --prompt_strategy/--n_inputs/--n_parents/--chain_length/--n_examples it evaluates the
+run's frozen eval set (its first N tasks with --n_eval_tasks); with any of them, a fresh eval set
+of the changed spec (`evaluate.variant_spec`: each shape flag fixes that count for every task)
+from the run's seed + 1000 and the run's world. The reference's special-token evaluation of a
+hybrid-trained run is `--prompt_strategy=cot_special_token --n_inputs=4 --n_parents=4
+--chain_length=4 --n_examples=40 --n_eval_tasks=1000 --answer_rule=vllm` with its
+`--temperature`/`--n_samples`.
+Special-token outputs are read by --answer_rule (default `reference`, the reference trainer's
+rule; see `evaluate.extract_answers`). With --temperature > 0 every query gets --n_samples
+sampled generations and the answer is their majority vote (`evaluate.evaluate_sampled`);
+otherwise decoding is greedy. With --over_k the result also has `metrics_by_k` {K': metrics} for
+K' = 1 .. K (or the chosen --example_counts), on the same (variant) eval set, decoded greedily.
 """
 
 import json
@@ -37,6 +47,23 @@ def define_flags() -> None:
     flags.DEFINE_integer("drop_seed", 0, "The key for --drop_think=random.")
     flags.DEFINE_enum("force", None, list(evaluate.FORCE_TOKENS),
                       "Append <think_s> (think) or <ans_s> (answer) to every query.")
+    flags.DEFINE_enum("prompt_strategy", None, list(config_lib.PROMPT_STRATEGIES),
+                      "Evaluate on a fresh eval set with this prompt strategy (special tokens "
+                      "must stay on or off as in training).")
+    flags.DEFINE_integer("n_inputs", None, "Evaluate on a fresh eval set with this many inputs.",
+                         lower_bound=1)
+    flags.DEFINE_integer("n_parents", None,
+                         "Evaluate on a fresh eval set with this many parents.", lower_bound=1)
+    flags.DEFINE_enum("answer_rule", "reference", list(evaluate.ANSWER_RULES),
+                      "How special-token outputs are read: the reference trainer's rule, the "
+                      "reference's vLLM evaluator's, or this lab's strict one.")
+    flags.DEFINE_integer("n_samples", 1, "Sampled generations per query (majority vote).",
+                         lower_bound=1)
+    flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 decodes greedily.",
+                       lower_bound=0.0)
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the most probable tokens up to "
+                       "this probability mass.")
+    flags.DEFINE_integer("sample_seed", 0, "The key of the sampled generations.")
     flags.DEFINE_integer("chain_length", None,
                          "Evaluate on a fresh eval set with this chain length.", lower_bound=1)
     flags.DEFINE_integer("n_examples", None,
@@ -61,7 +88,7 @@ def define_flags() -> None:
 
 def check_variant(spec: data.TaskSpec, drop_think: str | None, force: str | None,
                   chain_length: int | None) -> None:
-    """Exits with a one-line message if the variant does not apply to the run's task spec."""
+    """Exits with a one-line message if the variant does not apply to the (variant) task spec."""
     if drop_think is not None and spec.prompt_strategy not in ("cot_special_token",
                                                                "hybrid_special_token"):
         raise SystemExit(f"--drop_think: prompt_strategy {spec.prompt_strategy!r} has no think "
@@ -75,27 +102,30 @@ def check_variant(spec: data.TaskSpec, drop_think: str | None, force: str | None
 
 
 def variant_eval_set(run, drop_think=None, drop_k=None, drop_seed=0, force=None,
-                     chain_length=None, n_examples=None, n_eval_tasks=None, eval_dataset=None):
+                     chain_length=None, n_examples=None, n_eval_tasks=None, eval_dataset=None,
+                     prompt_strategy=None, n_inputs=None, n_parents=None):
     """(eval set, spec) of the requested variant for a `rundir.Run` (config, spec, world,
     workdir)."""
     spec = run.spec
+    shape = dict(prompt_strategy=prompt_strategy, n_inputs=n_inputs, n_parents=n_parents,
+                 chain_length=chain_length, n_examples=n_examples)
+    fresh = any(value is not None for value in shape.values())
     if eval_dataset is not None:
-        if chain_length is not None or n_examples is not None:
-            raise SystemExit("--eval_dataset fixes the tasks: it excludes --chain_length and "
-                             "--n_examples")
+        if fresh:
+            raise SystemExit("--eval_dataset fixes the tasks: it excludes --prompt_strategy, "
+                             "--n_inputs, --n_parents, --chain_length and --n_examples")
         from cotlab_jax import tfds_builder  # TFDS is imported only when asked for
 
         try:
             eval_set = tfds_builder.load_eval_set(eval_dataset, spec)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"--eval_dataset={eval_dataset}: {error}") from None
-    elif chain_length is not None or n_examples is not None:
-        changes = {}
-        if chain_length is not None:
-            changes["chain_length_choices"] = (chain_length,)
-        if n_examples is not None:
-            changes["n_example_choices"] = (n_examples,)
-        spec = spec.with_changes(**changes)
+    elif fresh:
+        try:
+            spec = evaluate.variant_spec(spec, **shape)
+        except ValueError as error:
+            raise SystemExit(f"cannot evaluate on that task: {error}") from None
+        check_variant(spec, drop_think, force, None)
         eval_set = data.build_eval_set(run.world, data.root_keys(run.config.seed)["eval"], spec,
                                        n_eval_tasks or run.config.eval.n_eval_tasks)
     else:
@@ -124,7 +154,9 @@ def _json_value(value: float) -> float | None:
 def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, drop_seed=0,
             force=None, chain_length=None, n_examples=None, n_eval_tasks=None, batch_size=None,
             max_pred_tokens=None, out=None, save_predictions=False, eval_dataset=None,
-            over_k=False, example_counts=None) -> dict:
+            over_k=False, example_counts=None, prompt_strategy=None, n_inputs=None,
+            n_parents=None, answer_rule="reference", n_samples=1, temperature=0.0, top_p=1.0,
+            sample_seed=0) -> dict:
     """The command line's work, with its flags as arguments; returns the JSON result."""
     if not workdir:
         raise SystemExit("--workdir is required")
@@ -136,13 +168,21 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
         raise SystemExit("--save_predictions needs --out")
     if example_counts is not None and not over_k:
         raise SystemExit("--example_counts needs --over_k")
+    if answer_rule not in evaluate.ANSWER_RULES:
+        raise SystemExit(f"--answer_rule={answer_rule!r}: expected one of "
+                         f"{evaluate.ANSWER_RULES}")
+    try:
+        evaluate.check_sampling(n_samples, temperature, top_p)
+    except ValueError as error:
+        raise SystemExit(f"--{error}") from None
     try:
         loaded = rundir.load_run(workdir, rundir.parse_step(step))
     except (rundir.RunError, FileNotFoundError) as error:
         raise SystemExit(f"cannot load the run: {error}") from None
     check_variant(loaded.spec, drop_think, force, chain_length)
     eval_set, spec = variant_eval_set(loaded, drop_think, drop_k, drop_seed, force,
-                                      chain_length, n_examples, n_eval_tasks, eval_dataset)
+                                      chain_length, n_examples, n_eval_tasks, eval_dataset,
+                                      prompt_strategy, n_inputs, n_parents)
     if example_counts is not None:
         if not isinstance(example_counts, str):  # --example_counts is a list of strings
             example_counts = ",".join(example_counts)
@@ -153,20 +193,33 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
             raise SystemExit(str(error)) from None
     sizes = dict(batch_size=batch_size or loaded.config.eval.batch_size,
                  max_pred_tokens=max_pred_tokens or loaded.config.eval.max_pred_tokens)
-    metrics, per_task = evaluate.evaluate(loaded.graphdef, loaded.params, eval_set, spec,
-                                          return_predictions=True, **sizes)
+    sampled = temperature > 0
+    if sampled:
+        metrics, per_task = evaluate.evaluate_sampled(
+            loaded.graphdef, loaded.params, eval_set, spec, n_samples=n_samples,
+            temperature=temperature, top_p=top_p, seed=sample_seed, answer_rule=answer_rule,
+            return_predictions=True, **sizes)
+    else:
+        metrics, per_task = evaluate.evaluate(loaded.graphdef, loaded.params, eval_set, spec,
+                                              return_predictions=True, answer_rule=answer_rule,
+                                              **sizes)
     result = dict(
         workdir=workdir, step=int(loaded.step), prompt_strategy=spec.prompt_strategy,
         n_eval_tasks=len(eval_set["k"]),
         variant=dict(drop_think=drop_think, drop_k=drop_k,
                      drop_seed=drop_seed if drop_think == "random" else None, force=force,
+                     prompt_strategy=prompt_strategy, n_inputs=n_inputs, n_parents=n_parents,
                      chain_length=chain_length, n_examples=n_examples,
                      eval_dataset=eval_dataset),
+        answer_rule=answer_rule if spec.special_tokens else None,
+        sampling=dict(n_samples=n_samples, temperature=temperature, top_p=top_p,
+                      seed=sample_seed) if sampled else None,
         metrics={name: _json_value(value) for name, value in metrics.items()},
     )
     if over_k:
         metrics_by_k = evaluate.evaluate_over_k(loaded.graphdef, loaded.params, eval_set, spec,
-                                                example_counts=example_counts, **sizes)
+                                                example_counts=example_counts,
+                                                answer_rule=answer_rule, **sizes)
         result["metrics_by_k"] = {
             str(count): {name: _json_value(value) for name, value in values.items()}
             for count, values in metrics_by_k.items()}
@@ -189,5 +242,8 @@ def main(argv) -> None:
             force=f.force, chain_length=f.chain_length, n_examples=f.n_examples,
             n_eval_tasks=f.n_eval_tasks, batch_size=f.batch_size,
             max_pred_tokens=f.max_pred_tokens, out=f.out, save_predictions=f.save_predictions,
-            eval_dataset=f.eval_dataset, over_k=f.over_k, example_counts=f.example_counts)
+            eval_dataset=f.eval_dataset, over_k=f.over_k, example_counts=f.example_counts,
+            prompt_strategy=f.prompt_strategy, n_inputs=f.n_inputs, n_parents=f.n_parents,
+            answer_rule=f.answer_rule, n_samples=f.n_samples, temperature=f.temperature,
+            top_p=f.top_p, sample_seed=f.sample_seed)
 
