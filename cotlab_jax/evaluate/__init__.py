@@ -1,4 +1,4 @@
-"""Evaluation on the frozen eval set (DESIGN 1.4) and its variants.
+"""Evaluation on the frozen eval set (docs/tasks.md section 4) and its variants.
 
     metrics = evaluate(graphdef, state, eval_set, spec, batch_size=64, max_pred_tokens=100)
 
