@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from cotlab_jax import sharding
-from cotlab_jax.config import ConfigError
+from cotlab_jax.config import check_number, fail, is_int
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -57,18 +57,6 @@ MATMUL_PRECISIONS = ("auto", "default", "high", "highest")
 FORMULATIONS = ("auto", "cpu", "accelerator")
 
 
-def _invalid(field: str, value, allowed: str):
-    raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}.")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-
-
 @dataclasses.dataclass(frozen=True)
 class Llama3RopeScaling:
     """Llama 3.1's rotary frequency scaling (HF `rope_type="llama3"`)."""
@@ -82,19 +70,19 @@ class Llama3RopeScaling:
         field = "model.rope_scaling"
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and value > 0):
-                _invalid(f"{field}.{name}", value, "expected a positive number")
+            check_number(f"{field}.{name}", value, lambda x: x > 0, "expected a positive number",
+                         allow_inf=False)
         if self.high_freq_factor <= self.low_freq_factor:
-            _invalid(
+            fail(
                 f"{field}.high_freq_factor",
                 self.high_freq_factor,
                 f"expected more than low_freq_factor={self.low_freq_factor}",
             )
         if not (
-            _is_int(self.original_max_position_embeddings)
+            is_int(self.original_max_position_embeddings)
             and self.original_max_position_embeddings > 0
         ):
-            _invalid(
+            fail(
                 f"{field}.original_max_position_embeddings",
                 self.original_max_position_embeddings,
                 "expected a positive integer",
@@ -108,13 +96,13 @@ class Llama3RopeScaling:
         rope_scaling = dict(rope_scaling)
         rope_type = rope_scaling.pop("rope_type", rope_scaling.pop("type", None))
         if rope_type not in ROPE_TYPES:
-            _invalid("model.rope_scaling.rope_type", rope_type, f"expected one of {ROPE_TYPES}")
+            fail("model.rope_scaling.rope_type", rope_type, f"expected one of {ROPE_TYPES}")
         if rope_type == "default":
             return None
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(rope_scaling) - names)
         if unknown:
-            _invalid("model.rope_scaling", unknown, f"unknown keys; llama3 takes {sorted(names)}")
+            fail("model.rope_scaling", unknown, f"unknown keys; llama3 takes {sorted(names)}")
         return cls(**rope_scaling)
 
     def to_dict(self) -> dict:
@@ -156,8 +144,8 @@ class LlamaConfig:
     formulation: str = "auto"
 
     def __post_init__(self):
-        if not (_is_int(self.vocab_size) and self.vocab_size > 0):
-            _invalid("data.vocab_size", self.vocab_size, "expected a positive integer")
+        if not (is_int(self.vocab_size) and self.vocab_size > 0):
+            fail("data.vocab_size", self.vocab_size, "expected a positive integer")
         for name in (
             "num_hidden_layers",
             "hidden_size",
@@ -166,66 +154,66 @@ class LlamaConfig:
             "num_key_value_heads",
         ):
             value = getattr(self, name)
-            if not (_is_int(value) and value > 0):
-                _invalid(f"model.{name}", value, "expected a positive integer")
+            if not (is_int(value) and value > 0):
+                fail(f"model.{name}", value, "expected a positive integer")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
-                _invalid(
+                fail(
                     "model.hidden_size",
                     self.hidden_size,
                     f"with head_dim=None it must be divisible by num_attention_heads="
                     f"{self.num_attention_heads}; or set model.head_dim",
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if not (_is_int(self.head_dim) and self.head_dim > 0 and self.head_dim % 2 == 0):
-            _invalid(
+        if not (is_int(self.head_dim) and self.head_dim > 0 and self.head_dim % 2 == 0):
+            fail(
                 "model.head_dim",
                 self.head_dim,
                 "expected a positive even integer (rotary embeddings rotate pairs), or None",
             )
         if self.num_attention_heads % self.num_key_value_heads:
-            _invalid(
+            fail(
                 "model.num_key_value_heads",
                 self.num_key_value_heads,
                 f"expected a divisor of num_attention_heads={self.num_attention_heads}",
             )
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and value > 0):
-                _invalid(f"model.{name}", value, "expected a positive number")
+            check_number(f"model.{name}", value, lambda x: x > 0, "expected a positive number",
+                         allow_inf=False)
         if not (self.rope_scaling is None or isinstance(self.rope_scaling, Llama3RopeScaling)):
-            _invalid(
+            fail(
                 "model.rope_scaling",
                 self.rope_scaling,
                 "expected None or a Llama3RopeScaling (see LlamaConfig.from_config)",
             )
         if not isinstance(self.tie_word_embeddings, bool):
-            _invalid("model.tie_word_embeddings", self.tie_word_embeddings, "expected a bool")
+            fail("model.tie_word_embeddings", self.tie_word_embeddings, "expected a bool")
         if self.dtype not in DTYPES:
-            _invalid("model.dtype", self.dtype, f"expected one of {tuple(DTYPES)}")
+            fail("model.dtype", self.dtype, f"expected one of {tuple(DTYPES)}")
         if self.remat_policy not in REMAT_POLICIES:
-            _invalid("model.remat_policy", self.remat_policy, f"expected one of {REMAT_POLICIES}")
+            fail("model.remat_policy", self.remat_policy, f"expected one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            _invalid(
+            fail(
                 "model.attention_impl", self.attention_impl, f"expected one of {ATTENTION_IMPLS}"
             )
 
         if self.matmul_precision not in MATMUL_PRECISIONS:
-            _invalid(
+            fail(
                 "model.matmul_precision",
                 self.matmul_precision,
                 f"expected one of {MATMUL_PRECISIONS}",
             )
         if self.padding_idx is not None and not (
-            _is_int(self.padding_idx) and 0 <= self.padding_idx < self.vocab_size
+            is_int(self.padding_idx) and 0 <= self.padding_idx < self.vocab_size
         ):
-            _invalid(
+            fail(
                 "model.padding_idx",
                 self.padding_idx,
                 f"expected None or a token id in [0, vocab_size={self.vocab_size})",
             )
         if self.formulation not in FORMULATIONS:
-            _invalid("model.formulation", self.formulation, f"expected one of {FORMULATIONS}")
+            fail("model.formulation", self.formulation, f"expected one of {FORMULATIONS}")
 
     @classmethod
     def from_config(cls, model_cfg, vocab_size: int, padding_idx: int | None = None):
@@ -236,7 +224,7 @@ class LlamaConfig:
         values = dict(model_cfg)
         unknown = sorted(set(values) - fields)
         if unknown:
-            _invalid("model", unknown, f"unknown fields; known are {sorted(fields)}")
+            fail("model", unknown, f"unknown fields; known are {sorted(fields)}")
         values["rope_scaling"] = Llama3RopeScaling.from_dict(values.get("rope_scaling"))
         return cls(vocab_size=vocab_size, padding_idx=padding_idx, **values)
 
@@ -317,7 +305,7 @@ def _attention_implementation(config: LlamaConfig, query, key) -> str:
     on_gpu = jax.default_backend() == "gpu"
     if config.attention_impl == "cudnn":
         if not on_gpu:
-            _invalid(
+            fail(
                 "model.attention_impl",
                 "cudnn",
                 f"cuDNN attention needs a GPU backend, this one is {jax.default_backend()!r}",
