@@ -239,14 +239,21 @@ def distill_command(teacher, workdir):
             "--config.log.tensorboard=False"]
 
 
+def run_distill(teacher, workdir, *overrides):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(distill_command(teacher, workdir) + list(overrides), cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    return result
+
+
 def test_a_killed_distillation_resumes_as_an_uninterrupted_one(teacher_run, tmp_path):
+    # Both runs are processes of one device each (this one has 8: other reduction orders).
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    config = load_config("tiny_distill")
-    config.log.tensorboard = False
-    results = distill.distill(config, teacher_run, full)
-    assert results["step"] == 30 and os.path.exists(os.path.join(full, "teacher.json"))
+    result = run_distill(teacher_run, full)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher (" in result.stdout
     with open(os.path.join(full, "teacher.json")) as f:
-        assert json.load(f)["eval"]["answer_acc"] >= 0
+        assert 0 <= json.load(f)["eval"]["answer_acc"] <= 1
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     process = subprocess.Popen(distill_command(teacher_run, killed), cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -258,15 +265,14 @@ def test_a_killed_distillation_resumes_as_an_uninterrupted_one(teacher_run, tmp_
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    distill.distill(config, teacher_run, killed)
+    result = run_distill(teacher_run, killed)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert records(killed) == records(full)
+    assert any(r["kind"] == "eval" and r["step"] == 30 for r in records(full))
 
 
 def test_invalid_distill_config_is_one_line(teacher_run, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = subprocess.run(distill_command(teacher_run, str(tmp_path / "bad")) +
-                            ["--config.distill.kl_weight=1.5"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = run_distill(teacher_run, str(tmp_path / "bad"), "--config.distill.kl_weight=1.5")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "error: config.distill.kl_weight=1.5 is invalid: expected a number in [0, 1].")
