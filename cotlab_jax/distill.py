@@ -262,6 +262,9 @@ def distill(distill_config: ml_collections.ConfigDict, teacher_dir: str, workdir
             teacher_step: int | str = "latest") -> dict:
     """Distils the teacher run in `teacher_dir` into the student run in `workdir` (or resumes
     it); returns the student's results with the teacher's evaluation under `teacher`."""
+    if "distill" not in distill_config:
+        raise config_lib.ConfigError("config.distill is missing: a distillation config sets "
+                                     "config.distill = distill.distill_defaults()")
     validate_distill(distill_config.distill)
     config = student_config(distill_config, rundir.load_config(teacher_dir))
     exp = experiment.setup(config)  # every group validated before anything compiles
