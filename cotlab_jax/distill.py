@@ -14,8 +14,8 @@ Each step draws its batch on device (`data.sample_batch`, as training does) and 
 
 - word level (stage 1): loss = (1 - w) CE + w T^2 KL(p_teacher^T || p_student^T) over the tokens
   that carry loss, p^T = softmax(logits / T), w = `distill.kl_weight`, T = `distill.temperature`.
-  This is the classic mixed form (Hinton et al.); the T^2 keeps the KL's gradients on the scale
-  of the cross-entropy's as T changes.
+  The paper's word-level forward KL, mixed with the cross-entropy in the form of Hinton et al.
+  (2015); the T^2 keeps the KL's gradients on the scale of the cross-entropy's as T changes.
 - on policy (stage 2): the student samples a continuation of each task's query (its last
   example's CoT and answer; temperature `distill.sample_temperature`, the paper's 0.8-0.9) with a
   KV cache in one `lax.scan`; teacher and student then score prompt + continuation and the loss is
