@@ -187,9 +187,15 @@ def batch_loss(params, batch, graphdef) -> jax.Array:
 
 def train_step(state, batch, *, graphdef, exp: Experiment, hparams: dict | None = None):
     """One AdamW step on `batch` (`hparams`: see `make_optimizer`)."""
+    loss, grads = jax.value_and_grad(batch_loss)(state["params"], batch, graphdef)
+    return apply_gradients(state, loss, grads, batch, exp=exp, hparams=hparams)
+
+
+def apply_gradients(state, loss, grads, batch, *, exp: Experiment, hparams: dict | None = None):
+    """The step's AdamW update from `grads` of `loss` (on `batch`), the non-finite guard and the
+    logging window: what every step that trains a run's parameters shares."""
     optimizer = make_optimizer(exp.config.train, exp.total_steps, hparams)
     step = state["step"]
-    loss, grads = jax.value_and_grad(batch_loss)(state["params"], batch, graphdef)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # After a non-finite loss (or update) the state stops changing, so no checkpoint holds it.

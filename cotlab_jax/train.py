@@ -9,6 +9,7 @@ run directory is `cotlab_jax.rundir`.
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -126,7 +127,17 @@ class _Member:
             self.writer.close()
 
 
-def _single_program(member: _Member) -> experiment.Program:
+# Builds one run's step: (exp, graphdef, state, resumed) -> (state, step), step(state, world,
+# train_key) -> state. Another builder (distillation's) may also replace a fresh state's values.
+StepBuilder = Callable[[experiment.Experiment, object, dict, bool], tuple[dict, Callable]]
+
+
+def train_step_builder(exp: experiment.Experiment, graphdef, state, resumed: bool):
+    del resumed
+    return state, experiment.compile_train_step(exp, graphdef, state)
+
+
+def _single_program(member: _Member, build_step: StepBuilder) -> experiment.Program:
     exp, config = member.exp, member.exp.config
     # Global (replicated) copies, made on every process alike, as the train step's inputs.
     replicated = jax.sharding.NamedSharding(exp.mesh, jax.P())
@@ -138,7 +149,7 @@ def _single_program(member: _Member) -> experiment.Program:
             graphdef, state = rundir.restore_state(member.manager, member.start, exp)
         else:
             graphdef, state = experiment.init_state(exp)
-        step_fn = experiment.compile_train_step(exp, graphdef, state)
+        state, step_fn = build_step(exp, graphdef, state, bool(member.start))
     return experiment.Program(graphdef=graphdef, state=state,
                               step=lambda state: step_fn(state, world, train_key),
                               member_state=lambda state, i: state, packed=False)
@@ -152,9 +163,11 @@ def _window_metrics(window, seconds: float) -> dict:
                 step_time_s=seconds / steps)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes) the run in `workdir`; returns the final results (also results.json)."""
-    (results,) = train_members([(config, workdir)])
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       build_step: StepBuilder = train_step_builder) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the final results (also results.json).
+    `build_step` makes its step (default: the train step; distillation passes its own)."""
+    (results,) = train_members([(config, workdir)], build_step)
     if "error" in results:
         raise NonFiniteLossError(results["error"])
     return results
@@ -167,12 +180,14 @@ def due_actions(step: int, total_steps: int, periods: dict[str, int]) -> set[str
             if step % every == 0 or step == total_steps}
 
 
-def train_members(runs: list[tuple[ml_collections.ConfigDict, str]]) -> list[dict]:
+def train_members(runs: list[tuple[ml_collections.ConfigDict, str]],
+                  build_step: StepBuilder = train_step_builder) -> list[dict]:
     """Trains (or resumes) runs `(config, workdir)` together: one run alone, or sweep members
     packed into one vmapped program (`cotlab_jax.packed`; their configs must share what
     `packed.pack_key` names, and their checkpoints the same step). Each keeps its own run
     directory, exactly as if trained alone. Returns each run's results; a run whose loss became
-    non-finite stops there and gets `{"error", "step"}`, the others go on."""
+    non-finite stops there and gets `{"error", "step"}`, the others go on. `build_step` makes
+    a single run's step (a pack always runs the train step)."""
     exps = [experiment.setup(config) for config, _ in runs]
     for config, workdir in runs:
         rundir.prepare_workdir(workdir, config)
@@ -183,7 +198,9 @@ def train_members(runs: list[tuple[ml_collections.ConfigDict, str]]) -> list[dic
                               f"checkpoints are at steps {starts}")
     start = starts[0]
     exp = exps[0]  # the schedule and the mesh are shared
-    program = _single_program(members[0]) if len(members) == 1 else \
+    if len(members) > 1 and build_step is not train_step_builder:
+        raise ValueError("a pack of runs trains with the train step only")
+    program = _single_program(members[0], build_step) if len(members) == 1 else \
         packed.program(exps, [m.manager for m in members], start)
     periods = dict(log=exp.config.train.log_every_n_steps,
                    eval=exp.config.eval.eval_every_n_steps,
