@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from cotlab_jax import cli_errors, data, evaluate, rundir
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, evaluate, rundir
 
 
 def define_flags() -> None:
@@ -89,6 +89,10 @@ def variant_eval_set(run, drop_think=None, drop_k=None, drop_seed=0, force=None,
             eval_set = tfds_builder.load_eval_set(eval_dataset, spec)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"--eval_dataset={eval_dataset}: {error}") from None
+        except Exception as error:  # TFDS reports a foreign directory with many types
+            raise SystemExit(f"--eval_dataset={eval_dataset}: not a token-task dataset written "
+                             f"by cotlab_jax.tfds_builder ({type(error).__name__}: "
+                             f"{cli_errors.describe(error)})") from None
     elif chain_length is not None or n_examples is not None:
         changes = {}
         if chain_length is not None:
@@ -102,7 +106,10 @@ def variant_eval_set(run, drop_think=None, drop_k=None, drop_seed=0, force=None,
         path = os.path.join(run.workdir, "eval_set.npz")
         if not os.path.exists(path):
             raise SystemExit(f"no frozen eval set at {path}")
-        eval_set = data.load_eval_set(path, spec)
+        try:
+            eval_set = rundir.read_eval_set(path, spec)
+        except rundir.RunError as error:
+            raise SystemExit(str(error)) from None
         n_frozen = len(eval_set["k"])
         if n_eval_tasks is not None:
             if n_eval_tasks > n_frozen:
@@ -136,6 +143,11 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
         raise SystemExit("--save_predictions needs --out")
     if example_counts is not None and not over_k:
         raise SystemExit("--example_counts needs --over_k")
+    # Checked before the evaluation runs, not after.
+    if eval_dataset is not None and not os.path.isdir(eval_dataset):
+        raise SystemExit(f"--eval_dataset={eval_dataset}: no such directory")
+    if out is not None:
+        cli_errors.check_writable_file("--out", out)
     try:
         loaded = rundir.load_run(workdir, rundir.parse_step(step))
     except (rundir.RunError, FileNotFoundError) as error:
@@ -181,6 +193,7 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
     return result
 
 
+@cli_errors.one_line
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
