@@ -16,7 +16,7 @@ import sys
 import orbax.checkpoint as ocp
 import pytest
 
-from cotlab_jax import export, metrics, report, rundir, runlock, train
+from cotlab_jax import cli_errors, export, metrics, report, rundir, runlock, symbolic, train
 from cotlab_jax.evaluate import cli as evaluate_cli
 from cotlab_jax.metrics import MetricsWriter, read_metrics
 
@@ -57,8 +57,7 @@ def one_line_error(result, *fragments):
 def trained_run(tmp_path_factory):
     """One finished run of the main command (checkpoints 20, 30, 40); tests damage copies."""
     workdir = str(tmp_path_factory.mktemp("faults") / "run")
-    result = command("cotlab_jax.main", f"--config={TINY}", f"--workdir={workdir}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    train.train_and_evaluate(tiny_config(), workdir)  # in this process: relaunches compare exactly
     return workdir
 
 
@@ -100,7 +99,7 @@ def test_bad_metrics_lines_are_skipped_and_reported_never_later_rows(tmp_path, c
 
 
 def test_relaunch_after_a_damaged_checkpoint_and_metrics_line_ends_as_uninterrupted(
-        trained_run, run_copy):
+        trained_run, run_copy, capfd):
     """A garbled metrics line and a truncated latest checkpoint: the relaunch falls back to
     checkpoint 30, recomputes 31-40 and ends with the uninterrupted run's records and results."""
     metrics_path = os.path.join(run_copy, "metrics.jsonl")
@@ -109,9 +108,8 @@ def test_relaunch_after_a_damaged_checkpoint_and_metrics_line_ends_as_uninterrup
     with open(damaged, "r+b") as f:
         f.truncate(os.path.getsize(damaged) // 3)
     os.remove(os.path.join(run_copy, "results.json"))
-    result = command("cotlab_jax.main", f"--config={TINY}", f"--workdir={run_copy}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    err = result.stderr
+    train.train_and_evaluate(tiny_config(), run_copy)
+    err = capfd.readouterr().err
     assert "skipped unreadable line(s) 3 " in err, err
     assert "checkpoint step 40" in err and "steps 31-40 are recomputed" in err, err
     expected = [r for r in records(trained_run) if not (r["step"] == 10 and r["kind"] == "train")]
@@ -246,38 +244,46 @@ class _FullDisk:
         return getattr(self.file, name)
 
 
-def test_a_full_disk_stops_cleanly_and_the_relaunch_goes_on_exactly(trained_run, run_copy,
-                                                                    monkeypatch):
-    shutil.rmtree(os.path.join(run_copy, "checkpoints", "40"))
-    os.remove(os.path.join(run_copy, "results.json"))
-    config = tiny_config()
-    kept = [r for r in records(trained_run) if r["step"] <= 30]
-
+def test_a_full_metrics_disk_stops_writing_and_keeps_every_row(tmp_path, monkeypatch):
     real_open = open
 
     def full_disk_open(path, mode="r", *args, **kwargs):
         file = real_open(path, mode, *args, **kwargs)
         return _FullDisk(file, 200) if mode == "a" else file
 
-    with monkeypatch.context() as patch:  # metrics: the second record written runs out
-        patch.setattr(metrics, "open", full_disk_open, raising=False)
-        with pytest.raises(train.WriteFailedError, match="the disk is full.*checkpoint 30"):
-            train.train_and_evaluate(config, run_copy)
-    assert records(run_copy)[:len(kept)] == kept  # the torn row is skipped, none before it
+    writer = MetricsWriter(str(tmp_path), 0, tensorboard=False)
+    rows = [dict(loss=0.5 + step, note="x" * 100) for step in range(3)]
+    for step, row in enumerate(rows):
+        writer.write(step, "train", row)
+    writer.close()
+    monkeypatch.setattr(metrics, "open", full_disk_open, raising=False)
+    writer = MetricsWriter(str(tmp_path), 2, tensorboard=False)
+    writer.write(3, "train", rows[0])  # fits
+    with pytest.raises(metrics.MetricsWriteError, match="metrics.jsonl: the disk is full"):
+        writer.write(4, "train", rows[0])  # half of it fits
+    writer.close()
+    kept = read_metrics(str(tmp_path / "metrics.jsonl"), warn=False)
+    assert [r["step"] for r in kept] == [0, 1, 2, 3]
+
+
+def test_a_full_disk_at_a_checkpoint_stops_cleanly_and_the_relaunch_goes_on_exactly(
+        trained_run, run_copy, monkeypatch):
+    shutil.rmtree(os.path.join(run_copy, "checkpoints", "40"))
+    os.remove(os.path.join(run_copy, "results.json"))
+    config = tiny_config()
 
     def full_disk_save(self, step, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with monkeypatch.context() as patch:  # the checkpoint at step 40
+    with monkeypatch.context() as patch:
         patch.setattr(ocp.CheckpointManager, "save", full_disk_save)
-        with pytest.raises(train.WriteFailedError, match="checkpoint .* at step 40 failed: "
-                                                         "the disk is full"):
+        with pytest.raises(train.WriteFailedError, match="checkpoint .* at step 40 failed: the "
+                                                         "disk is full.* up to checkpoint 30"):
             train.train_and_evaluate(config, run_copy)
     assert rundir.latest_checkpoint(run_copy) == 30
     assert rundir.load_run(run_copy).step == 30
-    # The relaunch runs as the trained run did (in its own process: this one has 8 devices).
-    result = command("cotlab_jax.main", f"--config={TINY}", f"--workdir={run_copy}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert records(run_copy) == records(trained_run)  # the rows of 31-40 were written first
+    train.train_and_evaluate(config, run_copy)
     assert records(run_copy) == records(trained_run)
 
 
@@ -319,18 +325,18 @@ def test_damaged_run_files_give_one_line_naming_the_file(run_copy, tmp_path, cap
         export.export_run(run_copy, str(tmp_path / "hf"))
 
 
-def test_commands_answer_bad_input_in_one_line(run_copy, tmp_path):
+def test_commands_answer_bad_input_in_one_line(run_copy, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     one_line_error(command("cotlab_jax.main", f"--config={TINY}", f"--workdir={run_copy}",
                            "--config.train.lr=0.5"), "train.lr (0.003 -> 0.5)")
-    one_line_error(command("cotlab_jax.report", f"--workdir={run_copy}",
-                           f"--out_dir={blocker}/report"), "cannot write the report")
-    one_line_error(command("cotlab_jax.export", f"--workdir={run_copy}", f"--out={run_copy}"),
-                   "is a run directory")
-    one_line_error(command("cotlab_jax.symbolic", f"--out_dir={blocker}/chats"),
-                   "cannot write there")
-    assert not list(tmp_path.glob("**/*.tmp"))
+    assert report.run(run_copy, str(blocker / "report")) == 1
+    assert "cannot write the report" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot write there"):
+        cli_errors.check_writable_dir("--out_dir", str(blocker / "chats"))
+    with pytest.raises(IsADirectoryError):  # the symbolic command's writer: no .tmp left
+        symbolic.write_jsonl(str(tmp_path), [])
+    assert not list(tmp_path.parent.glob("*.tmp"))
 
 
 def test_evaluate_keeps_library_logs_off_the_terminal(run_copy, tmp_path):
