@@ -58,27 +58,36 @@ def one_line(main):
     return wrapped
 
 
+def _unwritable(path: str) -> str | None:
+    """Why a directory could not be created at `path` (or written in, if it exists), or None;
+    nothing is created."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def check_writable_file(flag: str, path: str) -> None:
-    """Exits with one line unless `path` can be written as a file (its directory is created);
-    run before the work whose result goes there."""
+    """Exits with one line unless a file can be written at `path` (its directory may be
+    missing: it is created when the file is written). Run before the work whose result goes
+    there; it writes nothing."""
     if os.path.isdir(path):
         sys.exit(f"error: {flag}={path} is a directory; expected a file path")
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        if not os.access(parent, os.W_OK):
-            raise PermissionError(13, "Permission denied", parent)
-    except OSError as error:
-        sys.exit(f"error: {flag}={path}: cannot write there ({describe(error)})")
+    why = _unwritable(os.path.dirname(os.path.abspath(path)))
+    if why:
+        sys.exit(f"error: {flag}={path}: cannot write there ({why})")
 
 
 def check_writable_dir(flag: str, path: str) -> None:
-    """Exits with one line unless `path` is, or can be created as, a writable directory."""
+    """Exits with one line unless `path` is, or can be created as, a writable directory; it
+    writes nothing."""
     if os.path.exists(path) and not os.path.isdir(path):
         sys.exit(f"error: {flag}={path} is a file; expected a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-        if not os.access(path, os.W_OK):
-            raise PermissionError(13, "Permission denied", path)
-    except OSError as error:
-        sys.exit(f"error: {flag}={path}: cannot write there ({describe(error)})")
+    why = _unwritable(path)
+    if why:
+        sys.exit(f"error: {flag}={path}: cannot write there ({why})")
