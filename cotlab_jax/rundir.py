@@ -82,8 +82,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def changed_fields(saved: dict, current: dict) -> list[str]:
-    """The flat config fields (dotted) whose values differ, less those a relaunch may change."""
-    return sorted(name for name in saved.keys() | current.keys()
+    """The flat config fields (dotted) whose values differ, less those a relaunch may change.
+    A field only one side has (added to the lab after the run started) is not compared: its
+    default keeps the old behaviour."""
+    return sorted(name for name in saved.keys() & current.keys()
                   if saved.get(name) != current.get(name) and name not in RELAUNCH_FREE_FIELDS
                   and not name.startswith(RELAUNCH_FREE_GROUPS))
 
