@@ -52,7 +52,13 @@ def get_topology(topology_name: str):
     from jax.experimental import topologies
 
     options = TOPOLOGY_OPTIONS.get(topology_name.split(":")[0], {})
-    return topologies.get_topology_desc(topology_name=topology_name, platform="tpu", **options)
+    try:
+        return topologies.get_topology_desc(topology_name=topology_name, platform="tpu",
+                                            **options)
+    except Exception as error:  # jax and libtpu reject a topology with several error types
+        lines = str(error).strip().splitlines()
+        raise ValueError(f"--topology={topology_name}: cannot describe this TPU topology "
+                         f"({type(error).__name__}: {lines[0] if lines else ''})") from None
 
 
 def default_mesh_axes(n_devices: int, batch_size: int) -> dict[str, int]:

@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from safetensors.numpy import load_file, save_file
 
-from cotlab_jax import data, evaluate, hf_convert, model, rundir
+from cotlab_jax import cli_errors, data, evaluate, hf_convert, model, rundir
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -63,18 +63,29 @@ def load_checkpoint(workdir: str, step: int | str = "latest"):
     run directory can be unusable as a one-line exit."""
     if not os.path.isdir(workdir):
         raise SystemExit(f"--workdir={workdir}: no such directory")
-    try:
+    try:  # a damaged checkpoint, config or eval set is a RunError naming the file
         return rundir.load_run(workdir, step)
     except rundir.RunError as error:
         raise SystemExit(f"cannot load the run: {error}") from None
-    except Exception as error:  # orbax reports damaged files with many exception types
-        message = str(error).splitlines()[0] if str(error) else ""
-        raise SystemExit(f"cannot load the checkpoint of {workdir} (step {step}): it is "
-                         f"damaged or incomplete ({type(error).__name__}: {message})") from None
 
 
-def export_run(workdir: str, out: str, step: int | str = "latest") -> int:
-    """Writes the checkpoint of `step` as an HF Llama directory at `out`; returns its step."""
+def check_export_target(out: str, overwrite: bool) -> None:
+    """Exits with one line if `out` is (or lies in) a run directory, is a non-empty directory
+    (unless `overwrite`), or cannot be written; checked before the checkpoint is read."""
+    run_dir = rundir.inside_run_directory(out)
+    if run_dir is not None:
+        raise SystemExit(f"--out={out}: {run_dir} is a run directory; export writes elsewhere")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise SystemExit(f"--out={out} is a non-empty directory; choose another or pass "
+                         f"--overwrite to replace its {CONFIG_NAME} and {WEIGHTS_NAME}")
+    cli_errors.check_writable_dir("--out", out)
+
+
+def export_run(workdir: str, out: str, step: int | str = "latest",
+               overwrite: bool = False) -> int:
+    """Writes the checkpoint of `step` as an HF Llama directory at `out` (never into a run
+    directory; a non-empty `out` only with `overwrite`); returns its step."""
+    check_export_target(out, overwrite)
     run = load_checkpoint(workdir, step)
     model_config = model.LlamaConfig.from_config(run.config.model, run.config.data.vocab_size)
     write_hf_dir(out, run.params, model_config, run.spec)
@@ -112,7 +123,7 @@ def evaluate_hf(hf_dir: str, workdir: str, batch_size: int | None = None,
         raise ValueError(f"vocab_size={config.vocab_size}, the run's tasks use "
                          f"data.vocab_size={spec.vocab_size}")
     return evaluate.evaluate(
-        graphdef, params, data.load_eval_set(path, spec), spec,
+        graphdef, params, rundir.read_eval_set(path, spec), spec,
         batch_size=batch_size or run_config.eval.batch_size,
         max_pred_tokens=max_pred_tokens or run_config.eval.max_pred_tokens)
 
@@ -123,10 +134,12 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Export: the HF directory to write. With --import_hf: "
                         "write the JSON metrics here (they are always printed).")
     flags.DEFINE_string("import_hf", None, "Evaluate this HF Llama directory instead of exporting.")
+    flags.DEFINE_bool("overwrite", False, "Export: write into a non-empty --out directory.")
     flags.DEFINE_string("task_workdir", None, "With --import_hf: the run whose frozen eval set "
                         "(and task spec) to evaluate on.")
 
 
+@cli_errors.one_line
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -134,6 +147,8 @@ def main(argv) -> None:
     if f.import_hf:
         if not f.task_workdir:
             raise SystemExit("--import_hf needs --task_workdir (the run whose eval set to use)")
+        if f.out:
+            cli_errors.check_writable_file("--out", f.out)
         try:
             metrics = evaluate_hf(f.import_hf, f.task_workdir)
         except (rundir.RunError, FileNotFoundError, ValueError) as error:
@@ -153,7 +168,7 @@ def main(argv) -> None:
         step = rundir.parse_step(f.step)
     except rundir.RunError as error:
         raise SystemExit(str(error)) from None
-    step = export_run(f.workdir, f.out, step)
+    step = export_run(f.workdir, f.out, step, overwrite=f.overwrite)
     print(f"exported {f.workdir} step {step} to {f.out}")
 
 

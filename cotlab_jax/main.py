@@ -7,16 +7,20 @@ is a sweep (`cotlab_jax.sweep`): its members train in `--workdir` (default
 """
 
 import os
-import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 
+from cotlab_jax import cli_errors, config_flag
 from cotlab_jax import config as config_lib
-from cotlab_jax import config_flag
 
 _CONFIG = config_flag.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<run name>.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Relaunch a run whose saved config differs in fields that change its data, model or numbers "
+    "(refused otherwise; logging, evaluation and checkpoint cadences and the mesh may always "
+    "change).")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", None,
     "Call jax.distributed.initialize() (default: when a coordinator is configured, as on a TPU "
@@ -37,33 +41,28 @@ def _launched_multihost() -> bool:
         int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
+@cli_errors.one_line  # a RunError or ConfigError ends the command in one line
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/<file>.py is required")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if _launched_multihost():
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from cotlab_jax import rundir, sweep, train  # after initialize(): they touch the devices
+    from cotlab_jax import sweep, train  # after initialize(): they touch the devices
 
     config = _CONFIG.value
     if config.sweep.axes:
         workdir = _WORKDIR.value or os.path.join("runs", config.sweep.name or "sweep")
-        try:
-            sweep.check_overrides(config, config_flag.overridden_fields())
-            outcome = sweep.run(config, workdir)
-        except (config_lib.ConfigError, rundir.RunError) as e:
-            sys.exit(f"error: {e}")
+        sweep.check_overrides(config, config_flag.overridden_fields())
+        outcome = sweep.run(config, workdir)
         if outcome.get("report"):
             print(outcome["report"]["table"])
             print(f"report: {outcome['report']['out_dir']}")
         return
     workdir = _WORKDIR.value or os.path.join("runs", config_lib.run_name(config))
-    try:
-        results = train.train_and_evaluate(config, workdir)
-    except (config_lib.ConfigError, rundir.RunError) as e:
-        sys.exit(f"error: {e}")
+    results = train.train_and_evaluate(config, workdir,
+                                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     if jax.process_index() == 0 and "eval" in results:
         print(train.summary(results, workdir))
 

@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from cotlab_jax import analysis
+from cotlab_jax import analysis, cli_errors
 from cotlab_jax.metrics import read_metrics
 
 DEPTH = "model.num_hidden_layers"
@@ -79,6 +79,7 @@ class Member:
     records: list[dict]
     results: dict | None
     failed: dict | None
+    damaged: tuple[str, ...] = ()  # files that exist but cannot be read
 
     @property
     def status(self) -> str:
@@ -86,6 +87,8 @@ class Member:
             return "finished"
         if self.failed is not None:
             return "failed"
+        if self.damaged:
+            return "damaged " + "+".join(self.damaged)
         return "running" if self.records or self.config is not None else "not started"
 
     @property
@@ -126,22 +129,28 @@ class Sweep:
 
 
 def _read_json(path: str):
-    """The JSON in `path`, or None if it is missing or unreadable."""
+    """The JSON object in `path`, or None if it is missing or unreadable."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+            value = json.load(f)
+    except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 def _load_member(index: int, path: str | None, values: dict) -> Member:
     if path is None:  # listed without a directory: not started
         return Member(index, "", values, None, [], None, None)
-    return Member(index=index, dir=path, values=values,
-                  config=_read_json(os.path.join(path, "config.json")),
+    files = {name: os.path.join(path, name + ".json") for name in ("config", "results", "failed")}
+    read = {name: _read_json(file) for name, file in files.items()}
+    damaged = tuple(name + ".json" for name, file in files.items()
+                    if read[name] is None and os.path.exists(file))
+    for name in damaged:
+        print(f"warning: {os.path.join(path, name)} is unreadable; the member is shown as "
+              f"damaged", file=sys.stderr)
+    return Member(index=index, dir=path, values=values, config=read["config"],
                   records=read_metrics(os.path.join(path, "metrics.jsonl")),
-                  results=_read_json(os.path.join(path, "results.json")),
-                  failed=_read_json(os.path.join(path, "failed.json")))
+                  results=read["results"], failed=read["failed"], damaged=damaged)
 
 
 def load_sweep(workdir: str) -> Sweep:
@@ -555,12 +564,17 @@ def run(workdir: str, out_dir: str | None = None) -> int:
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # an unwritable --out_dir
+        print(f"error: cannot write the report to {out_dir or workdir}: "
+              f"{cli_errors.describe(e)}", file=sys.stderr)
+        return 1
     print(report["table"])
     print(f"Report written to {report['out_dir']} (summary.md, summary.csv, "
           f"{len(report['plots'])} plots)")
     return 0
 
 
+@cli_errors.one_line
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

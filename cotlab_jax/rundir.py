@@ -8,15 +8,18 @@ onto any mesh (by default one device), and a resumed run restores into its new m
 import dataclasses
 import json
 import os
+import shutil
+import sys
 import tempfile
+import zipfile
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cotlab_jax import cli_errors, data, experiment, sharding
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, experiment, sharding
 from cotlab_jax.metrics import read_metrics
 
 # Config fields that change the shapes or structure of the checkpointed state.
@@ -27,8 +30,25 @@ STATE_SHAPE_FIELDS = (
 )
 
 
-class RunError(RuntimeError):
+# Config fields a relaunch may change: they decide where and how often a run logs, evaluates,
+# checkpoints and places its arrays, not its data, model or numbers. Any other change is refused
+# unless asked for (`allow_config_change`).
+RELAUNCH_FREE_FIELDS = (
+    "train.log_every_n_steps", "train.checkpoint_every_n_steps", "train.keep_checkpoints",
+    "eval.eval_every_n_steps", "eval.batch_size", "eval.analysis_batch_size",
+    "model.remat_policy", "model.attention_impl",
+)
+RELAUNCH_FREE_GROUPS = ("log.", "mesh.", "sweep.")
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class RunError(cli_errors.CommandError):
     """A run cannot start or go on; the message says why in one line."""
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def write_json(path: str, value) -> None:
@@ -52,19 +72,39 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise RunError(f"{workdir} holds no run (no config.json)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (ValueError, TypeError, AttributeError) as error:  # not JSON, or not an object
+        raise RunError(f"{path} is damaged: it is not a JSON config ({error})") from None
+    except OSError as error:
+        raise RunError(f"cannot read {path}: {error.strerror}") from None
 
 
-def prepare_workdir(workdir: str, config) -> None:
-    """Creates the run directory, or checks that a resumed run keeps the state's shapes (the
-    mesh may change: the checkpoint is resharded on restore)."""
+def changed_fields(saved: dict, current: dict) -> list[str]:
+    """The flat config fields (dotted) whose values differ, less those a relaunch may change.
+    A field only one side has (added to the lab after the run started) is not compared: its
+    default keeps the old behaviour."""
+    return sorted(name for name in saved.keys() & current.keys()
+                  if saved.get(name) != current.get(name) and name not in RELAUNCH_FREE_FIELDS
+                  and not name.startswith(RELAUNCH_FREE_GROUPS))
+
+
+def make_workdir(workdir: str) -> None:
+    """Creates the run directory and checks that it is writable."""
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir):  # unique: processes may probe at once
             pass
     except OSError as e:
         raise RunError(f"cannot write to workdir {workdir}: {e.strerror}") from None
+
+
+def prepare_workdir(workdir: str, config, allow_config_change: bool = False) -> None:
+    """Creates the run directory, or checks that a resumed run keeps the state's shapes (the
+    mesh may change: the checkpoint is resharded on restore) and, unless
+    `allow_config_change`, every field that decides its data, model or numbers."""
+    make_workdir(workdir)
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         saved, current = _flat(load_config(workdir)), _flat(json.loads(config.to_json()))
@@ -75,46 +115,113 @@ def prepare_workdir(workdir: str, config) -> None:
         if differing:
             raise RunError(f"{workdir} holds a run whose state has other shapes; differing "
                            f"fields: {', '.join(differing)}. Use another --workdir.")
+        changed = changed_fields(saved, current)
+        if changed and not allow_config_change:
+            shown = ", ".join(f"{name} ({saved.get(name)!r} -> {current.get(name)!r})"
+                              for name in changed)
+            raise RunError(f"{workdir} holds a run of another config; changed fields: {shown}. "
+                           f"Relaunch with its config, use another --workdir, or pass "
+                           f"--allow_config_change to go on with the new values")
     if jax.process_index() == 0:
         write_json(path, json.loads(config.to_json()))
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    """The writer's manager (only the process holding the run's lock opens one): it removes
+    the temporary directories of saves that a killed process left behind."""
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              cleanup_tmp_directories=True))
 
 
-def latest_checkpoint(workdir: str, keep: int) -> int | None:
-    """The step of a run directory's latest checkpoint; None if it has none."""
+def read_only_checkpoints(workdir: str) -> ocp.CheckpointManager:
+    """A reader's manager: it creates, deletes and cleans up nothing, so it never touches a
+    save in progress (orbax lists only finalized steps, not their temporary directories)."""
+    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(path):
+        raise RunError(f"{workdir} has no checkpoint")
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0,
+        enable_async_checkpointing=False))
+
+
+def latest_checkpoint(workdir: str, keep: int | None = None) -> int | None:
+    """The step of a run directory's latest checkpoint; None if it has none. (`keep` is
+    unused: a reader deletes nothing.)"""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return None
-    with checkpoint_manager(workdir, keep) as manager:
+    with read_only_checkpoints(workdir) as manager:
         return manager.latest_step()
+
+
+class DamagedCheckpointError(RunError):
+    """A checkpoint cannot be restored (a truncated or missing file)."""
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, exp: experiment.Experiment):
     """(graphdef, the train state of checkpoint `step`) laid out over `exp.mesh`, whatever mesh
     wrote it: orbax reads each array into the target's sharding."""
     graphdef, target = experiment.abstract_state(exp)
-    return graphdef, manager.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+        return graphdef, manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as error:  # orbax and TensorStore report damage with many exception types
+        lines = str(error).strip().splitlines()
+        raise DamagedCheckpointError(
+            f"checkpoint step {step} in {manager.directory} is damaged or incomplete "
+            f"({type(error).__name__}: {lines[0] if lines else ''})") from None
+
+
+def restore_newest_valid(manager: ocp.CheckpointManager, workdir: str,
+                         exp: experiment.Experiment):
+    """(step, graphdef, state) of the newest checkpoint that restores; (0, None, None) if none
+    is left. Damaged newer ones are moved to `workdir/damaged_checkpoints` (kept for
+    inspection, out of the way of the saves that replace them) with a warning naming the steps
+    to be recomputed."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            graphdef, state = restore_state(manager, step, exp)
+        except DamagedCheckpointError as error:
+            older = [s for s in manager.all_steps() if s < step]
+            start = max(older, default=0)
+            warn(f"{error}; going on from {f'step {start}' if start else 'the start'}: steps "
+                 f"{start + 1}-{step} are recomputed (the damaged checkpoint is moved to "
+                 f"{os.path.join(workdir, DAMAGED_DIR)})")
+            if jax.process_index() == 0:
+                target = os.path.join(workdir, DAMAGED_DIR, f"{step}-{os.getpid()}")
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.move(os.path.join(str(manager.directory), str(step)), target)
+            manager.reload()
+            continue
+        return step, graphdef, state
+    return 0, None, None
 
 
 def frozen_eval_set(workdir: str, exp: experiment.Experiment) -> dict[str, np.ndarray]:
     """The frozen eval set: made once from `seed + 1000`, then reloaded from the run directory."""
     path = os.path.join(workdir, "eval_set.npz")
     if os.path.exists(path):
-        try:
-            return data.load_eval_set(path, exp.spec)
-        except ValueError as e:
-            raise RunError(f"{e}; the task config changed since this run started") from None
+        return read_eval_set(path, exp.spec)
     keys = data.root_keys(exp.config.seed)
     world = data.make_world(keys["world"], exp.spec)  # on this process's default device
     eval_set = data.build_eval_set(world, keys["eval"], exp.spec, exp.config.eval.n_eval_tasks)
     if jax.process_index() == 0:
         data.save_eval_set(path, eval_set, exp.spec)
     return eval_set
+
+
+def read_eval_set(path: str, spec: data.TaskSpec) -> dict[str, np.ndarray]:
+    """A run's frozen eval set, telling a damaged file from one made for another task spec."""
+    try:
+        data.load_eval_set(path)
+    except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile) as error:
+        lines = str(error).strip().splitlines()
+        raise RunError(f"{path} is damaged or not an eval set ({type(error).__name__}: "
+                       f"{lines[0] if lines else ''})") from None
+    try:
+        return data.load_eval_set(path, spec)
+    except ValueError as e:
+        raise RunError(f"{e}; the task config changed since this run started") from None
 
 
 @dataclasses.dataclass
@@ -137,8 +244,12 @@ def load_run(workdir: str, step: int | str = "latest",
     config = load_config(workdir)
     if mesh is None:
         mesh = sharding.make_mesh({}, devices=jax.local_devices()[:1])
-    exp = experiment.setup(config, mesh)
-    with checkpoint_manager(workdir, config.train.keep_checkpoints) as manager:
+    try:
+        exp = experiment.setup(config, mesh)
+    except (AttributeError, KeyError, TypeError) as error:  # a JSON object, not a run's config
+        raise RunError(f"{os.path.join(workdir, 'config.json')} is damaged: it is not a run's "
+                       f"config ({type(error).__name__}: {error})") from None
+    with read_only_checkpoints(workdir) as manager:
         steps = manager.all_steps()
         if not steps:
             raise RunError(f"{workdir} has no checkpoint")
@@ -150,6 +261,24 @@ def load_run(workdir: str, step: int | str = "latest",
     world = data.make_world(data.root_keys(config.seed)["world"], exp.spec)
     return Run(config=config, spec=exp.spec, graphdef=graphdef, params=state["params"],
                step=int(step), world=world, workdir=workdir)
+
+
+def is_run_directory(path: str) -> bool:
+    """Whether `path` holds a run (or a sweep) that a command must not write into."""
+    return any(os.path.exists(os.path.join(path, name))
+               for name in ("config.json", "checkpoints", "metrics.jsonl", "sweep.json"))
+
+
+def inside_run_directory(path: str) -> str | None:
+    """The run directory `path` is, or lies in (None if none)."""
+    path = os.path.abspath(path)
+    while True:
+        if os.path.isdir(path) and is_run_directory(path):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
 
 
 def parse_step(step: str) -> int | str:

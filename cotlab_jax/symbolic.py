@@ -55,6 +55,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import app, flags
 
+from cotlab_jax import cli_errors
 from cotlab_jax.numpy_reference import power_law
 
 THINK_PREFIX = "<|im_start|>think\n"
@@ -353,10 +354,14 @@ def write_jsonl(path: str, rows: Sequence[RenderedRow]) -> None:
     """One row per line; written to a temporary name and renamed, never left half-written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row.to_json()) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row.to_json()) + "\n")
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk, `path` a directory) leaves no temporary file
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_tasks(path: str) -> list[SymbolicTask]:
@@ -424,12 +429,17 @@ def define_flags() -> None:
     define_task_flags()
 
 
+@cli_errors.one_line
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     if not f.out_dir:
         raise SystemExit("--out_dir is required")
+    cli_errors.check_writable_dir("--out_dir", f.out_dir)
+    for split in ("train", "test"):
+        if os.path.isdir(os.path.join(f.out_dir, f"{split}.jsonl")):
+            raise SystemExit(f"--out_dir={f.out_dir}: {split}.jsonl there is a directory")
     try:
         config, render = configs_from_flags(f)
         chat_text = chat_text_from_flags(f)

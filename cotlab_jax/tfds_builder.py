@@ -52,8 +52,8 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 from ml_collections import config_flags
 
+from cotlab_jax import cli_errors, data, symbolic
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, symbolic
 
 FILE_FORMAT = "array_record"
 
@@ -449,10 +449,13 @@ def _symbolic_main(f) -> str:
                           f.n_test_tasks, f.seed, f.tokenizer)
 
 
+@cli_errors.one_line  # an unwritable --data_dir (OSError) ends in one line too
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
+    if f.data_dir:
+        cli_errors.check_writable_dir("--data_dir", f.data_dir)
     try:
         if f.symbolic:
             path = _symbolic_main(f)

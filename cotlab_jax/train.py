@@ -6,6 +6,8 @@ The jittable parts are `cotlab_jax.experiment` (one run) and `cotlab_jax.packed`
 run directory is `cotlab_jax.rundir`.
 """
 
+import contextlib
+import errno
 import os
 import signal
 import time
@@ -16,13 +18,28 @@ import ml_collections
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from cotlab_jax import analysis, data, evaluate, experiment, model, packed, rundir
+from cotlab_jax import analysis, data, evaluate, experiment, model, packed, rundir, runlock
 from cotlab_jax import config as config_lib
-from cotlab_jax.metrics import MetricsWriter
+from cotlab_jax.metrics import MetricsWriteError, MetricsWriter
 
 
 class NonFiniteLossError(rundir.RunError):
     pass
+
+
+class WriteFailedError(rundir.RunError):
+    """A checkpoint or metrics write failed (a full disk): the run stopped; what was written
+    before stays intact and a relaunch goes on from the last complete checkpoint."""
+
+
+def _write_failed(what: str, step: int, error: OSError, manager) -> WriteFailedError:
+    why = "the disk is full" if error.errno == errno.ENOSPC else \
+        (error.strerror or str(error).splitlines()[0])
+    kept = manager.latest_step()
+    return WriteFailedError(
+        f"{what} at step {step} failed: {why}. Stopped; the run is intact up to "
+        f"{f'checkpoint {kept}' if kept else 'its start'}: free space and relaunch the same "
+        f"command to go on from there")
 
 
 class _Preemption:
@@ -50,7 +67,10 @@ class _Member:
         self.exp, self.workdir = exp, workdir
         self.eval_set = rundir.frozen_eval_set(workdir, exp)
         self.manager = rundir.checkpoint_manager(workdir, exp.config.train.keep_checkpoints)
-        self.start = self.manager.latest_step() or 0
+        # The newest checkpoint that restores (damaged newer ones are set aside, with a warning).
+        with jax.set_mesh(exp.mesh):
+            self.start, graphdef, state = rundir.restore_newest_valid(self.manager, workdir, exp)
+        self.restored = (graphdef, state) if self.start else None
         self.writer = None
         self.failure = None  # the message, once the state went non-finite
         self.failed_step = None
@@ -67,7 +87,18 @@ class _Member:
 
     def log(self, step: int, kind: str, values: dict) -> None:
         if self.writer is not None:
-            self.writer.write(step, kind, values)
+            try:
+                self.writer.write(step, kind, values)
+            except MetricsWriteError as error:
+                raise _write_failed(f"writing {self.writer.path}", step, error,
+                                    self.manager) from None
+
+    def save(self, step: int, state) -> None:
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state))
+        except OSError as error:
+            raise _write_failed(f"saving the checkpoint of {self.workdir}", step, error,
+                                self.manager) from None
 
     def evaluate(self, graphdef, params, step: int, final: bool) -> None:
         """Logs the evaluation on the frozen eval set (at the end also over example counts),
@@ -122,9 +153,14 @@ class _Member:
         return self.failure is None
 
     def close(self) -> None:
-        self.manager.close()  # waits for a save in flight
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            self.manager.close()  # waits for a save in flight
+        except OSError as error:  # the save in flight failed
+            raise _write_failed(f"saving the checkpoint of {self.workdir}", "the end", error,
+                                self.manager) from None
+        finally:
+            if self.writer is not None:
+                self.writer.close()
 
 
 # Builds one run's step: (exp, graphdef, state, resumed) -> (state, step), step(state, world,
@@ -146,7 +182,7 @@ def _single_program(member: _Member, build_step: StepBuilder) -> experiment.Prog
                  data.root_keys(config.seed)["train"]), out_shardings=replicated)()
     with jax.set_mesh(exp.mesh):
         if member.start:  # restored straight into this mesh's layout, whatever mesh saved it
-            graphdef, state = rundir.restore_state(member.manager, member.start, exp)
+            (graphdef, state), member.restored = member.restored, None
         else:
             graphdef, state = experiment.init_state(exp)
         state, step_fn = build_step(exp, graphdef, state, bool(member.start))
@@ -164,10 +200,12 @@ def _window_metrics(window, seconds: float) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       build_step: StepBuilder = train_step_builder) -> dict:
+                       build_step: StepBuilder = train_step_builder,
+                       allow_config_change: bool = False) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the final results (also results.json).
-    `build_step` makes its step (default: the train step; distillation passes its own)."""
-    (results,) = train_members([(config, workdir)], build_step)
+    `build_step` makes its step (default: the train step; distillation passes its own);
+    `allow_config_change`: see `rundir.prepare_workdir`."""
+    (results,) = train_members([(config, workdir)], build_step, allow_config_change)
     if "error" in results:
         raise NonFiniteLossError(results["error"])
     return results
@@ -181,16 +219,32 @@ def due_actions(step: int, total_steps: int, periods: dict[str, int]) -> set[str
 
 
 def train_members(runs: list[tuple[ml_collections.ConfigDict, str]],
-                  build_step: StepBuilder = train_step_builder) -> list[dict]:
+                  build_step: StepBuilder = train_step_builder,
+                  allow_config_change: bool = False) -> list[dict]:
     """Trains (or resumes) runs `(config, workdir)` together: one run alone, or sweep members
     packed into one vmapped program (`cotlab_jax.packed`; their configs must share what
     `packed.pack_key` names, and their checkpoints the same step). Each keeps its own run
     directory, exactly as if trained alone. Returns each run's results; a run whose loss became
     non-finite stops there and gets `{"error", "step"}`, the others go on. `build_step` makes
-    a single run's step (a pack always runs the train step)."""
+    a single run's step (a pack always runs the train step). Each run directory is locked
+    (`cotlab_jax.runlock`) while it trains; a full disk stops with `WriteFailedError`.
+    """
     exps = [experiment.setup(config) for config, _ in runs]
+    with contextlib.ExitStack() as locks:
+        for _, workdir in runs:
+            rundir.make_workdir(workdir)
+            if jax.process_index() == 0:
+                try:
+                    locks.enter_context(runlock.RunLock(workdir))
+                except runlock.LockedError as error:
+                    raise rundir.RunError(str(error)) from None
+        return _train_locked(runs, exps, build_step, allow_config_change)
+
+
+def _train_locked(runs, exps, build_step: StepBuilder,
+                  allow_config_change: bool) -> list[dict]:
     for config, workdir in runs:
-        rundir.prepare_workdir(workdir, config)
+        rundir.prepare_workdir(workdir, config, allow_config_change)
     members = [_Member(exp, workdir) for exp, (_, workdir) in zip(exps, runs, strict=True)]
     starts = sorted({m.start for m in members})
     if len(starts) > 1:
@@ -200,8 +254,12 @@ def train_members(runs: list[tuple[ml_collections.ConfigDict, str]],
     exp = exps[0]  # the schedule and the mesh are shared
     if len(members) > 1 and build_step is not train_step_builder:
         raise ValueError("a pack of runs trains with the train step only")
-    program = _single_program(members[0], build_step) if len(members) == 1 else \
-        packed.program(exps, [m.manager for m in members], start)
+    if len(members) == 1:
+        program = _single_program(members[0], build_step)
+    else:
+        for m in members:
+            m.restored = None  # the pack restores its stacked state itself
+        program = packed.program(exps, [m.manager for m in members], start)
     periods = dict(log=exp.config.train.log_every_n_steps,
                    eval=exp.config.eval.eval_every_n_steps,
                    save=exp.config.train.checkpoint_every_n_steps)
@@ -241,7 +299,7 @@ def train_members(runs: list[tuple[ml_collections.ConfigDict, str]],
                     window_start = time.perf_counter()  # keeps eval time out of tokens/s
                 if "save" in due:
                     for i in active:
-                        members[i].manager.save(step, args=ocp.args.StandardSave(member_states[i]))
+                        members[i].save(step, member_states[i])
                 if preemption.requested:
                     for m in members:
                         m.manager.wait_until_finished()

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from cotlab_jax import data, experiment
+from cotlab_jax import cli_errors, data, experiment
 
 
 def load_config(path: str):
@@ -25,6 +25,7 @@ def load_config(path: str):
     return module.get_config(arg or None)
 
 
+@cli_errors.one_line  # a missing --config file ends in one line
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m cotlab_jax.bench train")
     parser.add_argument("--config", default="configs/quickstart.py")

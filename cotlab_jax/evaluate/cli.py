@@ -31,8 +31,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from cotlab_jax import cli_errors, data, evaluate, rundir
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, evaluate, rundir
 
 
 def define_flags() -> None:
@@ -120,6 +120,10 @@ def variant_eval_set(run, drop_think=None, drop_k=None, drop_seed=0, force=None,
             eval_set = tfds_builder.load_eval_set(eval_dataset, spec)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"--eval_dataset={eval_dataset}: {error}") from None
+        except Exception as error:  # TFDS reports a foreign directory with many types
+            raise SystemExit(f"--eval_dataset={eval_dataset}: not a token-task dataset written "
+                             f"by cotlab_jax.tfds_builder ({type(error).__name__}: "
+                             f"{cli_errors.describe(error)})") from None
     elif fresh:
         try:
             spec = evaluate.variant_spec(spec, **shape)
@@ -132,7 +136,10 @@ def variant_eval_set(run, drop_think=None, drop_k=None, drop_seed=0, force=None,
         path = os.path.join(run.workdir, "eval_set.npz")
         if not os.path.exists(path):
             raise SystemExit(f"no frozen eval set at {path}")
-        eval_set = data.load_eval_set(path, spec)
+        try:
+            eval_set = rundir.read_eval_set(path, spec)
+        except rundir.RunError as error:
+            raise SystemExit(str(error)) from None
         n_frozen = len(eval_set["k"])
         if n_eval_tasks is not None:
             if n_eval_tasks > n_frozen:
@@ -175,6 +182,11 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
         evaluate.check_sampling(n_samples, temperature, top_p)
     except ValueError as error:
         raise SystemExit(f"--{error}") from None
+    # Checked before the evaluation runs, not after.
+    if eval_dataset is not None and not os.path.isdir(eval_dataset):
+        raise SystemExit(f"--eval_dataset={eval_dataset}: no such directory")
+    if out is not None:
+        cli_errors.check_writable_file("--out", out)
     try:
         loaded = rundir.load_run(workdir, rundir.parse_step(step))
     except (rundir.RunError, FileNotFoundError) as error:
@@ -234,6 +246,7 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
     return result
 
 
+@cli_errors.one_line
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
