@@ -143,6 +143,11 @@ def eval_config() -> ml_collections.ConfigDict:
             eval_every_n_steps=500,
             batch_size=64,
             max_pred_tokens=100,
+            # How a special-token output is read (`cotlab_jax.evaluate.extract_answers`):
+            # "reference" is the reference trainer's rule (pads stripped, [-4] <ans_s>, [-2]
+            # <ans_e>, no <eos> check), "vllm" its sampling evaluator's, "strict" this lab's
+            # (the output ends exactly <ans_s> a <ans_e> <eos>).
+            answer_rule="reference",
             # The final evaluation also measures accuracy against the number of in-context
             # examples kept (the last K' of each task): "" for none, "all" for 1..K, or a
             # comma-separated list such as "1,2,4,8".
@@ -163,6 +168,7 @@ def mesh_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(replica=1, data=-1, fsdp=1, tensor=1))
 
 
+ANSWER_RULES = ("reference", "vllm", "strict")
 PACKINGS = ("exact", "padded", "off")
 
 
@@ -342,6 +348,7 @@ def validate_eval(eval_cfg) -> None:
     for name in ("n_eval_tasks", "eval_every_n_steps", "batch_size", "max_pred_tokens",
                  "analysis_tasks", "analysis_batch_size"):
         check_int(f"eval.{name}", eval_cfg[name], 1)
+    _check_one_of("eval.answer_rule", eval_cfg.answer_rule, ANSWER_RULES)
 
 
 def parse_example_counts(value, max_examples: int, name: str = "config.eval.example_counts",

@@ -44,21 +44,26 @@ def training_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
         raise config_lib.invalid("config.mesh", dict(config.mesh), str(error)) from None
 
 
+def model_config(config: ml_collections.ConfigDict, spec: data.TaskSpec) -> model.LlamaConfig:
+    """The run's model: `config.model` over the task's vocabulary. As the reference, with special
+    tokens the embedding has padding_idx = the pad id (V-1)."""
+    padding_idx = spec.token_id("pad") if spec.special_tokens else None
+    return model.LlamaConfig.from_config(config.model, config.data.vocab_size, padding_idx)
+
+
 def setup(config: ml_collections.ConfigDict,
           mesh: jax.sharding.Mesh | None = None) -> Experiment:
     """Validates every config group (before anything compiles) and derives the experiment, on
     `mesh` (default: `training_mesh(config)`). The mesh is where a run is placed, not part of
     what it is: a run trained on one mesh is loaded, evaluated or resumed on another."""
     spec = data.TaskSpec.from_config(config)
-    # As the reference: with special tokens the embedding has padding_idx = the pad id (V-1).
-    padding_idx = spec.token_id("pad") if spec.special_tokens else None
-    model_config = model.LlamaConfig.from_config(config.model, config.data.vocab_size, padding_idx)
+    llama_config = model_config(config, spec)
     config_lib.validate_train(config.train)
     config_lib.validate_eval(config.eval)
     config_lib.parse_example_counts(config.eval.example_counts, spec.K)
     mesh = training_mesh(config) if mesh is None else mesh
     config_lib.check_mesh(config, mesh.shape)
-    return Experiment(config=config, spec=spec, model_config=model_config,
+    return Experiment(config=config, spec=spec, model_config=llama_config,
                       total_steps=config.train.n_tasks // config.train.batch_size, mesh=mesh)
 
 

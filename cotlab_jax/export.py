@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from safetensors.numpy import load_file, save_file
 
-from cotlab_jax import cli_errors, data, evaluate, hf_convert, model, rundir
+from cotlab_jax import cli_errors, data, evaluate, experiment, hf_convert, model, rundir
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -87,7 +87,7 @@ def export_run(workdir: str, out: str, step: int | str = "latest",
     directory; a non-empty `out` only with `overwrite`); returns its step."""
     check_export_target(out, overwrite)
     run = load_checkpoint(workdir, step)
-    model_config = model.LlamaConfig.from_config(run.config.model, run.config.data.vocab_size)
+    model_config = experiment.model_config(run.config, run.spec)
     write_hf_dir(out, run.params, model_config, run.spec)
     return run.step
 

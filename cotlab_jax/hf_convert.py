@@ -143,6 +143,7 @@ def to_hf_config(config: LlamaConfig) -> dict:
         initializer_range=config.initializer_range,
         attention_bias=False,
         mlp_bias=False,
+        pad_token_id=config.padding_idx,  # HF's embedding takes it as its padding_idx
     )
 
 
@@ -177,6 +178,7 @@ def from_hf_config(hf_config: dict, **overrides) -> LlamaConfig:
         rope_scaling=Llama3RopeScaling.from_dict(rope),
         tie_word_embeddings=hf_config.get("tie_word_embeddings", False),
         initializer_range=hf_config.get("initializer_range", 0.02),
+        padding_idx=hf_config.get("pad_token_id"),
     )
     values.update(overrides)
     return LlamaConfig(**values)

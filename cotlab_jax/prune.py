@@ -105,7 +105,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from cotlab_jax import data, evaluate, export, model
+from cotlab_jax import data, experiment, export, model, rundir
 from cotlab_jax.config import ConfigError
 
 METHODS = ("osscar", "magnitude", "magnitude_refit")
@@ -450,7 +450,8 @@ def _with_identity_o_proj(layer_state):
 def _attention_heads(layers_graphdef, layer_state, x, positions, mask):
     """The attention heads' outputs [B, L, heads * head_dim] for layer inputs x [B, L, D]."""
     block = nnx.merge(layers_graphdef, _with_identity_o_proj(layer_state))
-    heads, _, _ = block.self_attn(block.input_layernorm(x), positions, mask, None, 0)
+    heads, _, _ = block.self_attn(block.input_layernorm(x), positions, mask, None, 0,
+                                  return_attention=False, cpu=False)
     return heads
 
 
@@ -652,7 +653,7 @@ def prune_run(workdir: str, out: str, step: int | str = "latest", calibration_ta
         raise ConfigError(f"prune calibration_tasks={calibration_tasks!r} is invalid: expected "
                           "a positive integer")
     run = export.load_checkpoint(workdir, step)
-    config = model.LlamaConfig.from_config(run.config.model, run.config.data.vocab_size)
+    config = experiment.model_config(run.config, run.spec)
     check_arguments(config, mlp_keep, heads_keep, method, head_units)
     batch = calibration_batch(run.config, calibration_tasks, calibration_seed)
     result = prune_params(config, run.graphdef, run.params, batch, mlp_keep, heads_keep, method,
@@ -684,7 +685,7 @@ def main(argv) -> None:
     if not f.workdir or not f.out:
         raise SystemExit("prune needs --workdir and --out")
     try:
-        report = prune_run(f.workdir, f.out, evaluate.parse_step(f.step), f.calibration_tasks,
+        report = prune_run(f.workdir, f.out, rundir.parse_step(f.step), f.calibration_tasks,
                            f.calibration_seed, mlp_keep=f.mlp_keep, heads_keep=f.heads_keep,
                            head_units=f.head_units, method=f.method)
     except ConfigError as error:

@@ -104,9 +104,9 @@ class _Member:
         """Logs the evaluation on the frozen eval set (at the end also over example counts),
         and the analyses if the config asks for them."""
         cfg, spec = self.exp.config, self.exp.spec
+        sharding = jax.sharding.NamedSharding(self.exp.mesh, jax.P(("data", "fsdp")))
         options = dict(batch_size=cfg.eval.batch_size, max_pred_tokens=cfg.eval.max_pred_tokens,
-                       batch_sharding=jax.sharding.NamedSharding(self.exp.mesh,
-                                                                 jax.P(("data", "fsdp"))))
+                       answer_rule=cfg.eval.answer_rule, batch_sharding=sharding)
         metrics = evaluate.evaluate(graphdef, params, self.eval_set, spec, **options)
         self.log(step, "eval", metrics)
         self.last_acc = f"{metrics.get('answer_acc', float('nan')):.3f}"

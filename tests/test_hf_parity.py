@@ -217,7 +217,7 @@ def test_loss_and_gradients_match_hf(padding_idx):
     hf = hf_model(config, seed=13, pad_token_id=padding_idx)
     graphdef, state = converted(hf, config)
     ids, mask = random_batch(13, 4, 20, config.vocab_size, pads=(0, 3, 9, 0))
-    ids = jnp.where(mask & (jnp.arange(20) % 4 == 1), config.vocab_size - 1, ids)
+    ids = jnp.where(mask & (jnp.arange(20) % 4 == 1)[None, :], config.vocab_size - 1, ids)
     # Real tokens predicting real tokens: a padding query attends to nothing, and how a fully
     # masked row is filled (and differentiated) is each implementation's own choice.
     weights = np.asarray(mask[:, 1:] & mask[:, :-1], np.float32)

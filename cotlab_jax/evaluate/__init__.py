@@ -58,7 +58,7 @@ EVAL_FIELDS = ("input_ids", "labels", "attention_mask", "positions", "query_ids"
                "target_ids", "chain", "n", "c", "k")
 DROP_CHOICES = ("first", "last", "random")
 FORCE_TOKENS = {"think": "think_start", "answer": "answer_start"}
-ANSWER_RULES = ("reference", "vllm", "strict")
+ANSWER_RULES = config_lib.ANSWER_RULES
 INVALID_ANSWER = IGNORE_INDEX  # the reference's pred_id for an output it cannot read
 
 
