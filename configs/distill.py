@@ -20,13 +20,28 @@ def get_config(stage="word"):
     if stage not in STAGES:
         raise ValueError(f"configs/distill.py:{stage} is invalid: expected one of {STAGES}")
     config = config_lib.get_base_config()
-    config.model.update(dict(
-        num_hidden_layers=1, hidden_size=64, intermediate_size=256, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, dtype="float32",
-    ))
-    config.train.update(dict(n_tasks=32 * 300, batch_size=32, lr=1e-3, warmup_steps=50,
-                             lr_schedule="cosine", log_every_n_steps=50,
-                             checkpoint_every_n_steps=100))
+    config.model.update(
+        dict(
+            num_hidden_layers=1,
+            hidden_size=64,
+            intermediate_size=256,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            dtype="float32",
+        )
+    )
+    config.train.update(
+        dict(
+            n_tasks=32 * 300,
+            batch_size=32,
+            lr=1e-3,
+            warmup_steps=50,
+            lr_schedule="cosine",
+            log_every_n_steps=50,
+            checkpoint_every_n_steps=100,
+        )
+    )
     config.eval.update(dict(n_eval_tasks=512, eval_every_n_steps=100, batch_size=128))
     config.distill = distill.distill_defaults()
     if stage == "on_policy":

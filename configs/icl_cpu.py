@@ -22,21 +22,48 @@ from cotlab_jax import config as config_lib
 def get_config(arg=None):
     del arg
     config = config_lib.get_base_config()
-    config.data.update(dict(
-        vocab_size=32, n_dims=10, n_input_choices=(3,), n_parent_choices=(1,),
-        chain_length_choices=(3,), n_example_choices=(8,), prompt_strategy="cot",
-        ablation_fixed_dag=False, ablation_fixed_H=True, num_unique_H=1,
-    ))
-    config.model.update(dict(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=256, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, dtype="float32",
-    ))
-    config.train.update(dict(n_tasks=32 * 1500, batch_size=32, lr=2e-3, warmup_steps=100,
-                             lr_schedule="cosine", log_every_n_steps=100,
-                             checkpoint_every_n_steps=500))
-    config.eval.update(dict(n_eval_tasks=512, eval_every_n_steps=500, batch_size=256,
-                            example_counts="all"))
-    config.sweep.update(dict(name="icl_cpu",
-                             axes=(("data.prompt_strategy", ("cot", "standard")),),
-                             packing="padded"))  # standard prompts are shorter: left-padded
+    config.data.update(
+        dict(
+            vocab_size=32,
+            n_dims=10,
+            n_input_choices=(3,),
+            n_parent_choices=(1,),
+            chain_length_choices=(3,),
+            n_example_choices=(8,),
+            prompt_strategy="cot",
+            ablation_fixed_dag=False,
+            ablation_fixed_H=True,
+            num_unique_H=1,
+        )
+    )
+    config.model.update(
+        dict(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            dtype="float32",
+        )
+    )
+    config.train.update(
+        dict(
+            n_tasks=32 * 1500,
+            batch_size=32,
+            lr=2e-3,
+            warmup_steps=100,
+            lr_schedule="cosine",
+            log_every_n_steps=100,
+            checkpoint_every_n_steps=500,
+        )
+    )
+    config.eval.update(
+        dict(n_eval_tasks=512, eval_every_n_steps=500, batch_size=256, example_counts="all")
+    )
+    config.sweep.update(
+        dict(
+            name="icl_cpu", axes=(("data.prompt_strategy", ("cot", "standard")),), packing="padded"
+        )
+    )  # standard prompts are shorter: left-padded
     return config

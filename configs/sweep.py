@@ -80,53 +80,104 @@ EVERY_1000 = {"eval.eval_every_n_steps": 1000, "train.checkpoint_every_n_steps":
 
 SWEEPS = {
     "default": dict(card="default_task_card", axes=(("data.prompt_strategy", ("standard",)),)),
-    "vocab": dict(card="vary_vocab_size",
-                  axes=(*PAPER, ("data.vocab_size", (64, 128, 256, 512, 1024)))),
-    "n_dims": dict(card="vary_n_dims", fixed={"data.vocab_size": 64},
-                   axes=(*PAPER, ("data.n_dims", (20, 30, 40, 50)))),
-    "chain_length": dict(card="vary_chain_length", fixed=EVERY_1000, per_device_batch=32,
-                         axes=(*PAPER, ("data.chain_length_choices", (3, 4, 5)))),
-    "parents": dict(card="vary_n_parents",
-                    fixed={"data.chain_length_choices": (4,), "data.ablation_fixed_H": True,
-                           "data.num_unique_H": 100},
-                    axes=(*PAPER, ("data.n_parent_choices", (1, 2, 3)))),
-    "activation": dict(card="vary_data_activation", fixed={"data.vocab_size": 64},
-                       axes=(*PAPER, ("data.activation", ("relu", "silu", "identity")))),
-    "examples": dict(card="vary_num_examples",
-                     axes=(*PAPER, ("data.n_example_choices", (10, 20, 30)))),
+    "vocab": dict(
+        card="vary_vocab_size", axes=(*PAPER, ("data.vocab_size", (64, 128, 256, 512, 1024)))
+    ),
+    "n_dims": dict(
+        card="vary_n_dims",
+        fixed={"data.vocab_size": 64},
+        axes=(*PAPER, ("data.n_dims", (20, 30, 40, 50))),
+    ),
+    "chain_length": dict(
+        card="vary_chain_length",
+        fixed=EVERY_1000,
+        per_device_batch=32,
+        axes=(*PAPER, ("data.chain_length_choices", (3, 4, 5))),
+    ),
+    "parents": dict(
+        card="vary_n_parents",
+        fixed={
+            "data.chain_length_choices": (4,),
+            "data.ablation_fixed_H": True,
+            "data.num_unique_H": 100,
+        },
+        axes=(*PAPER, ("data.n_parent_choices", (1, 2, 3))),
+    ),
+    "activation": dict(
+        card="vary_data_activation",
+        fixed={"data.vocab_size": 64},
+        axes=(*PAPER, ("data.activation", ("relu", "silu", "identity"))),
+    ),
+    "examples": dict(
+        card="vary_num_examples", axes=(*PAPER, ("data.n_example_choices", (10, 20, 30)))
+    ),
     # The second paper's cards (special tokens).
     "hybrid_sanity": dict(
-        card="hybrid_sanity_check", per_device_batch=32,
-        fixed={**HYBRID, **ONE_PROCESSOR, "data.cot_example_prob_recipe_info": _recipe(alpha=2),
-               "train.n_tasks": 4 * 32 * 10, "eval.n_eval_tasks": 10,
-               "eval.eval_every_n_steps": 10, "train.checkpoint_every_n_steps": 10},
-        axes=(("model.num_hidden_layers", (4,)),)),
+        card="hybrid_sanity_check",
+        per_device_batch=32,
+        fixed={
+            **HYBRID,
+            **ONE_PROCESSOR,
+            "data.cot_example_prob_recipe_info": _recipe(alpha=2),
+            "train.n_tasks": 4 * 32 * 10,
+            "eval.n_eval_tasks": 10,
+            "eval.eval_every_n_steps": 10,
+            "train.checkpoint_every_n_steps": 10,
+        },
+        axes=(("model.num_hidden_layers", (4,)),),
+    ),
     "fixed_chain_length": dict(
-        card="baseline_fixed_chain_length", per_device_batch=32,
+        card="baseline_fixed_chain_length",
+        per_device_batch=32,
         fixed={**HYBRID, **UNIFORM_CHOICE, **EVERY_1000, "data.chain_length_choices": (5,)},
-        axes=(DEPTHS,)),
+        axes=(DEPTHS,),
+    ),
     "probabilistic_chain_length": dict(
-        card="probabilistic_chain_length", per_device_batch=32,
-        fixed={**HYBRID, **UNIFORM_CHOICE, **EVERY_1000, **ONE_PROCESSOR,
-               "data.chain_length_choices": (2, 3, 4)},
-        axes=(DEPTHS,)),
+        card="probabilistic_chain_length",
+        per_device_batch=32,
+        fixed={
+            **HYBRID,
+            **UNIFORM_CHOICE,
+            **EVERY_1000,
+            **ONE_PROCESSOR,
+            "data.chain_length_choices": (2, 3, 4),
+        },
+        axes=(DEPTHS,),
+    ),
     "recipe_alpha": dict(
-        card="hybrid_power_law_alpha", per_device_batch=16,
-        fixed={**HYBRID, **ONE_PROCESSOR, "data.cot_example_prob_recipe_info": _recipe(alpha=1.0),
-               "data.n_input_choices": (3, 4), "data.n_parent_choices": (3, 4),
-               "data.chain_length_choices": (3, 4), "train.n_tasks": 64 * 50_000 * 2,
-               "eval.eval_every_n_steps": 4000, "train.checkpoint_every_n_steps": 4000},
-        axes=(DEPTHS, ("data.cot_example_prob_recipe_info.alpha", (0, 0.5, 1, 2, math.inf)))),
+        card="hybrid_power_law_alpha",
+        per_device_batch=16,
+        fixed={
+            **HYBRID,
+            **ONE_PROCESSOR,
+            "data.cot_example_prob_recipe_info": _recipe(alpha=1.0),
+            "data.n_input_choices": (3, 4),
+            "data.n_parent_choices": (3, 4),
+            "data.chain_length_choices": (3, 4),
+            "train.n_tasks": 64 * 50_000 * 2,
+            "eval.eval_every_n_steps": 4000,
+            "train.checkpoint_every_n_steps": 4000,
+        },
+        axes=(DEPTHS, ("data.cot_example_prob_recipe_info.alpha", (0, 0.5, 1, 2, math.inf))),
+    ),
 }
 HEADLINE = "vocab"
 
 # Laptop-sized models and training; the cards' tasks and swept values stay.
 CPU_SCALE = {
-    "model.hidden_size": 64, "model.intermediate_size": 256, "model.num_attention_heads": 4,
-    "model.num_key_value_heads": 2, "model.head_dim": 16, "model.dtype": "float32",
-    "train.lr": 1e-3, "train.warmup_steps": 100, "train.lr_schedule": "cosine",
-    "train.log_every_n_steps": 50, "train.checkpoint_every_n_steps": 250,
-    "eval.eval_every_n_steps": 250, "eval.batch_size": 128,
+    "model.hidden_size": 64,
+    "model.intermediate_size": 256,
+    "model.num_attention_heads": 4,
+    "model.num_key_value_heads": 2,
+    "model.head_dim": 16,
+    "model.dtype": "float32",
+    "train.lr": 1e-3,
+    "train.warmup_steps": 100,
+    "train.lr_schedule": "cosine",
+    "train.log_every_n_steps": 50,
+    "train.checkpoint_every_n_steps": 250,
+    "eval.eval_every_n_steps": 250,
+    "eval.batch_size": 128,
 }
 CPU_PER_DEVICE_BATCH = 32
 # Upper bounds at the cpu scale (a card's shorter run stays as it is).
@@ -144,9 +195,11 @@ def _apply(config, fields: dict) -> None:
 
 
 def _usage(arg) -> str:
-    return (f"configs/sweep.py:{arg}: expected a sweep name, one of {', '.join(SWEEPS)} (none: "
-            f"the headline {HEADLINE}), optionally followed by a scale, one of "
-            f"{', '.join(',' + s for s in SCALES)}")
+    return (
+        f"configs/sweep.py:{arg}: expected a sweep name, one of {', '.join(SWEEPS)} (none: "
+        f"the headline {HEADLINE}), optionally followed by a scale, one of "
+        f"{', '.join(',' + s for s in SCALES)}"
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -162,13 +215,16 @@ def get_config(arg=None):
     sweep = SWEEPS[name]
     config = config_lib.get_base_config()
     _apply(config, sweep.get("fixed", {}))
-    config_lib.set_per_device_batch(config.train,
-                                    sweep.get("per_device_batch", config_lib.REFERENCE_BATCH_SIZE))
+    config_lib.set_per_device_batch(
+        config.train, sweep.get("per_device_batch", config_lib.REFERENCE_BATCH_SIZE)
+    )
     if scale == "cpu":
         _apply(config, CPU_SCALE)
         config_lib.set_per_device_batch(config.train, CPU_PER_DEVICE_BATCH)
-        _apply(config, {path: min(sweep_lib.get_field(config, path), cap)
-                        for path, cap in CPU_CAPS.items()})
+        _apply(
+            config,
+            {path: min(sweep_lib.get_field(config, path), cap) for path, cap in CPU_CAPS.items()},
+        )
     config.eval.example_counts = "all"  # accuracy against the number of examples, at the end
     config.sweep.name = name
     config.sweep.axes = sweep["axes"]
@@ -184,20 +240,28 @@ def describe(config, scale: str) -> str:
     flops, steps, batches = 0.0, set(), set()
     for combo in itertools.product(*(values for _, values in axes)):
         member = ml_collections.ConfigDict(config.to_dict())
-        _apply(member, {path: (value,) if path.endswith("_choices") else value
-                        for (path, _), value in zip(axes, combo, strict=True)})
+        _apply(
+            member,
+            {
+                path: (value,) if path.endswith("_choices") else value
+                for (path, _), value in zip(axes, combo, strict=True)
+            },
+        )
         seq_len = data.TaskSpec.from_config(member).seq_len
         llama = model.LlamaConfig.from_config(member.model, member.data.vocab_size)
         member_steps = member.train.n_tasks // member.train.batch_size
-        flops += (model.flops_per_token(llama, seq_len) * seq_len * member.train.batch_size
-                  * member_steps)
+        flops += (
+            model.flops_per_token(llama, seq_len) * seq_len * member.train.batch_size * member_steps
+        )
         steps.add(member_steps)
         batches.add(member.train.batch_size)
     rate, device = ASSUMED_FLOPS[scale]
     n_members = math.prod(len(values) for _, values in axes)
     swept = " x ".join(f"{path.split('.')[-1]} {tuple(values)}" for path, values in axes)
-    return (f"`{config.sweep.name}` (the reference's {SWEEPS[config.sweep.name]['card']}) at the "
-            f"{scale} scale: {n_members} member(s) "
-            f"({swept}), {sorted(steps)} steps of global batch {sorted(batches)}; about "
-            f"{flops / 1e15:.3g} PFLOP of training, ~{_duration(flops / rate)} on {device}. "
-            f"Other sweeps: {', '.join(SWEEPS)}.")
+    return (
+        f"`{config.sweep.name}` (the reference's {SWEEPS[config.sweep.name]['card']}) at the "
+        f"{scale} scale: {n_members} member(s) "
+        f"({swept}), {sorted(steps)} steps of global batch {sorted(batches)}; about "
+        f"{flops / 1e15:.3g} PFLOP of training, ~{_duration(flops / rate)} on {device}. "
+        f"Other sweeps: {', '.join(SWEEPS)}."
+    )

@@ -44,8 +44,17 @@ from jax.experimental import multihost_utils
 from cotlab_jax import data, model
 
 # The eval-set fields `dag_recovery` reads.
-RECOVERY_FIELDS = ("input_ids", "positions", "attention_mask", "n", "c", "k", "is_cot", "adj",
-                   "parent_mask")
+RECOVERY_FIELDS = (
+    "input_ids",
+    "positions",
+    "attention_mask",
+    "n",
+    "c",
+    "k",
+    "is_cot",
+    "adj",
+    "parent_mask",
+)
 GROUPS = ("query", "demo")
 _SUM_NAMES = ("parent_mass", "parent_top_m")
 
@@ -78,7 +87,7 @@ def _slot_positions(n, c, k, is_cot, spec: data.TaskSpec):
     flat = jnp.concatenate([jnp.ones((spec.prefix_len,), bool), present.reshape(-1)])
     # As `data._pack_left`: entry i goes to offset + (number of present entries up to i) - 1.
     dest = spec.seq_len - flat.sum() + jnp.cumsum(flat) - 1
-    return jnp.where(flat, dest, -1)[spec.prefix_len:].reshape(present.shape).astype(jnp.int32)
+    return jnp.where(flat, dest, -1)[spec.prefix_len :].reshape(present.shape).astype(jnp.int32)
 
 
 def _task_positions(n, c, k, is_cot, spec: data.TaskSpec):
@@ -123,8 +132,9 @@ def _parent_positions(token_pos, adj, parent_mask, n, spec: data.TaskSpec):
 # DAG recovery from captured attention.
 
 
-def dag_recovery_from_probs(probs: jax.Array, batch: dict,
-                            spec: data.TaskSpec) -> dict[str, jax.Array]:
+def dag_recovery_from_probs(
+    probs: jax.Array, batch: dict, spec: data.TaskSpec
+) -> dict[str, jax.Array]:
     """Sums and counts of the parent-attention scores of a batch (see the module docstring).
 
     Args:
@@ -142,19 +152,17 @@ def dag_recovery_from_probs(probs: jax.Array, batch: dict,
     token_pos, start, _ = jax.vmap(fn)(batch["n"], batch["c"], batch["k"], batch["is_cot"])
     B = token_pos.shape[0]
     chain_pos = token_pos[:, :, N:]  # [B, K, C]
-    parent_pos = _parent_positions(token_pos, batch["adj"], batch["parent_mask"], batch["n"],
-                                   spec)
+    parent_pos = _parent_positions(token_pos, batch["adj"], batch["parent_mask"], batch["n"], spec)
     pmask = batch["parent_mask"][:, None] & jnp.ones((1, K, 1, 1), bool)  # [B, K, C, M]
     all_written = jnp.all(~pmask | (parent_pos >= 0), axis=-1)
-    counted = (batch["is_cot"][:, :, None] & (chain_pos >= 1) & all_written & pmask.any(-1))
+    counted = batch["is_cot"][:, :, None] & (chain_pos >= 1) & all_written & pmask.any(-1)
     example = jnp.arange(K)[None, :, None]
     last = (batch["k"] - 1)[:, None, None]
     groups = dict(query=counted & (example == last), demo=counted & (example < last))
 
     # Each counted token's predicting row, [layers, B, heads, R = K*C, L].
     predictor = jnp.maximum(chain_pos - 1, 0).reshape(B, K * C)
-    rows = jnp.take_along_axis(probs, predictor[None, :, None, :, None], axis=3).astype(
-        jnp.float32)
+    rows = jnp.take_along_axis(probs, predictor[None, :, None, :, None], axis=3).astype(jnp.float32)
     flat_parents = parent_pos.reshape(B, K * C, -1)
     flat_pmask = pmask.reshape(B, K * C, -1)
     on_parents = jnp.take_along_axis(rows, jnp.maximum(flat_parents, 0)[None, :, None], axis=4)
@@ -164,9 +172,9 @@ def dag_recovery_from_probs(probs: jax.Array, batch: dict,
     t = jnp.arange(L)
     starts = jnp.repeat(start, C, axis=1)  # [B, R]
     candidate = (t[None, None] >= starts[..., None]) & (t[None, None] <= predictor[..., None])
-    is_parent = jnp.any((t[None, None, :, None] == flat_parents[:, :, None, :])
-                        & flat_pmask[:, :, None, :],
-                        axis=-1)  # [B, R, L]
+    is_parent = jnp.any(
+        (t[None, None, :, None] == flat_parents[:, :, None, :]) & flat_pmask[:, :, None, :], axis=-1
+    )  # [B, R, L]
     weakest_parent = jnp.where(is_parent[None, :, None], rows, jnp.inf).min(-1)
     strongest_other = jnp.where((candidate & ~is_parent)[None, :, None], rows, -jnp.inf).max(-1)
     top_m = (weakest_parent > strongest_other).astype(jnp.float32)
@@ -182,8 +190,9 @@ def dag_recovery_from_probs(probs: jax.Array, batch: dict,
 
 def combine_recovery_sums(sums: list[dict]) -> dict[str, np.ndarray]:
     """Adds the outputs of `dag_recovery_from_probs` over batches, on host in float64."""
-    return {name: np.sum([np.asarray(s[name], np.float64) for s in sums], axis=0)
-            for name in sums[0]}
+    return {
+        name: np.sum([np.asarray(s[name], np.float64) for s in sums], axis=0) for name in sums[0]
+    }
 
 
 def finalize_dag_recovery(sums: dict) -> dict[str, np.ndarray]:
@@ -208,14 +217,21 @@ def flat_recovery_metrics(means: dict) -> dict[str, float]:
             for (layer, head), value in np.ndenumerate(grid):
                 metrics[f"{name}_{group}_L{layer}H{head}"] = float(value)
             metrics[f"{name}_{group}_best"] = (
-                float("nan") if np.isnan(grid).all() else float(np.nanmax(grid)))
+                float("nan") if np.isnan(grid).all() else float(np.nanmax(grid))
+            )
     return metrics
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _recovery_step(graphdef, params, batch, spec: data.TaskSpec):
-    _, probs = model.apply(graphdef, params, batch["input_ids"], batch["positions"],
-                           batch["attention_mask"], return_attention=True)
+    _, probs = model.apply(
+        graphdef,
+        params,
+        batch["input_ids"],
+        batch["positions"],
+        batch["attention_mask"],
+        return_attention=True,
+    )
     return dag_recovery_from_probs(probs, batch, spec)
 
 
@@ -231,9 +247,16 @@ def _host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def dag_recovery(graphdef: nnx.GraphDef, params: nnx.State, eval_set: dict[str, np.ndarray],
-                 spec: data.TaskSpec, *, batch_size: int, n_tasks: int | None = None,
-                 batch_sharding: jax.sharding.Sharding | None = None) -> dict[str, float]:
+def dag_recovery(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    eval_set: dict[str, np.ndarray],
+    spec: data.TaskSpec,
+    *,
+    batch_size: int,
+    n_tasks: int | None = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
+) -> dict[str, float]:
     """DAG-recovery metrics (flat names, module docstring) of the model on an eval set.
 
     Runs the first `n_tasks` tasks (default: all) in jitted batches of `batch_size`; the last batch
@@ -297,9 +320,16 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 RIDGE_GRID = tuple(10.0 ** np.arange(-6, 4))
 
 
-def embedding_probe(model_embeddings, data_embeddings, usable_vocab_size: int, *,
-                    holdout_fraction: float = 0.25, ridges: tuple[float, ...] = RIDGE_GRID,
-                    folds: int = 5, seed: int = 0) -> dict[str, float]:
+def embedding_probe(
+    model_embeddings,
+    data_embeddings,
+    usable_vocab_size: int,
+    *,
+    holdout_fraction: float = 0.25,
+    ridges: tuple[float, ...] = RIDGE_GRID,
+    folds: int = 5,
+    seed: int = 0,
+) -> dict[str, float]:
     """How well the data embeddings E are linearly recoverable from the model's embeddings.
 
     Args:
@@ -321,8 +351,10 @@ def embedding_probe(model_embeddings, data_embeddings, usable_vocab_size: int, *
     y = np.asarray(data_embeddings, np.float64)[:usable_vocab_size]
     n_test = int(round(holdout_fraction * usable_vocab_size))
     if not 1 <= n_test < usable_vocab_size - 1:
-        raise ValueError(f"holdout_fraction={holdout_fraction} leaves no train or test ids out of "
-                         f"{usable_vocab_size}")
+        raise ValueError(
+            f"holdout_fraction={holdout_fraction} leaves no train or test ids out of "
+            f"{usable_vocab_size}"
+        )
     order = np.random.default_rng(seed).permutation(usable_vocab_size)
     test, train = order[:n_test], order[n_test:]
     folds = min(folds, len(train))
@@ -339,17 +371,22 @@ def embedding_probe(model_embeddings, data_embeddings, usable_vocab_size: int, *
     predicted = _ridge_predict(x[train], y[train], x[test], ridge)
     sse = np.sum((y[test] - predicted) ** 2)
     sst = np.sum((y[test] - y[test].mean(0)) ** 2)
-    return dict(embed_probe_r2=float(1.0 - sse / sst), embed_probe_ridge=float(ridge),
-                embed_cka=linear_cka(x, y))
+    return dict(
+        embed_probe_r2=float(1.0 - sse / sst),
+        embed_probe_ridge=float(ridge),
+        embed_cka=linear_cka(x, y),
+    )
 
 
-def embedding_metrics(params: nnx.State, world: dict, spec: data.TaskSpec,
-                      **probe_kwargs) -> dict[str, float]:
+def embedding_metrics(
+    params: nnx.State, world: dict, spec: data.TaskSpec, **probe_kwargs
+) -> dict[str, float]:
     """`embedding_probe` of the model's input embedding table (`params["embed_tokens"]`) against
     the run's data embeddings `world["embeddings"]`."""
     table = jax.tree.leaves(params["embed_tokens"])[0]
-    return embedding_probe(_host(table), _host(world["embeddings"]), spec.usable_vocab_size,
-                           **probe_kwargs)
+    return embedding_probe(
+        _host(table), _host(world["embeddings"]), spec.usable_vocab_size, **probe_kwargs
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,8 +401,9 @@ def _mark_chain_tokens(seen, world, key, task_ids, spec: data.TaskSpec, n_tasks:
     return seen.at[jnp.where(valid, chain, spec.vocab_size)].set(True, mode="drop")
 
 
-def token_coverage(world: dict, key: jax.Array, spec: data.TaskSpec, n_tasks: int,
-                   chunk_size: int = 1024) -> float:
+def token_coverage(
+    world: dict, key: jax.Array, spec: data.TaskSpec, n_tasks: int, chunk_size: int = 1024
+) -> float:
     """Distinct chain tokens over `n_tasks` tasks, divided by `spec.usable_vocab_size`.
 
     The tasks are those of `data.eval_tasks(world, key, range(n_tasks), spec, n_tasks)` (e.g. the
@@ -392,8 +430,11 @@ def eval_set_coverage(eval_set: dict[str, np.ndarray], spec: data.TaskSpec) -> f
 
 def _recovery_grid(metrics: dict, name: str, group: str) -> np.ndarray:
     pattern = re.compile(rf"{name}_{group}_L(\d+)H(\d+)$")
-    cells = {tuple(map(int, m.groups())): value
-             for key, value in metrics.items() if (m := pattern.match(key))}
+    cells = {
+        tuple(map(int, m.groups())): value
+        for key, value in metrics.items()
+        if (m := pattern.match(key))
+    }
     if not cells:
         raise ValueError(f"no {name}_{group}_L*H* metrics")
     layers, heads = (max(index[i] for index in cells) + 1 for i in (0, 1))
@@ -407,23 +448,41 @@ def plot_dag_recovery_heatmap(metrics: dict, path: str, which: str = "query") ->
     """Layers x heads heat maps of parent mass and top-m exact, side by side, for `which` in
     ("query", "demo"), from flat metrics (as `dag_recovery` returns, or logged)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grids = [(_recovery_grid(metrics, name, which), title) for name, title in
-             (("parent_mass", "attention mass on DAG parents"),
-              ("parent_top_m", "top-m attended = parents"))]
+    grids = [
+        (_recovery_grid(metrics, name, which), title)
+        for name, title in (
+            ("parent_mass", "attention mass on DAG parents"),
+            ("parent_top_m", "top-m attended = parents"),
+        )
+    ]
     layers, heads = grids[0][0].shape
-    fig, axes = plt.subplots(1, 2, figsize=(2 * (2 + 0.5 * heads), 1.5 + 0.5 * layers),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2, figsize=(2 * (2 + 0.5 * heads), 1.5 + 0.5 * layers), squeeze=False
+    )
     for ax, (grid, title) in zip(axes[0], grids, strict=True):
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         if layers * heads <= 256:
             for (layer, head), value in np.ndenumerate(grid):
-                ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if not value > 0.6 else "black")
-        ax.set(title=f"{which}: {title}", xlabel="head", ylabel="layer",
-               xticks=range(heads), yticks=range(layers))
+                ax.text(
+                    head,
+                    layer,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if not value > 0.6 else "black",
+                )
+        ax.set(
+            title=f"{which}: {title}",
+            xlabel="head",
+            ylabel="layer",
+            xticks=range(heads),
+            yticks=range(layers),
+        )
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -432,21 +491,38 @@ def plot_dag_recovery_heatmap(metrics: dict, path: str, which: str = "query") ->
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _attention_and_recovery(graphdef, params, batch, spec: data.TaskSpec):
-    _, probs = model.apply(graphdef, params, batch["input_ids"], batch["positions"],
-                           batch["attention_mask"], return_attention=True)
+    _, probs = model.apply(
+        graphdef,
+        params,
+        batch["input_ids"],
+        batch["positions"],
+        batch["attention_mask"],
+        return_attention=True,
+    )
     return probs, dag_recovery_from_probs(probs, batch, spec)
 
 
 def _slot_labels(spec: data.TaskSpec, c: int) -> list[str]:
     N, C = spec.N, spec.C
-    return (["<in_s>"] + [f"x{i}" for i in range(N)] + ["<in_e>", "<think_s>"]
-            + [f"y{j}" for j in range(C - 1)] + ["<think_e>", "<ans_s>", f"y{c - 1}", "<ans_e>",
-                                                  "<eos>"])
+    return (
+        ["<in_s>"]
+        + [f"x{i}" for i in range(N)]
+        + ["<in_e>", "<think_s>"]
+        + [f"y{j}" for j in range(C - 1)]
+        + ["<think_e>", "<ans_s>", f"y{c - 1}", "<ans_e>", "<eos>"]
+    )
 
 
-def plot_query_attention(graphdef: nnx.GraphDef, params: nnx.State, task_batch: dict, spec:
-                         data.TaskSpec, path: str, task: int = 0, layer: int | None = None,
-                         head: int | None = None) -> tuple[int, int]:
+def plot_query_attention(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    task_batch: dict,
+    spec: data.TaskSpec,
+    path: str,
+    task: int = 0,
+    layer: int | None = None,
+    head: int | None = None,
+) -> tuple[int, int]:
     """The query example's attention in one layer and head, with the true DAG parents marked.
 
     Rows: the positions that predict the query example's written chain tokens (labelled `→y_j`);
@@ -456,11 +532,12 @@ def plot_query_attention(graphdef: nnx.GraphDef, params: nnx.State, task_batch: 
     query example (the demonstrations if it has none). Returns the (layer, head) drawn.
     """
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    batch = {name: np.asarray(task_batch[name])[task:task + 1] for name in RECOVERY_FIELDS}
+    batch = {name: np.asarray(task_batch[name])[task : task + 1] for name in RECOVERY_FIELDS}
     probs, sums = _attention_and_recovery(graphdef, params, batch, spec)
     probs = np.asarray(probs)[:, 0]  # [layers, heads, L, L]
     means = finalize_dag_recovery(jax.tree.map(np.asarray, sums))
@@ -475,14 +552,18 @@ def plot_query_attention(graphdef: nnx.GraphDef, params: nnx.State, task_batch: 
     layer, head = int(layer), int(head)
 
     n, c, k = (int(batch[name][0]) for name in ("n", "c", "k"))
-    token_pos, _, slot_pos = (np.asarray(a) for a in _task_positions(
-        batch["n"][0], batch["c"][0], batch["k"][0], batch["is_cot"][0], spec))
+    token_pos, _, slot_pos = (
+        np.asarray(a)
+        for a in _task_positions(
+            batch["n"][0], batch["c"][0], batch["k"][0], batch["is_cot"][0], spec
+        )
+    )
     query_slots = slot_pos[k - 1]
     columns = np.flatnonzero(query_slots >= 0)
     column_pos = query_slots[columns]
     labels = _slot_labels(spec, c)
     column_labels = [labels[s] for s in columns]
-    chain_pos = token_pos[k - 1, spec.N:spec.N + c]
+    chain_pos = token_pos[k - 1, spec.N : spec.N + c]
     row_chain = [j for j in range(c) if chain_pos[j] >= 1]
     row_pos = [chain_pos[j] - 1 for j in row_chain]
     matrix = probs[layer, head][np.ix_(row_pos, column_pos)]
@@ -491,23 +572,29 @@ def plot_query_attention(graphdef: nnx.GraphDef, params: nnx.State, task_batch: 
 
     fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(columns), 2.0 + 0.45 * len(row_pos)))
     cmap = matplotlib.colormaps["Blues"].with_extremes(bad="0.85")
-    image = ax.imshow(matrix, vmin=0.0, vmax=max(float(matrix.max()), 1e-6), cmap=cmap,
-                      aspect="auto")
+    image = ax.imshow(
+        matrix, vmin=0.0, vmax=max(float(matrix.max()), 1e-6), cmap=cmap, aspect="auto"
+    )
     adj, parent_mask = batch["adj"][0], batch["parent_mask"][0]
     for row, j in enumerate(row_chain):
         for parent in adj[j][parent_mask[j]]:
             index = parent if parent < n else spec.N + parent - n
             where = np.flatnonzero(column_pos == token_pos[k - 1, index])
             for col in where:
-                ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red",
-                                       linewidth=2))
+                ax.add_patch(
+                    Rectangle(
+                        (col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2
+                    )
+                )
     ax.set_xticks(range(len(columns)), column_labels, rotation=90)
     ax.set_yticks(range(len(row_pos)), [f"→y{j}" for j in row_chain])
-    ax.set(xlabel="attended token (query example)", ylabel="predicting position",
-           title=f"task {task}, query example, layer {layer}, head {head} (red: DAG parents)")
+    ax.set(
+        xlabel="attended token (query example)",
+        ylabel="predicting position",
+        title=f"task {task}, query example, layer {layer}, head {head} (red: DAG parents)",
+    )
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return layer, head
-

@@ -53,12 +53,13 @@ def get_topology(topology_name: str):
 
     options = TOPOLOGY_OPTIONS.get(topology_name.split(":")[0], {})
     try:
-        return topologies.get_topology_desc(topology_name=topology_name, platform="tpu",
-                                            **options)
+        return topologies.get_topology_desc(topology_name=topology_name, platform="tpu", **options)
     except Exception as error:  # jax and libtpu reject a topology with several error types
         lines = str(error).strip().splitlines()
-        raise ValueError(f"--topology={topology_name}: cannot describe this TPU topology "
-                         f"({type(error).__name__}: {lines[0] if lines else ''})") from None
+        raise ValueError(
+            f"--topology={topology_name}: cannot describe this TPU topology "
+            f"({type(error).__name__}: {lines[0] if lines else ''})"
+        ) from None
 
 
 def default_mesh_axes(n_devices: int, batch_size: int) -> dict[str, int]:
@@ -68,13 +69,15 @@ def default_mesh_axes(n_devices: int, batch_size: int) -> dict[str, int]:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"data=1,fsdp=64,tensor=4" -> {"data": 1, "fsdp": 64, "tensor": 4}."""
+    """ "data=1,fsdp=64,tensor=4" -> {"data": 1, "fsdp": 64, "tensor": 4}."""
     axes = {}
     for item in filter(None, text.split(",")):
         name, _, size = item.partition("=")
         if name.strip() not in sharding.MESH_AXES or not size.strip().lstrip("-").isdigit():
-            raise ValueError(f"--mesh item {item!r}: expected <axis>=<size> with axis one of "
-                             f"{sharding.MESH_AXES}")
+            raise ValueError(
+                f"--mesh item {item!r}: expected <axis>=<size> with axis one of "
+                f"{sharding.MESH_AXES}"
+            )
         axes[name.strip()] = int(size)
     return axes
 
@@ -95,8 +98,9 @@ def abstract_train_inputs(exp: experiment.Experiment):
     return graphdef, state, world, train_key
 
 
-def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str,
-                         mesh_axes: dict | None = None) -> dict:
+def compile_for_topology(
+    config: ml_collections.ConfigDict, topology_name: str, mesh_axes: dict | None = None
+) -> dict:
     """Compiles the train step of `config` for a TPU topology; returns its compiled memory
     (bytes per device), FLOPs and whether it fits the chip's HBM.
 
@@ -113,9 +117,14 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str,
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(
         functools.partial(experiment.sampled_train_step, graphdef=graphdef, exp=exp),
-        in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, world),
-                      train_key.sharding),
-        out_shardings=state_shardings, donate_argnums=0)
+        in_shardings=(
+            state_shardings,
+            jax.tree.map(lambda x: x.sharding, world),
+            train_key.sharding,
+        ),
+        out_shardings=state_shardings,
+        donate_argnums=0,
+    )
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = step_fn.lower(state, world, train_key)
@@ -125,8 +134,10 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str,
     compile_s = time.perf_counter() - start
 
     memory = compiled.memory_analysis()
-    mem = {name: int(getattr(memory, f"{name}_size_in_bytes")) for name in (
-        "argument", "output", "alias", "temp", "generated_code")}
+    mem = {
+        name: int(getattr(memory, f"{name}_size_in_bytes"))
+        for name in ("argument", "output", "alias", "temp", "generated_code")
+    }
     total = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
     peak = getattr(memory, "peak_memory_in_bytes", None)
     cost = compiled.cost_analysis()
@@ -149,7 +160,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str,
         seq_len=seq_len,
         remat_policy=exp.model_config.remat_policy,
         memory_per_device_bytes=dict(
-            **mem, total=total, **({"peak": int(peak)} if peak is not None else {})),
+            **mem, total=total, **({"peak": int(peak)} if peak is not None else {})
+        ),
         memory_per_device_gib=round(total / GiB, 3),
         hbm_per_device_bytes=hbm,
         hbm_per_device_gib=None if hbm is None else hbm / GiB,
@@ -158,9 +170,11 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str,
         compiled_flops_per_device=flops_per_device,
         compiled_flops_per_step=flops_per_device * len(devices),
         model_flops_per_step=model_flops,
-        flops_note=("compiled_flops_* are XLA's cost analysis of the compiled program, which "
-                    "counts the body of the layer scan's while loop once, not once per layer; "
-                    "model_flops_per_step is the analytic count (model.flops_per_token)"),
+        flops_note=(
+            "compiled_flops_* are XLA's cost analysis of the compiled program, which "
+            "counts the body of the layer scan's while loop once, not once per layer; "
+            "model_flops_per_step is the analytic count (model.flops_per_token)"
+        ),
         bytes_accessed_per_device=float(cost.get("bytes accessed", float("nan"))),
         lower_s=round(lower_s, 2),
         compile_s=round(compile_s, 2),
@@ -200,13 +214,15 @@ def main(argv) -> None:
     if _OUT.value:
         write_json(result, _OUT.value)
     mem = result["memory_per_device_bytes"]
-    print(f"{result['topology']} ({result['n_devices']} x {result['device_kind']}), mesh "
-          f"{result['mesh']}, {result['n_params'] / 1e6:.0f}M params: per device "
-          f"{result['memory_per_device_gib']:.2f} GiB (arguments {mem['argument'] / GiB:.2f}, "
-          f"temp {mem['temp'] / GiB:.2f}, output {mem['output'] / GiB:.2f}, aliased "
-          f"{mem['alias'] / GiB:.2f}) of {result['hbm_per_device_gib']} GiB HBM, fits: "
-          f"{result['fits_hbm']}; {result['compiled_flops_per_step']:.3g} FLOPs/step compiled "
-          f"({result['model_flops_per_step']:.3g} model); compiled in {result['compile_s']:.0f} s")
+    print(
+        f"{result['topology']} ({result['n_devices']} x {result['device_kind']}), mesh "
+        f"{result['mesh']}, {result['n_params'] / 1e6:.0f}M params: per device "
+        f"{result['memory_per_device_gib']:.2f} GiB (arguments {mem['argument'] / GiB:.2f}, "
+        f"temp {mem['temp'] / GiB:.2f}, output {mem['output'] / GiB:.2f}, aliased "
+        f"{mem['alias'] / GiB:.2f}) of {result['hbm_per_device_gib']} GiB HBM, fits: "
+        f"{result['fits_hbm']}; {result['compiled_flops_per_step']:.3g} FLOPs/step compiled "
+        f"({result['model_flops_per_step']:.3g} model); compiled in {result['compile_s']:.0f} s"
+    )
 
 
 if __name__ == "__main__":
@@ -215,9 +231,14 @@ if __name__ == "__main__":
     from cotlab_jax import config_flag
 
     _CONFIG = config_flag.define_config_flag()
-    _TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16",
-                                    'TPU topology, e.g. "v5e:16x16", "v4:4x4x4".')
-    _MESH = flags.DEFINE_string("mesh", None, 'Mesh axis sizes, e.g. "fsdp=64,tensor=4"; '
-                                "default: fsdp over gcd(devices, batch), tensor over the rest.")
+    _TOPOLOGY = flags.DEFINE_string(
+        "topology", "v5e:16x16", 'TPU topology, e.g. "v5e:16x16", "v4:4x4x4".'
+    )
+    _MESH = flags.DEFINE_string(
+        "mesh",
+        None,
+        'Mesh axis sizes, e.g. "fsdp=64,tensor=4"; '
+        "default: fsdp over gcd(devices, batch), tensor over the rest.",
+    )
     _OUT = flags.DEFINE_string("out", None, "Write the result as JSON to this path.")
     app.run(main, flags_parser=config_flag.parse_flags)

@@ -229,16 +229,25 @@ def is_int(value) -> bool:
 def check_int(field: str, value, minimum: int) -> None:
     """`config.<field>` must be an integer >= `minimum` (bools are not integers)."""
     if not (is_int(value) and value >= minimum):
-        fail(field, value, "expected a positive integer" if minimum == 1 else
-             f"expected an integer >= {minimum}")
+        fail(
+            field,
+            value,
+            "expected a positive integer" if minimum == 1 else f"expected an integer >= {minimum}",
+        )
 
 
-def check_number(field: str, value, within: Callable[[float], bool], allowed: str, *,
-                 allow_inf: bool) -> None:
+def check_number(
+    field: str, value, within: Callable[[float], bool], allowed: str, *, allow_inf: bool
+) -> None:
     """`config.<field>` must be a real number (not a bool, never NaN; +-inf only with
     `allow_inf`, which every field decides explicitly) for which `within` holds."""
-    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-          and not math.isnan(value) and (allow_inf or math.isfinite(value)) and within(value))
+    ok = (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and not math.isnan(value)
+        and (allow_inf or math.isfinite(value))
+        and within(value)
+    )
     if not ok:
         fail(field, value, allowed)
 
@@ -256,8 +265,12 @@ def _check_one_of(field: str, value, allowed: tuple) -> None:
 
 def validate_data(data, n_tasks: int = 1) -> None:
     """Rejects an invalid `config.data` (and the recipe's `n_tasks`) before anything compiles."""
-    for name in ("n_input_choices", "n_parent_choices", "chain_length_choices",
-                 "n_example_choices"):
+    for name in (
+        "n_input_choices",
+        "n_parent_choices",
+        "chain_length_choices",
+        "n_example_choices",
+    ):
         _check_choices(f"data.{name}", data[name])
     for name in ("vocab_size", "n_dims", "H_num_layers"):
         check_int(f"data.{name}", data[name], 1)
@@ -265,52 +278,88 @@ def validate_data(data, n_tasks: int = 1) -> None:
     _check_one_of("data.activation", data.activation, ACTIVATIONS)
     _check_one_of("data.prompt_strategy", data.prompt_strategy, PROMPT_STRATEGIES)
     _check_one_of("data.dag_strategy", data.dag_strategy, DAG_STRATEGIES)
-    check_number("data.data_initializer_range", data.data_initializer_range, lambda x: x > 0,
-                 "expected a positive number (finite)", allow_inf=False)
+    check_number(
+        "data.data_initializer_range",
+        data.data_initializer_range,
+        lambda x: x > 0,
+        "expected a positive number (finite)",
+        allow_inf=False,
+    )
     special = uses_special_tokens(data.prompt_strategy)
     usable = data.vocab_size - (NUM_RESERVED_TOKENS if special else 0)
     if usable < 2:
-        fail("data.vocab_size", data.vocab_size,
-             f"prompt_strategy {data.prompt_strategy!r} reserves "
-             f"{NUM_RESERVED_TOKENS if special else 0} ids; at least 2 usable ids are needed, so "
-             f"vocab_size must be >= {NUM_RESERVED_TOKENS * special + 2}")
+        fail(
+            "data.vocab_size",
+            data.vocab_size,
+            f"prompt_strategy {data.prompt_strategy!r} reserves "
+            f"{NUM_RESERVED_TOKENS if special else 0} ids; at least 2 usable ids are needed, so "
+            f"vocab_size must be >= {NUM_RESERVED_TOKENS * special + 2}",
+        )
     if data.ablation_fixed_H:
         check_int("data.num_unique_H", data.num_unique_H, 1)
     elif data.num_unique_H != -1:
-        fail("data.num_unique_H", data.num_unique_H,
-             "a processor pool needs data.ablation_fixed_H=True; leave num_unique_H=-1 otherwise")
+        fail(
+            "data.num_unique_H",
+            data.num_unique_H,
+            "a processor pool needs data.ablation_fixed_H=True; leave num_unique_H=-1 otherwise",
+        )
     if data.ablation_fixed_dag:
         for name in ("n_input_choices", "n_parent_choices", "chain_length_choices"):
             if len(data[name]) != 1:
-                fail(f"data.{name}", data[name],
-                     "data.ablation_fixed_dag draws one DAG for every task, so n, m and c need a "
-                     "single choice each")
+                fail(
+                    f"data.{name}",
+                    data[name],
+                    "data.ablation_fixed_dag draws one DAG for every task, so n, m and c need a "
+                    "single choice each",
+                )
     _validate_recipe(data)
 
 
 def _validate_recipe(data) -> None:
     recipe = data.cot_example_prob_recipe_info
-    _check_one_of("data.cot_example_prob_recipe_order", data.cot_example_prob_recipe_order,
-                  RECIPE_ORDERS)
+    _check_one_of(
+        "data.cot_example_prob_recipe_order", data.cot_example_prob_recipe_order, RECIPE_ORDERS
+    )
     if data.prompt_strategy == "hybrid_special_token" and recipe is None:
-        fail("data.cot_example_prob_recipe_info", recipe,
-             "prompt_strategy 'hybrid_special_token' needs a recipe, e.g. {'type': 'power_law', "
-             "'initial_prob': 0.0, 'final_prob': 1.0, 'alpha': 1.0, 'scale': 1.0}")
+        fail(
+            "data.cot_example_prob_recipe_info",
+            recipe,
+            "prompt_strategy 'hybrid_special_token' needs a recipe, e.g. {'type': 'power_law', "
+            "'initial_prob': 0.0, 'final_prob': 1.0, 'alpha': 1.0, 'scale': 1.0}",
+        )
     if recipe is None:
         return
     if data.prompt_strategy != "hybrid_special_token":
-        fail("data.cot_example_prob_recipe_info", dict(recipe),
-             "a CoT-probability recipe applies only to prompt_strategy 'hybrid_special_token'")
+        fail(
+            "data.cot_example_prob_recipe_info",
+            dict(recipe),
+            "a CoT-probability recipe applies only to prompt_strategy 'hybrid_special_token'",
+        )
     field = "data.cot_example_prob_recipe_info"
     _check_one_of(f"{field}.type", recipe.get("type"), RECIPE_TYPES)
     for key in ("initial_prob", "final_prob"):
-        check_number(f"{field}.{key}", recipe.get(key), lambda x: 0 <= x <= 1,
-                     "expected a probability in [0, 1]", allow_inf=False)
+        check_number(
+            f"{field}.{key}",
+            recipe.get(key),
+            lambda x: 0 <= x <= 1,
+            "expected a probability in [0, 1]",
+            allow_inf=False,
+        )
     # alpha = inf is the recipe's "no CoT" end (CoT probability initial_prob throughout).
-    check_number(f"{field}.alpha", recipe.get("alpha"), lambda x: x >= 0,
-                 "expected alpha >= 0 (inf means no CoT)", allow_inf=True)
-    check_number(f"{field}.scale", recipe.get("scale"), lambda x: True,
-                 "expected a finite number", allow_inf=False)
+    check_number(
+        f"{field}.alpha",
+        recipe.get("alpha"),
+        lambda x: x >= 0,
+        "expected alpha >= 0 (inf means no CoT)",
+        allow_inf=True,
+    )
+    check_number(
+        f"{field}.scale",
+        recipe.get("scale"),
+        lambda x: True,
+        "expected a finite number",
+        allow_inf=False,
+    )
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -318,26 +367,53 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 
 def validate_train(train) -> None:
     """Rejects an invalid `config.train` before anything compiles."""
-    for name in ("n_tasks", "batch_size", "log_every_n_steps", "checkpoint_every_n_steps",
-                 "keep_checkpoints", "reference_world_size"):
+    for name in (
+        "n_tasks",
+        "batch_size",
+        "log_every_n_steps",
+        "checkpoint_every_n_steps",
+        "keep_checkpoints",
+        "reference_world_size",
+    ):
         check_int(f"train.{name}", train[name], 1)
     if train.batch_size % train.reference_world_size:
-        fail("train.reference_world_size", train.reference_world_size,
-             f"expected a divisor of train.batch_size={train.batch_size} (the global batch is "
-             "split evenly over the reference's ranks)")
+        fail(
+            "train.reference_world_size",
+            train.reference_world_size,
+            f"expected a divisor of train.batch_size={train.batch_size} (the global batch is "
+            "split evenly over the reference's ranks)",
+        )
     if train.n_tasks < train.batch_size:
-        fail("train.n_tasks", train.n_tasks,
-             f"expected at least one batch (train.batch_size={train.batch_size})")
+        fail(
+            "train.n_tasks",
+            train.n_tasks,
+            f"expected at least one batch (train.batch_size={train.batch_size})",
+        )
     # The optimizer's numbers are all finite: an infinite one makes every update NaN.
     for name in ("lr", "eps"):
-        check_number(f"train.{name}", train[name], lambda x: x > 0, "expected a positive number",
-                     allow_inf=False)
+        check_number(
+            f"train.{name}",
+            train[name],
+            lambda x: x > 0,
+            "expected a positive number",
+            allow_inf=False,
+        )
     for name in ("b1", "b2"):
-        check_number(f"train.{name}", train[name], lambda x: 0 <= x < 1,
-                     "expected a number in [0, 1)", allow_inf=False)
+        check_number(
+            f"train.{name}",
+            train[name],
+            lambda x: 0 <= x < 1,
+            "expected a number in [0, 1)",
+            allow_inf=False,
+        )
     for name in ("weight_decay", "grad_clip_norm"):
-        check_number(f"train.{name}", train[name], lambda x: x >= 0,
-                     "expected a number >= 0 (0 disables it)", allow_inf=False)
+        check_number(
+            f"train.{name}",
+            train[name],
+            lambda x: x >= 0,
+            "expected a number >= 0 (0 disables it)",
+            allow_inf=False,
+        )
     check_int("train.warmup_steps", train.warmup_steps, 0)
     _check_one_of("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
 
@@ -345,14 +421,21 @@ def validate_train(train) -> None:
 def validate_eval(eval_cfg) -> None:
     """Rejects an invalid `config.eval` before anything compiles (its example counts are
     checked against the tasks' example count by `parse_example_counts`)."""
-    for name in ("n_eval_tasks", "eval_every_n_steps", "batch_size", "max_pred_tokens",
-                 "analysis_tasks", "analysis_batch_size"):
+    for name in (
+        "n_eval_tasks",
+        "eval_every_n_steps",
+        "batch_size",
+        "max_pred_tokens",
+        "analysis_tasks",
+        "analysis_batch_size",
+    ):
         check_int(f"eval.{name}", eval_cfg[name], 1)
     _check_one_of("eval.answer_rule", eval_cfg.answer_rule, ANSWER_RULES)
 
 
-def parse_example_counts(value, max_examples: int, name: str = "config.eval.example_counts",
-                         allow_empty: bool = True) -> tuple[int, ...]:
+def parse_example_counts(
+    value, max_examples: int, name: str = "config.eval.example_counts", allow_empty: bool = True
+) -> tuple[int, ...]:
     """Example counts K' (the last K' examples of each task kept) as a tuple of distinct ints in
     [1, max_examples], in the given order: the one parser of `config.eval.example_counts`, the
     evaluation command's `--example_counts` and `evaluate.evaluate_over_k`'s argument.
@@ -366,8 +449,9 @@ def parse_example_counts(value, max_examples: int, name: str = "config.eval.exam
             return tuple(range(1, max_examples + 1))
         parts = [part.strip() for part in text.split(",")] if text else []
         if not all(part.isdigit() for part in parts):
-            raise invalid(name, value, "expected '', 'all' or comma-separated positive integers "
-                          "like '1,2,4'")
+            raise invalid(
+                name, value, "expected '', 'all' or comma-separated positive integers like '1,2,4'"
+            )
         counts = tuple(int(part) for part in parts)
     else:
         counts = tuple(value)
@@ -378,8 +462,12 @@ def parse_example_counts(value, max_examples: int, name: str = "config.eval.exam
         raise invalid(name, value, f"expected at least one count in [1, {max_examples}]")
     for count in counts:
         if not 1 <= count <= max_examples:
-            raise invalid(name, value, f"{count} is not an integer in [1, {max_examples}] (the "
-                          f"tasks have at most {max_examples} examples)")
+            raise invalid(
+                name,
+                value,
+                f"{count} is not an integer in [1, {max_examples}] (the "
+                f"tasks have at most {max_examples} examples)",
+            )
     if len(set(counts)) != len(counts):
         raise invalid(name, value, "every count may appear once")
     return tuple(int(count) for count in counts)
@@ -395,19 +483,27 @@ def check_mesh(config, mesh_shape: Mapping[str, int], n_members: int | None = No
     tensor = mesh_shape["tensor"]
     for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         if config.model[name] % tensor:
-            fail(f"model.{name}", config.model[name],
-                 f"expected a multiple of the mesh's tensor size, {tensor}")
+            fail(
+                f"model.{name}",
+                config.model[name],
+                f"expected a multiple of the mesh's tensor size, {tensor}",
+            )
     batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
     fields = MESH_BATCH_FIELDS + (("eval.analysis_batch_size",) if config.eval.analyses else ())
     for field in fields:
         group, name = field.split(".")
         if config[group][name] % batch_shards:
-            fail(field, config[group][name],
-                 f"expected a multiple of the mesh's data x fsdp size, {batch_shards}")
+            fail(
+                field,
+                config[group][name],
+                f"expected a multiple of the mesh's data x fsdp size, {batch_shards}",
+            )
     if n_members is not None and n_members % mesh_shape["replica"]:
-        fail("mesh.replica", mesh_shape["replica"],
-             f"expected a divisor of the pack size, {n_members} (or set "
-             "config.sweep.max_pack_size)")
+        fail(
+            "mesh.replica",
+            mesh_shape["replica"],
+            f"expected a divisor of the pack size, {n_members} (or set config.sweep.max_pack_size)",
+        )
 
 
 def validate_sweep(sweep) -> None:
@@ -416,23 +512,44 @@ def validate_sweep(sweep) -> None:
     if not (is_int(sweep.max_pack_size) and sweep.max_pack_size >= 0):
         fail("sweep.max_pack_size", sweep.max_pack_size, "expected an integer >= 0 (0: no limit)")
     for axis in sweep.axes:
-        if (not isinstance(axis, (list, tuple)) or len(axis) != 2 or not isinstance(axis[0], str)
-                or not isinstance(axis[1], (list, tuple)) or not axis[1]):
-            fail("sweep.axes", sweep.axes,
-                 "expected ((field path, (value, ...)), ...) with at least one value per axis")
+        if (
+            not isinstance(axis, (list, tuple))
+            or len(axis) != 2
+            or not isinstance(axis[0], str)
+            or not isinstance(axis[1], (list, tuple))
+            or not axis[1]
+        ):
+            fail(
+                "sweep.axes",
+                sweep.axes,
+                "expected ((field path, (value, ...)), ...) with at least one value per axis",
+            )
 
 
 # The reference's run name (`str(Args)`, core/args.py) spells out these fields, in this order.
 REFERENCE_RUN_NAME_FIELDS = (
-    "model.num_hidden_layers", "data.vocab_size", "model.num_attention_heads",
-    "data.n_parent_choices", "data.n_input_choices", "data.chain_length_choices",
-    "data.n_example_choices", "data.n_dims", "model.hidden_size", "train.batch_size",
-    "train.reference_world_size", "data.activation", "data.prompt_strategy",
-    "data.cot_example_prob_recipe_info.type", "data.cot_example_prob_recipe_info.alpha",
+    "model.num_hidden_layers",
+    "data.vocab_size",
+    "model.num_attention_heads",
+    "data.n_parent_choices",
+    "data.n_input_choices",
+    "data.chain_length_choices",
+    "data.n_example_choices",
+    "data.n_dims",
+    "model.hidden_size",
+    "train.batch_size",
+    "train.reference_world_size",
+    "data.activation",
+    "data.prompt_strategy",
+    "data.cot_example_prob_recipe_info.type",
+    "data.cot_example_prob_recipe_info.alpha",
 )
 # The fields `run_name` spells out: the reference's, then this lab's additions.
 RUN_NAME_FIELDS = REFERENCE_RUN_NAME_FIELDS + (
-    "data.H_num_layers", "data.num_unique_H", "seed", "data.cot_example_prob_recipe_order",
+    "data.H_num_layers",
+    "data.num_unique_H",
+    "seed",
+    "data.cot_example_prob_recipe_order",
 )
 
 
@@ -454,16 +571,28 @@ def reference_run_name(config) -> str:
         return "-".join(str(v) for v in values)
 
     recipe = data.cot_example_prob_recipe_info
-    recipe_name = "none" if not recipe else \
-        f"type_{recipe['type']}_alpha_{_name_number(recipe['alpha'])}"
+    recipe_name = (
+        "none" if not recipe else f"type_{recipe['type']}_alpha_{_name_number(recipe['alpha'])}"
+    )
     per_rank_batch = config.train.batch_size // config.train.reference_world_size
-    return "_".join((
-        "llama", f"L_{model.num_hidden_layers}", f"V_{data.vocab_size}",
-        f"heads_{model.num_attention_heads}", f"M_{choices(data.n_parent_choices)}",
-        f"N_{choices(data.n_input_choices)}", f"C_{choices(data.chain_length_choices)}",
-        f"n_ex_{choices(data.n_example_choices)}", f"n_dims_{data.n_dims}",
-        f"hs_{model.hidden_size}", f"bs_{per_rank_batch}", f"act_{data.activation}",
-        f"prompt_{data.prompt_strategy}", f"recipe_{recipe_name}"))
+    return "_".join(
+        (
+            "llama",
+            f"L_{model.num_hidden_layers}",
+            f"V_{data.vocab_size}",
+            f"heads_{model.num_attention_heads}",
+            f"M_{choices(data.n_parent_choices)}",
+            f"N_{choices(data.n_input_choices)}",
+            f"C_{choices(data.chain_length_choices)}",
+            f"n_ex_{choices(data.n_example_choices)}",
+            f"n_dims_{data.n_dims}",
+            f"hs_{model.hidden_size}",
+            f"bs_{per_rank_batch}",
+            f"act_{data.activation}",
+            f"prompt_{data.prompt_strategy}",
+            f"recipe_{recipe_name}",
+        )
+    )
 
 
 def run_name(config) -> str:

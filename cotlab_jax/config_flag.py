@@ -34,7 +34,8 @@ class _ConfigFileParser(flags.ArgumentParser):
         try:
             loader = importlib.machinery.SourceFileLoader(f"{self.name}_config", path)
             module = importlib.util.module_from_spec(
-                importlib.util.spec_from_loader(loader.name, loader))
+                importlib.util.spec_from_loader(loader.name, loader)
+            )
             loader.exec_module(module)
             config = module.get_config(*([arg] if has_arg else []))
         except Exception as error:  # whatever the file raises, reported in one line
@@ -45,8 +46,9 @@ class _ConfigFileParser(flags.ArgumentParser):
         return config
 
 
-def define_config_flag(name: str = "config",
-                       help_string: str = "Config file (configs/*.py[:arg]).") -> flags.FlagHolder:
+def define_config_flag(
+    name: str = "config", help_string: str = "Config file (configs/*.py[:arg])."
+) -> flags.FlagHolder:
     holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
     flags.FLAGS[name].parser = _ConfigFileParser(name)
     return holder
@@ -66,5 +68,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as error:  # absl's message names the flag and its value
         sys.exit(f"error: {str(error).strip().splitlines()[0]}")
     except Exception as error:  # ml_collections raises these for an override of no field
-        sys.exit(f"error: the flags do not parse ({_first_line(error)}); does every "
-                 "--config.<field> override name a field of the config?")
+        sys.exit(
+            f"error: the flags do not parse ({_first_line(error)}); does every "
+            "--config.<field> override name a field of the config?"
+        )

@@ -31,8 +31,15 @@ IGNORE_INDEX = -100
 
 # Reserved ids, counted down from the top of the vocabulary (docs/tasks.md, section 2).
 SPECIAL_TOKEN_OFFSETS = dict(
-    pad=1, bos=2, eos=3, input_start=4, input_end=5,
-    think_start=6, think_end=7, answer_start=8, answer_end=9,
+    pad=1,
+    bos=2,
+    eos=3,
+    input_start=4,
+    input_end=5,
+    think_start=6,
+    think_end=7,
+    answer_start=8,
+    answer_end=9,
 )
 
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -72,8 +79,9 @@ class TaskSpec:
         config_lib.validate_data(data, config.train.n_tasks)
         recipe = data.cot_example_prob_recipe_info
         if recipe is not None:
-            recipe = tuple(float(recipe[k]) for k in ("initial_prob", "final_prob", "alpha",
-                                                      "scale"))
+            recipe = tuple(
+                float(recipe[k]) for k in ("initial_prob", "final_prob", "alpha", "scale")
+            )
         return cls(
             vocab_size=data.vocab_size,
             n_dims=data.n_dims,
@@ -166,9 +174,13 @@ class TaskSpec:
     @property
     def fixed_shape(self) -> bool:
         """Every task has the same n, c, k and example forms, so the same layout."""
-        return (len(self.n_input_choices) == len(self.chain_length_choices)
-                == len(self.n_example_choices) == 1
-                and self.prompt_strategy != "hybrid_special_token")
+        return (
+            len(self.n_input_choices)
+            == len(self.chain_length_choices)
+            == len(self.n_example_choices)
+            == 1
+            and self.prompt_strategy != "hybrid_special_token"
+        )
 
     def with_changes(self, **changes) -> "TaskSpec":
         return dataclasses.replace(self, **changes)
@@ -201,7 +213,8 @@ def make_world(key: jax.Array, spec: TaskSpec) -> dict[str, jax.Array]:
         world["fixed_adj"], world["fixed_parent_mask"] = sample_dag(noise, n, m, spec)
     if spec.ablation_fixed_H:
         world["processor_pool"] = jax.random.normal(
-            k_pool, (spec.num_unique_H, spec.H_num_layers, spec.n_dims, spec.n_dims), jnp.float32)
+            k_pool, (spec.num_unique_H, spec.H_num_layers, spec.n_dims, spec.n_dims), jnp.float32
+        )
     return world
 
 
@@ -240,8 +253,7 @@ def recipe_cot_prob(spec: TaskSpec, prompt_fraction: jax.Array) -> jax.Array:
 
 def _uniform(bits: jax.Array) -> jax.Array:
     """[0, 1) floats from uint32 bits (23 random mantissa bits, as jax.random.uniform)."""
-    return jax.lax.bitcast_convert_type(
-        (bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+    return jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
 
 
 def _below(bits: jax.Array, bound) -> jax.Array:
@@ -255,8 +267,14 @@ def _normal(bits: jax.Array) -> jax.Array:
     return jnp.sqrt(2.0) * jax.lax.erf_inv(jnp.maximum(lo, 2.0 * _uniform(bits) - 1.0))
 
 
-def sample_latents(key: jax.Array, prompt_index, n_prompts: int, shuffled: bool,
-                   world: dict[str, jax.Array], spec: TaskSpec) -> dict[str, jax.Array]:
+def sample_latents(
+    key: jax.Array,
+    prompt_index,
+    n_prompts: int,
+    shuffled: bool,
+    world: dict[str, jax.Array],
+    spec: TaskSpec,
+) -> dict[str, jax.Array]:
     """One task's random draws (everything but its chain tokens).
 
     `prompt_index` / `n_prompts` set the recipe's CoT probability; with `shuffled` the index is
@@ -264,10 +282,25 @@ def sample_latents(key: jax.Array, prompt_index, n_prompts: int, shuffled: bool,
     All draws come from one block of random bits: one threefry call compiles fast.
     """
     N, C, K, d, H = spec.N, spec.C, spec.K, spec.n_dims, spec.H_num_layers
-    sizes = dict(choices=4, dag=C * (N + C), pool=C, inputs=K * N, recipe=1, cot=K,
-                 processors=0 if spec.ablation_fixed_H else C * H * d * d)
-    bits = dict(zip(sizes, jnp.split(jax.random.bits(key, (sum(sizes.values()),), jnp.uint32),
-                                      np.cumsum(list(sizes.values()))[:-1]), strict=True))
+    sizes = dict(
+        choices=4,
+        dag=C * (N + C),
+        pool=C,
+        inputs=K * N,
+        recipe=1,
+        cot=K,
+        processors=0 if spec.ablation_fixed_H else C * H * d * d,
+    )
+    bits = dict(
+        zip(
+            sizes,
+            jnp.split(
+                jax.random.bits(key, (sum(sizes.values()),), jnp.uint32),
+                np.cumsum(list(sizes.values()))[:-1],
+            ),
+            strict=True,
+        )
+    )
 
     def choose(i, choices):
         return jnp.asarray(choices, jnp.int32)[_below(bits["choices"][i], len(choices))]
@@ -298,16 +331,29 @@ def sample_latents(key: jax.Array, prompt_index, n_prompts: int, shuffled: bool,
         cot_prob = jnp.float32(spec.cot_examples)
         is_cot = jnp.full((K,), spec.cot_examples)
     return dict(
-        n=n, m=m, c=c, k=k,
-        adj=jnp.where(parent_mask, adj, -1), parent_mask=parent_mask,
-        processors=processors, inputs=inputs,
-        cot_prob=cot_prob, is_cot=is_cot & example_valid,
+        n=n,
+        m=m,
+        c=c,
+        k=k,
+        adj=jnp.where(parent_mask, adj, -1),
+        parent_mask=parent_mask,
+        processors=processors,
+        inputs=inputs,
+        cot_prob=cot_prob,
+        is_cot=is_cot & example_valid,
     )
 
 
-def chain_tokens(embeddings: jax.Array, processors: jax.Array, adj: jax.Array,
-                 parent_mask: jax.Array, inputs: jax.Array, n_inputs, activation: str,
-                 forbidden: jax.Array) -> jax.Array:
+def chain_tokens(
+    embeddings: jax.Array,
+    processors: jax.Array,
+    adj: jax.Array,
+    parent_mask: jax.Array,
+    inputs: jax.Array,
+    n_inputs,
+    activation: str,
+    forbidden: jax.Array,
+) -> jax.Array:
     """The chain tokens of one task's K examples, int32 [K, C].
 
     `y_j = argmax_v < act(mean_{p in parents(j)} H_j(E[t_p])), E[v] >` over the ids not
@@ -344,8 +390,10 @@ def chain_tokens(embeddings: jax.Array, processors: jax.Array, adj: jax.Array,
             return act(x) if layers.shape[0] > 1 else x
 
         # The last layer is linear, so the parents' mean can come before it: M times less work.
-        x = sum(jnp.where(parent_mask[j, i], hidden(embeddings[tokens[:, i]]), 0.0)
-                for i in range(tokens.shape[1]))
+        x = sum(
+            jnp.where(parent_mask[j, i], hidden(embeddings[tokens[:, i]]), 0.0)
+            for i in range(tokens.shape[1])
+        )
         x = x / parent_count[j]
         x = _linear(x, layers[-1])
         return chain.at[:, j].set(nearest_token(act(x), embeddings, forbidden)), None
@@ -401,10 +449,16 @@ def _nearest_token_vmap(axis_size, in_batched, x, embeddings, forbidden):
     x_batched, table_batched, forbidden_batched = in_batched
     if table_batched or forbidden_batched:  # e.g. sweep members with their own embeddings
         x = x if x_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-        embeddings = embeddings if table_batched else jnp.broadcast_to(
-            embeddings, (axis_size, *embeddings.shape))
-        forbidden = forbidden if forbidden_batched else jnp.broadcast_to(
-            forbidden, (axis_size, *forbidden.shape))
+        embeddings = (
+            embeddings
+            if table_batched
+            else jnp.broadcast_to(embeddings, (axis_size, *embeddings.shape))
+        )
+        forbidden = (
+            forbidden
+            if forbidden_batched
+            else jnp.broadcast_to(forbidden, (axis_size, *forbidden.shape))
+        )
         return jax.lax.map(lambda args: nearest_token(*args), (x, embeddings, forbidden)), True
     return nearest_token(x, embeddings, forbidden), x_batched
 
@@ -427,11 +481,21 @@ def _slot_tokens(inputs, chain, c, spec: TaskSpec) -> jax.Array:
     def const(name):
         return jnp.full((K, 1), tok(name), jnp.int32)
 
-    return jnp.concatenate([
-        const("input_start"), inputs, const("input_end"),
-        const("think_start"), chain[:, : C - 1], const("think_end"),
-        const("answer_start"), y_last, const("answer_end"), const("eos"),
-    ], axis=1)
+    return jnp.concatenate(
+        [
+            const("input_start"),
+            inputs,
+            const("input_end"),
+            const("think_start"),
+            chain[:, : C - 1],
+            const("think_end"),
+            const("answer_start"),
+            y_last,
+            const("answer_end"),
+            const("eos"),
+        ],
+        axis=1,
+    )
 
 
 def slot_presence(n, c, is_cot, spec: TaskSpec, xp=jnp):
@@ -442,11 +506,21 @@ def slot_presence(n, c, is_cot, spec: TaskSpec, xp=jnp):
     N, C, K = spec.N, spec.C, spec.K
     cot = is_cot[:, None]
     markers = xp.full((K, 1), spec.special_tokens)
-    present = xp.concatenate([
-        markers, xp.broadcast_to(xp.arange(N) < n, (K, N)), markers,
-        markers & cot, cot & (xp.arange(C - 1) < c - 1)[None, :], markers & cot,
-        markers, xp.ones((K, 1), bool), markers, markers,
-    ], axis=1)
+    present = xp.concatenate(
+        [
+            markers,
+            xp.broadcast_to(xp.arange(N) < n, (K, N)),
+            markers,
+            markers & cot,
+            cot & (xp.arange(C - 1) < c - 1)[None, :],
+            markers & cot,
+            markers,
+            xp.ones((K, 1), bool),
+            markers,
+            markers,
+        ],
+        axis=1,
+    )
     return present, xp.arange(N + C + 7) >= N + 2
 
 
@@ -492,25 +566,32 @@ def layout_task(inputs, chain, n, c, k, is_cot, spec: TaskSpec) -> dict[str, jax
 
     train_present = flat(prefix_present, present & example_valid, xp)
     (input_ids, label_ids), attention_mask, positions = _pack_left(
-        (flat(prefix_tokens, tokens), flat(prefix_tokens, labels)), train_present, spec.seq_len,
-        pad)
+        (flat(prefix_tokens, tokens), flat(prefix_tokens, labels)), train_present, spec.seq_len, pad
+    )
     label_ids = jnp.where(attention_mask, label_ids, IGNORE_INDEX)
 
     # The query: the first k-1 examples in full, then the last one cut after its inputs.
     example = xp.arange(spec.K)[:, None]
     query_cut = (example < k - 1) | ((example == k - 1) & ~labelled[None, :])
     (query_ids,), query_mask, query_positions = _pack_left(
-        (flat(prefix_tokens, tokens),), flat(prefix_present, present & query_cut, xp),
-        spec.query_len, pad)
+        (flat(prefix_tokens, tokens),),
+        flat(prefix_present, present & query_cut, xp),
+        spec.query_len,
+        pad,
+    )
     # Targets: the last example's labelled tokens, left-aligned.
     last_tokens = jnp.take(tokens, k - 1, axis=0)
     target_present = xp.take(present, k - 1, axis=0) & labelled
     order = xp.argsort(~target_present, stable=True)[: spec.target_len]
     target_ids = jnp.where(target_present[order], last_tokens[order], IGNORE_INDEX)
     return dict(
-        input_ids=input_ids, labels=label_ids, attention_mask=attention_mask,
+        input_ids=input_ids,
+        labels=label_ids,
+        attention_mask=attention_mask,
         positions=positions,
-        query_ids=query_ids, query_mask=query_mask, query_positions=query_positions,
+        query_ids=query_ids,
+        query_mask=query_mask,
+        query_positions=query_positions,
         target_ids=target_ids,
     )
 
@@ -522,8 +603,16 @@ def layout_task(inputs, chain, n, c, k, is_cot, spec: TaskSpec) -> dict[str, jax
 def sample_task(key, prompt_index, n_prompts: int, shuffled: bool, world, spec: TaskSpec):
     """One complete task: latents, chain tokens and layouts (see `sample_tasks` for fields)."""
     lat = sample_latents(key, prompt_index, n_prompts, shuffled, world, spec)
-    chain = chain_tokens(world["embeddings"], lat["processors"], lat["adj"], lat["parent_mask"],
-                         lat["inputs"], lat["n"], spec.activation, forbidden_ids(spec))
+    chain = chain_tokens(
+        world["embeddings"],
+        lat["processors"],
+        lat["adj"],
+        lat["parent_mask"],
+        lat["inputs"],
+        lat["n"],
+        spec.activation,
+        forbidden_ids(spec),
+    )
     if spec.fixed_shape:  # the same n, c, k and example forms in every task
         n, c, k, is_cot = spec.N, spec.C, spec.K, np.full(spec.K, spec.cot_examples)
     else:
@@ -532,20 +621,29 @@ def sample_task(key, prompt_index, n_prompts: int, shuffled: bool, world, spec: 
     example_valid = jnp.arange(spec.K) < lat["k"]
     n_cot = (lat["is_cot"] & example_valid).sum().astype(jnp.int32)
     task.update(
-        inputs=jnp.where((jnp.arange(spec.N) < lat["n"])[None, :] & example_valid[:, None],
-                         lat["inputs"], -1),
-        chain=jnp.where((jnp.arange(spec.C) < lat["c"])[None, :] & example_valid[:, None], chain,
-                        -1),
-        adj=lat["adj"], parent_mask=lat["parent_mask"],
-        n=lat["n"], m=lat["m"], c=lat["c"], k=lat["k"],
-        is_cot=lat["is_cot"], n_cot=n_cot, n_direct=lat["k"] - n_cot,
+        inputs=jnp.where(
+            (jnp.arange(spec.N) < lat["n"])[None, :] & example_valid[:, None], lat["inputs"], -1
+        ),
+        chain=jnp.where(
+            (jnp.arange(spec.C) < lat["c"])[None, :] & example_valid[:, None], chain, -1
+        ),
+        adj=lat["adj"],
+        parent_mask=lat["parent_mask"],
+        n=lat["n"],
+        m=lat["m"],
+        c=lat["c"],
+        k=lat["k"],
+        is_cot=lat["is_cot"],
+        n_cot=n_cot,
+        n_direct=lat["k"] - n_cot,
         cot_prob=lat["cot_prob"],
     )
     return task
 
 
-def sample_tasks(keys, prompt_indices, n_prompts: int, shuffled: bool, world,
-                 spec: TaskSpec) -> dict[str, jax.Array]:
+def sample_tasks(
+    keys, prompt_indices, n_prompts: int, shuffled: bool, world, spec: TaskSpec
+) -> dict[str, jax.Array]:
     """Tasks from per-task keys [B]; every field has a leading batch axis B.
 
     Fields (L = spec.seq_len, Lq = spec.query_len, T = spec.target_len):
@@ -567,7 +665,8 @@ def sample_tasks(keys, prompt_indices, n_prompts: int, shuffled: bool, world,
       cot_prob float32 [B]         the CoT probability the task was drawn with.
     """
     return jax.vmap(sample_task, (0, 0, None, None, None, None))(
-        keys, prompt_indices, n_prompts, shuffled, world, spec)
+        keys, prompt_indices, n_prompts, shuffled, world, spec
+    )
 
 
 def task_keys(key: jax.Array, task_ids: jax.Array) -> jax.Array:
@@ -581,8 +680,9 @@ def sample_batch(world, train_key, step, spec: TaskSpec, batch_size: int):
     `fold_in(train_key, step)`. Identical on any device count. Fields: see `sample_tasks`."""
     ids = jnp.arange(batch_size, dtype=jnp.int32)
     keys = task_keys(jax.random.fold_in(train_key, step), ids)
-    return sample_tasks(keys, step * batch_size + ids, spec.n_tasks,
-                        spec.recipe_order == "shuffled", world, spec)
+    return sample_tasks(
+        keys, step * batch_size + ids, spec.n_tasks, spec.recipe_order == "shuffled", world, spec
+    )
 
 
 @partial(jax.jit, static_argnames=("spec", "n_eval_tasks"))
@@ -592,8 +692,9 @@ def eval_tasks(world, eval_key, task_ids, spec: TaskSpec, n_eval_tasks: int):
     return sample_tasks(task_keys(eval_key, task_ids), task_ids, n_eval_tasks, False, world, spec)
 
 
-def build_eval_set(world, eval_key, spec: TaskSpec, n_eval_tasks: int,
-                   chunk_size: int = 1024) -> dict[str, np.ndarray]:
+def build_eval_set(
+    world, eval_key, spec: TaskSpec, n_eval_tasks: int, chunk_size: int = 1024
+) -> dict[str, np.ndarray]:
     """The frozen eval set, made on device in chunks; the result never depends on chunk_size."""
     chunks = []
     for start in range(0, n_eval_tasks, chunk_size):
@@ -629,8 +730,9 @@ def load_eval_set(path: str, spec: TaskSpec | None = None) -> dict[str, np.ndarr
 def spec_json(spec: TaskSpec, exclude: tuple[str, ...] = ()) -> str:
     """The spec as canonical JSON (infinite recipe values as strings), less `exclude`."""
     fields = dataclasses.asdict(spec)
-    fields["recipe"] = None if spec.recipe is None else [
-        v if math.isfinite(v) else str(v) for v in spec.recipe]
+    fields["recipe"] = (
+        None if spec.recipe is None else [v if math.isfinite(v) else str(v) for v in spec.recipe]
+    )
     return json.dumps({k: v for k, v in fields.items() if k not in exclude}, sort_keys=True)
 
 

@@ -45,29 +45,42 @@ DISTILL_STREAM = 17
 
 
 def distill_defaults() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        kl_weight=0.5,  # w in (1 - w) CE + w KL (word-level steps)
-        temperature=1.0,  # T of the softened distributions
-        on_policy_fraction=0.0,  # the probability that a step is on policy
-        sample_temperature=0.85,  # the student's sampling temperature on policy
-        init_from="",  # a run directory whose latest parameters start the student
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            kl_weight=0.5,  # w in (1 - w) CE + w KL (word-level steps)
+            temperature=1.0,  # T of the softened distributions
+            on_policy_fraction=0.0,  # the probability that a step is on policy
+            sample_temperature=0.85,  # the student's sampling temperature on policy
+            init_from="",  # a run directory whose latest parameters start the student
+        )
+    )
 
 
 def validate_distill(d) -> None:
     """Rejects an invalid `config.distill` before anything compiles."""
     for name in ("kl_weight", "on_policy_fraction"):
-        config_lib.check_number(f"distill.{name}", d[name], lambda x: 0 <= x <= 1,
-                                "expected a number in [0, 1]", allow_inf=False)
+        config_lib.check_number(
+            f"distill.{name}",
+            d[name],
+            lambda x: 0 <= x <= 1,
+            "expected a number in [0, 1]",
+            allow_inf=False,
+        )
     for name in ("temperature", "sample_temperature"):
-        config_lib.check_number(f"distill.{name}", d[name], lambda x: x > 0,
-                                "expected a positive number", allow_inf=False)
+        config_lib.check_number(
+            f"distill.{name}",
+            d[name],
+            lambda x: x > 0,
+            "expected a positive number",
+            allow_inf=False,
+        )
     if not isinstance(d.init_from, str):
         config_lib.fail("distill.init_from", d.init_from, "expected a run directory or ''")
 
 
-def student_config(distill_config: ml_collections.ConfigDict,
-                   teacher_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def student_config(
+    distill_config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
     """The student's run config: the distillation config with the teacher's data and seed."""
     config = ml_collections.ConfigDict(distill_config.to_dict())
     config.data = ml_collections.ConfigDict(teacher_config.data.to_dict())
@@ -84,8 +97,9 @@ def shift_left(mask: jax.Array) -> jax.Array:
     return jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
 
 
-def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array,
-                    temperature: float) -> jax.Array:
+def distillation_kl(
+    student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array, temperature: float
+) -> jax.Array:
     """T^2 KL(softmax(teacher / T) || softmax(student / T)), float32, averaged over the positions
     where `mask` [B, L] is True (0 if there is none). Logits: [B, L, V]."""
     log_p_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
@@ -95,8 +109,9 @@ def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array, mask: 
     return kl.sum() / jnp.maximum(mask.sum(), 1)
 
 
-def _both_logits(params, teacher_params, input_ids, positions, attention_mask, graphdef,
-                 teacher_graphdef):
+def _both_logits(
+    params, teacher_params, input_ids, positions, attention_mask, graphdef, teacher_graphdef
+):
     student = model.apply(graphdef, params, input_ids, positions, attention_mask)
     teacher = model.apply(teacher_graphdef, teacher_params, input_ids, positions, attention_mask)
     return student, jax.lax.stop_gradient(teacher)
@@ -104,21 +119,34 @@ def _both_logits(params, teacher_params, input_ids, positions, attention_mask, g
 
 def word_level_loss(params, teacher_params, batch, graphdef, teacher_graphdef, distill_cfg):
     """Stage 1's loss on a training batch, and its (cross-entropy, KL)."""
-    student, teacher = _both_logits(params, teacher_params, batch["input_ids"],
-                                    batch["positions"], batch["attention_mask"], graphdef,
-                                    teacher_graphdef)
+    student, teacher = _both_logits(
+        params,
+        teacher_params,
+        batch["input_ids"],
+        batch["positions"],
+        batch["attention_mask"],
+        graphdef,
+        teacher_graphdef,
+    )
     ce = losses.teacher_forced_loss(student, batch["labels"])[0]
-    kl = distillation_kl(student, teacher, shift_left(batch["labels"] != data.IGNORE_INDEX),
-                         distill_cfg.temperature)
+    kl = distillation_kl(
+        student, teacher, shift_left(batch["labels"] != data.IGNORE_INDEX), distill_cfg.temperature
+    )
     weight = distill_cfg.kl_weight
     return (1 - weight) * ce + weight * kl, (ce, kl)
 
 
 def on_policy_loss(params, teacher_params, sequence, graphdef, teacher_graphdef, distill_cfg):
     """Stage 2's loss on the student's own continuations (`on_policy_sequence`)."""
-    student, teacher = _both_logits(params, teacher_params, sequence["input_ids"],
-                                    sequence["positions"], sequence["attention_mask"], graphdef,
-                                    teacher_graphdef)
+    student, teacher = _both_logits(
+        params,
+        teacher_params,
+        sequence["input_ids"],
+        sequence["positions"],
+        sequence["attention_mask"],
+        graphdef,
+        teacher_graphdef,
+    )
     kl = distillation_kl(student, teacher, sequence["loss_mask"], distill_cfg.temperature)
     return kl, (jnp.float32(jnp.nan), kl)
 
@@ -127,8 +155,17 @@ def on_policy_loss(params, teacher_params, sequence, graphdef, teacher_graphdef,
 # On-policy samples.
 
 
-def sample_continuations(graphdef, params, prompt_ids, prompt_mask, key, n_new: int,
-                         temperature: float, eos_id: int | None = None, pad_id: int = 0):
+def sample_continuations(
+    graphdef,
+    params,
+    prompt_ids,
+    prompt_mask,
+    key,
+    n_new: int,
+    temperature: float,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+):
     """Samples `n_new` tokens after each left-padded prompt [B, P] at `temperature`, with a KV
     cache, in one `lax.scan` (fixed shapes; token i is drawn with `fold_in(key, i)`).
 
@@ -140,12 +177,18 @@ def sample_continuations(graphdef, params, prompt_ids, prompt_mask, key, n_new: 
     prompt_mask = prompt_mask.astype(bool)
     cache_length = prompt_length + n_new - 1  # the last token is never fed back
     key_mask = jnp.zeros((batch_size, cache_length), bool).at[:, :prompt_length].set(prompt_mask)
-    logits, cache = module(prompt_ids, model.positions_from_mask(prompt_mask), key_mask,
-                           module.init_cache(batch_size, cache_length), 0)
+    logits, cache = module(
+        prompt_ids,
+        model.positions_from_mask(prompt_mask),
+        key_mask,
+        module.init_cache(batch_size, cache_length),
+        0,
+    )
 
     def draw(i, step_logits):
-        return jax.random.categorical(jax.random.fold_in(key, i), step_logits / temperature,
-                                      axis=-1).astype(jnp.int32)
+        return jax.random.categorical(
+            jax.random.fold_in(key, i), step_logits / temperature, axis=-1
+        ).astype(jnp.int32)
 
     def is_eos(token):
         return jnp.zeros(token.shape, bool) if eos_id is None else token == eos_id
@@ -157,14 +200,17 @@ def sample_continuations(graphdef, params, prompt_ids, prompt_mask, key, n_new: 
         token, cache, key_mask, done = carry
         slot = prompt_length + i - 1  # where the previous token's keys and values go
         key_mask = jax.lax.dynamic_update_slice_in_dim(
-            key_mask, jnp.ones((batch_size, 1), bool), slot, axis=1)
-        step_logits, cache = module(token[:, None], (first_new_position + i - 1)[:, None],
-                                    key_mask, cache, slot)
+            key_mask, jnp.ones((batch_size, 1), bool), slot, axis=1
+        )
+        step_logits, cache = module(
+            token[:, None], (first_new_position + i - 1)[:, None], key_mask, cache, slot
+        )
         new = jnp.where(done, pad_id, draw(i, step_logits[:, 0]))
         return (new, cache, key_mask, done | is_eos(new)), (new, ~done)
 
-    _, (rest, rest_valid) = jax.lax.scan(generate, (first, cache, key_mask, is_eos(first)),
-                                         jnp.arange(1, n_new))
+    _, (rest, rest_valid) = jax.lax.scan(
+        generate, (first, cache, key_mask, is_eos(first)), jnp.arange(1, n_new)
+    )
     tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
     valid = jnp.concatenate([jnp.ones((batch_size, 1), bool), rest_valid.T], axis=1)
     return tokens, valid
@@ -176,21 +222,33 @@ def generation_length(spec: data.TaskSpec, config) -> int:
     return config.eval.max_pred_tokens if spec.special_tokens else spec.target_len
 
 
-def on_policy_sequence(params, batch, key, graphdef, spec: data.TaskSpec, n_new: int,
-                       temperature: float) -> dict:
+def on_policy_sequence(
+    params, batch, key, graphdef, spec: data.TaskSpec, n_new: int, temperature: float
+) -> dict:
     """Each task's query followed by the student's sampled continuation: input_ids, positions,
     attention_mask [B, Lq + n_new], and loss_mask, True at the positions whose logits predict a
     generated token."""
     eos = spec.token_id("eos") if spec.special_tokens else None
-    tokens, valid = sample_continuations(graphdef, params, batch["query_ids"],
-                                         batch["query_mask"], key, n_new, temperature, eos,
-                                         spec.token_id("pad"))
+    tokens, valid = sample_continuations(
+        graphdef,
+        params,
+        batch["query_ids"],
+        batch["query_mask"],
+        key,
+        n_new,
+        temperature,
+        eos,
+        spec.token_id("pad"),
+    )
     query_mask = batch["query_mask"].astype(bool)
     attention_mask = jnp.concatenate([query_mask, valid], axis=1)
     generated = jnp.concatenate([jnp.zeros_like(query_mask), valid], axis=1)
-    return dict(input_ids=jnp.concatenate([batch["query_ids"], tokens], axis=1),
-                positions=model.positions_from_mask(attention_mask),
-                attention_mask=attention_mask, loss_mask=shift_left(generated))
+    return dict(
+        input_ids=jnp.concatenate([batch["query_ids"], tokens], axis=1),
+        positions=model.positions_from_mask(attention_mask),
+        attention_mask=attention_mask,
+        loss_mask=shift_left(generated),
+    )
 
 
 def step_keys(seed: int, step) -> tuple[jax.Array, jax.Array]:
@@ -200,8 +258,16 @@ def step_keys(seed: int, step) -> tuple[jax.Array, jax.Array]:
     return jax.random.uniform(choice_key), sample_key
 
 
-def distill_step(state, teacher_params, world, train_key, *, graphdef, teacher_graphdef,
-                 exp: experiment.Experiment):
+def distill_step(
+    state,
+    teacher_params,
+    world,
+    train_key,
+    *,
+    graphdef,
+    teacher_graphdef,
+    exp: experiment.Experiment,
+):
     """One distillation step on the batch of `state["step"]`, word level or on policy."""
     cfg = exp.config.distill
     batch = experiment.sample_train_batch(state, world, train_key, exp)
@@ -209,15 +275,23 @@ def distill_step(state, teacher_params, world, train_key, *, graphdef, teacher_g
     models = dict(graphdef=graphdef, teacher_graphdef=teacher_graphdef, distill_cfg=cfg)
 
     def word_level(params):
-        return jax.value_and_grad(word_level_loss, has_aux=True)(params, teacher_params, batch,
-                                                                 **models)
+        return jax.value_and_grad(word_level_loss, has_aux=True)(
+            params, teacher_params, batch, **models
+        )
 
     def on_policy(params):
-        sequence = on_policy_sequence(params, batch, sample_key, graphdef, exp.spec,
-                                      generation_length(exp.spec, exp.config),
-                                      cfg.sample_temperature)
-        return jax.value_and_grad(on_policy_loss, has_aux=True)(params, teacher_params, sequence,
-                                                                **models)
+        sequence = on_policy_sequence(
+            params,
+            batch,
+            sample_key,
+            graphdef,
+            exp.spec,
+            generation_length(exp.spec, exp.config),
+            cfg.sample_temperature,
+        )
+        return jax.value_and_grad(on_policy_loss, has_aux=True)(
+            params, teacher_params, sequence, **models
+        )
 
     params = state["params"]
     if cfg.on_policy_fraction == 0:
@@ -225,8 +299,9 @@ def distill_step(state, teacher_params, world, train_key, *, graphdef, teacher_g
     elif cfg.on_policy_fraction == 1:
         (loss, _), grads = on_policy(params)
     else:
-        (loss, _), grads = jax.lax.cond(draw < cfg.on_policy_fraction, on_policy, word_level,
-                                        params)
+        (loss, _), grads = jax.lax.cond(
+            draw < cfg.on_policy_fraction, on_policy, word_level, params
+        )
     return experiment.apply_gradients(state, loss, grads, batch, exp=exp)
 
 
@@ -234,9 +309,13 @@ def compile_distill_step(exp: experiment.Experiment, graphdef, state, teacher_gr
     """The jitted distillation step: the student's state donated and kept on its shardings; the
     teacher's parameters an ordinary (never donated) argument."""
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(functools.partial(distill_step, graphdef=graphdef,
-                                     teacher_graphdef=teacher_graphdef, exp=exp),
-                   donate_argnums=0, out_shardings=shardings)
+    return jax.jit(
+        functools.partial(
+            distill_step, graphdef=graphdef, teacher_graphdef=teacher_graphdef, exp=exp
+        ),
+        donate_argnums=0,
+        out_shardings=shardings,
+    )
 
 
 def step_builder(teacher: rundir.Run) -> train.StepBuilder:
@@ -248,23 +327,30 @@ def step_builder(teacher: rundir.Run) -> train.StepBuilder:
             start = rundir.load_run(init_from, mesh=exp.mesh)
             shardings = jax.tree.map(lambda x: x.sharding, state["params"])
             if jax.tree.map(jnp.shape, start.params) != jax.tree.map(jnp.shape, state["params"]):
-                raise rundir.RunError(f"distill.init_from={init_from!r} holds a model of other "
-                                      f"shapes than config.model")
+                raise rundir.RunError(
+                    f"distill.init_from={init_from!r} holds a model of other "
+                    f"shapes than config.model"
+                )
             state = dict(state, params=jax.device_put(start.params, shardings))
         step = compile_distill_step(exp, graphdef, state, teacher.graphdef)
-        return state, lambda state, world, train_key: step(state, teacher.params, world,
-                                                           train_key)
+        return state, lambda state, world, train_key: step(state, teacher.params, world, train_key)
 
     return build
 
 
-def distill(distill_config: ml_collections.ConfigDict, teacher_dir: str, workdir: str,
-            teacher_step: int | str = "latest") -> dict:
+def distill(
+    distill_config: ml_collections.ConfigDict,
+    teacher_dir: str,
+    workdir: str,
+    teacher_step: int | str = "latest",
+) -> dict:
     """Distils the teacher run in `teacher_dir` into the student run in `workdir` (or resumes
     it); returns the student's results with the teacher's evaluation under `teacher`."""
     if "distill" not in distill_config:
-        raise config_lib.ConfigError("config.distill is missing: a distillation config sets "
-                                     "config.distill = distill.distill_defaults()")
+        raise config_lib.ConfigError(
+            "config.distill is missing: a distillation config sets "
+            "config.distill = distill.distill_defaults()"
+        )
     validate_distill(distill_config.distill)
     config = student_config(distill_config, rundir.load_config(teacher_dir))
     exp = experiment.setup(config)  # every group validated before anything compiles
@@ -275,11 +361,20 @@ def distill(distill_config: ml_collections.ConfigDict, teacher_dir: str, workdir
     if "eval" not in results:  # preempted
         return results
     eval_set = rundir.frozen_eval_set(workdir, exp)
-    teacher_eval = evaluate.evaluate(teacher.graphdef, teacher.params, eval_set, exp.spec,
-                                     batch_size=config.eval.batch_size,
-                                     max_pred_tokens=config.eval.max_pred_tokens)
-    record = dict(workdir=os.path.abspath(teacher_dir), step=teacher.step,
-                  n_params=model.count_params(teacher.params), eval=teacher_eval)
+    teacher_eval = evaluate.evaluate(
+        teacher.graphdef,
+        teacher.params,
+        eval_set,
+        exp.spec,
+        batch_size=config.eval.batch_size,
+        max_pred_tokens=config.eval.max_pred_tokens,
+    )
+    record = dict(
+        workdir=os.path.abspath(teacher_dir),
+        step=teacher.step,
+        n_params=model.count_params(teacher.params),
+        eval=teacher_eval,
+    )
     if jax.process_index() == 0:
         rundir.write_json(os.path.join(workdir, "teacher.json"), record)
     return dict(results, teacher=record)
@@ -288,15 +383,18 @@ def distill(distill_config: ml_collections.ConfigDict, teacher_dir: str, workdir
 # ---------------------------------------------------------------------------------------------
 # The command line.
 
+
 def define_flags() -> dict:
     """The command line's flags; defined only when it runs, so that importing this module adds
     no flags to another program."""
     return dict(
         config=config_flag.define_config_flag(
-            help_string="Distillation config (configs/distill.py[:stage])."),
+            help_string="Distillation config (configs/distill.py[:stage])."
+        ),
         teacher=flags.DEFINE_string("teacher", None, "The teacher's run directory."),
-        teacher_step=flags.DEFINE_string("teacher_step", "latest",
-                                         "The teacher's checkpoint step: latest or a number."),
+        teacher_step=flags.DEFINE_string(
+            "teacher_step", "latest", "The teacher's checkpoint step: latest or a number."
+        ),
         workdir=flags.DEFINE_string("workdir", None, "The student's run directory."),
     )
 
@@ -310,15 +408,21 @@ def main(argv, flag_values: dict) -> None:
             raise app.UsageError(f"--{name} is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
-        results = distill(values["config"], values["teacher"], values["workdir"],
-                          rundir.parse_step(values["teacher_step"]))
+        results = distill(
+            values["config"],
+            values["teacher"],
+            values["workdir"],
+            rundir.parse_step(values["teacher_step"]),
+        )
     except (config_lib.ConfigError, rundir.RunError) as e:
         sys.exit(f"error: {e}")
     if jax.process_index() == 0 and "eval" in results:
         print(train.summary(results, values["workdir"]))
         teacher_eval = results["teacher"]["eval"]
-        print(f"teacher ({results['teacher']['n_params']:,} parameters): answer_acc "
-              f"{teacher_eval['answer_acc']:.4g}, loss {teacher_eval['loss']:.4g}")
+        print(
+            f"teacher ({results['teacher']['n_params']:,} parameters): answer_acc "
+            f"{teacher_eval['answer_acc']:.4g}, loss {teacher_eval['loss']:.4g}"
+        )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,7 @@ def model_config(config: ml_collections.ConfigDict, spec: data.TaskSpec) -> mode
     return model.LlamaConfig.from_config(config.model, config.data.vocab_size, padding_idx)
 
 
-def setup(config: ml_collections.ConfigDict,
-          mesh: jax.sharding.Mesh | None = None) -> Experiment:
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Experiment:
     """Validates every config group (before anything compiles) and derives the experiment, on
     `mesh` (default: `training_mesh(config)`). The mesh is where a run is placed, not part of
     what it is: a run trained on one mesh is loaded, evaluated or resumed on another."""
@@ -63,8 +62,13 @@ def setup(config: ml_collections.ConfigDict,
     config_lib.parse_example_counts(config.eval.example_counts, spec.K)
     mesh = training_mesh(config) if mesh is None else mesh
     config_lib.check_mesh(config, mesh.shape)
-    return Experiment(config=config, spec=spec, model_config=llama_config,
-                      total_steps=config.train.n_tasks // config.train.batch_size, mesh=mesh)
+    return Experiment(
+        config=config,
+        spec=spec,
+        model_config=llama_config,
+        total_steps=config.train.n_tasks // config.train.batch_size,
+        mesh=mesh,
+    )
 
 
 # The optimizer's numbers. A pack of sweep members passes them traced, one per member, so members
@@ -76,8 +80,9 @@ def optimizer_hparams(train_cfg) -> dict[str, float]:
     return {name: float(train_cfg[name]) for name in OPTIMIZER_HPARAMS}
 
 
-def make_optimizer(train_cfg, total_steps: int,
-                   hparams: dict | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    train_cfg, total_steps: int, hparams: dict | None = None
+) -> optax.GradientTransformation:
     """AdamW (weight decay on every parameter, as the reference), with optional warmup, decay and
     gradient clipping. `hparams` (numbers or traced scalars) override `OPTIMIZER_HPARAMS`;
     whether clipping is on stays `train_cfg.grad_clip_norm > 0`."""
@@ -91,16 +96,23 @@ def make_optimizer(train_cfg, total_steps: int,
     if train_cfg.warmup_steps:
         warmup = optax.linear_schedule(0.0, h["lr"], train_cfg.warmup_steps)
         schedule = optax.join_schedules([warmup, schedule], [train_cfg.warmup_steps])
-    optimizer = optax.adamw(schedule, b1=h["b1"], b2=h["b2"], eps=h["eps"],
-                            weight_decay=h["weight_decay"])
+    optimizer = optax.adamw(
+        schedule, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=h["weight_decay"]
+    )
     if train_cfg.grad_clip_norm:
         optimizer = optax.chain(optax.clip_by_global_norm(h["grad_clip_norm"]), optimizer)
     return optimizer
 
 
 def empty_window():
-    return dict(loss_sum=jnp.float32(0), steps=jnp.int32(0), n_cot=jnp.int32(0),
-                n_direct=jnp.int32(0), tokens=jnp.int32(0), grad_norm=jnp.float32(0))
+    return dict(
+        loss_sum=jnp.float32(0),
+        steps=jnp.int32(0),
+        n_cot=jnp.int32(0),
+        n_direct=jnp.int32(0),
+        tokens=jnp.int32(0),
+        grad_norm=jnp.float32(0),
+    )
 
 
 def model_key(seed: int) -> jax.Array:
@@ -129,8 +141,13 @@ def build_state(exp: Experiment, key: jax.Array):
     """A fresh train state, its model initialised from `key`."""
     _, params = model.init(exp.model_config, key)
     opt_state = make_optimizer(exp.config.train, exp.total_steps).init(params)
-    return dict(step=jnp.int32(0), params=params, opt_state=opt_state, window=empty_window(),
-                nonfinite_step=jnp.int32(-1))
+    return dict(
+        step=jnp.int32(0),
+        params=params,
+        opt_state=opt_state,
+        window=empty_window(),
+        nonfinite_step=jnp.int32(-1),
+    )
 
 
 def state_layout(abstract, mesh: jax.sharding.Mesh, leading_names: tuple[str, ...] = ()):
@@ -138,17 +155,24 @@ def state_layout(abstract, mesh: jax.sharding.Mesh, leading_names: tuple[str, ..
     parameters by their logical axes, Adam moments alike, per-run scalars replicated.
     `leading_names` name axes stacked in front of every leaf (("replica",) for a pack)."""
     lead = tuple(abstract["step"].shape)
-    small = jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh_spec(
-        leading_names, lead, dict(mesh.shape), sharding.current_rules()))
+    small = jax.sharding.NamedSharding(
+        mesh,
+        sharding.logical_to_mesh_spec(
+            leading_names, lead, dict(mesh.shape), sharding.current_rules()
+        ),
+    )
     with jax.set_mesh(mesh):
         params = sharding.state_shardings(abstract["params"], mesh, leading_names)
     shardings = dict(
-        step=small, params=params,
+        step=small,
+        params=params,
         opt_state=_opt_state_shardings(abstract["opt_state"], abstract["params"], params, small),
         window=jax.tree.map(lambda _: small, abstract["window"]),
-        nonfinite_step=small)
+        nonfinite_step=small,
+    )
     return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
 
 
 def abstract_state(exp: Experiment):
@@ -166,15 +190,18 @@ def init_state(exp: Experiment):
     graphdef, abstract = abstract_state(exp)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     state = jax.jit(functools.partial(build_state, exp), out_shardings=shardings)(
-        model_key(exp.config.seed))
+        model_key(exp.config.seed)
+    )
     return graphdef, state
 
 
 def sample_train_batch(state, world, train_key, exp: Experiment):
     """The batch of `state["step"]`, drawn on device, sharded over the batch axes."""
     batch = data.sample_batch(world, train_key, state["step"], exp.spec, exp.batch_size)
-    return {name: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
-            for name, x in batch.items()}
+    return {
+        name: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+        for name, x in batch.items()
+    }
 
 
 def sampled_train_step(state, world, train_key, *, graphdef, exp: Experiment):
@@ -185,8 +212,9 @@ def sampled_train_step(state, world, train_key, *, graphdef, exp: Experiment):
 
 def batch_loss(params, batch, graphdef) -> jax.Array:
     """The training loss of `batch` (the mean over its labelled tokens)."""
-    logits = model.apply(graphdef, params, batch["input_ids"], batch["positions"],
-                         batch["attention_mask"])
+    logits = model.apply(
+        graphdef, params, batch["input_ids"], batch["positions"], batch["attention_mask"]
+    )
     return losses.teacher_forced_loss(logits, batch["labels"])[0]
 
 
@@ -205,33 +233,48 @@ def apply_gradients(state, loss, grads, batch, *, exp: Experiment, hparams: dict
     params = optax.apply_updates(state["params"], updates)
     # After a non-finite loss (or update) the state stops changing, so no checkpoint holds it.
     finite = jnp.isfinite(loss) & jax.tree.reduce(
-        jnp.logical_and, jax.tree.map(lambda x: jnp.isfinite(x).all(), params))
+        jnp.logical_and, jax.tree.map(lambda x: jnp.isfinite(x).all(), params)
+    )
     healthy = finite & (state["nonfinite_step"] < 0)
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(healthy, new, old),
-                                     (params, opt_state), (state["params"], state["opt_state"]))
-    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, step,
-                               state["nonfinite_step"])
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(healthy, new, old),
+        (params, opt_state),
+        (state["params"], state["opt_state"]),
+    )
+    nonfinite_step = jnp.where(
+        (state["nonfinite_step"] < 0) & ~finite, step, state["nonfinite_step"]
+    )
     # Window sums restart at every logging boundary, a function of the step alone, so a resumed
     # run logs exactly the numbers of an uninterrupted one.
     window = jax.tree.map(
         lambda x: jnp.where(step % exp.config.train.log_every_n_steps == 0, jnp.zeros_like(x), x),
-        state["window"])
+        state["window"],
+    )
     window = dict(
-        loss_sum=window["loss_sum"] + loss, steps=window["steps"] + 1,
+        loss_sum=window["loss_sum"] + loss,
+        steps=window["steps"] + 1,
         n_cot=window["n_cot"] + batch["n_cot"].sum(),
         n_direct=window["n_direct"] + batch["n_direct"].sum(),
         tokens=window["tokens"] + batch["attention_mask"].sum(dtype=jnp.int32),
         grad_norm=optax.tree.norm(grads),
     )
-    return dict(step=step + 1, params=params, opt_state=opt_state, window=window,
-                nonfinite_step=nonfinite_step)
+    return dict(
+        step=step + 1,
+        params=params,
+        opt_state=opt_state,
+        window=window,
+        nonfinite_step=nonfinite_step,
+    )
 
 
 def compile_train_step(exp: Experiment, graphdef, state):
     """The jitted train step, its state donated and kept on its own shardings."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(functools.partial(sampled_train_step, graphdef=graphdef, exp=exp),
-                   donate_argnums=0, out_shardings=state_shardings)
+    return jax.jit(
+        functools.partial(sampled_train_step, graphdef=graphdef, exp=exp),
+        donate_argnums=0,
+        out_shardings=state_shardings,
+    )
 
 
 @dataclasses.dataclass

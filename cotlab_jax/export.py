@@ -32,11 +32,18 @@ CONFIG_NAME = "config.json"
 
 def hf_config_dict(model_config: model.LlamaConfig, spec: data.TaskSpec) -> dict:
     """The `config.json` of an exported run: `to_hf_config`, plus the special ids if any."""
-    config = dict(hf_convert.to_hf_config(model_config), architectures=["LlamaForCausalLM"],
-                  model_type="llama", torch_dtype="float32")
+    config = dict(
+        hf_convert.to_hf_config(model_config),
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        torch_dtype="float32",
+    )
     if spec.special_tokens:
-        config.update(bos_token_id=spec.token_id("bos"), eos_token_id=spec.token_id("eos"),
-                      pad_token_id=spec.token_id("pad"))
+        config.update(
+            bos_token_id=spec.token_id("bos"),
+            eos_token_id=spec.token_id("eos"),
+            pad_token_id=spec.token_id("pad"),
+        )
     return config
 
 
@@ -49,11 +56,11 @@ def hf_weights(params, model_config: model.LlamaConfig) -> dict[str, np.ndarray]
     return state_dict
 
 
-def write_hf_dir(out: str, params, model_config: model.LlamaConfig,
-                 spec: data.TaskSpec) -> None:
+def write_hf_dir(out: str, params, model_config: model.LlamaConfig, spec: data.TaskSpec) -> None:
     os.makedirs(out, exist_ok=True)
-    save_file(hf_weights(params, model_config), os.path.join(out, WEIGHTS_NAME),
-              metadata={"format": "pt"})  # transformers reads "pt"-format files
+    save_file(
+        hf_weights(params, model_config), os.path.join(out, WEIGHTS_NAME), metadata={"format": "pt"}
+    )  # transformers reads "pt"-format files
     with open(os.path.join(out, CONFIG_NAME), "w") as f:
         json.dump(hf_config_dict(model_config, spec), f, indent=2, sort_keys=True)
 
@@ -76,13 +83,14 @@ def check_export_target(out: str, overwrite: bool) -> None:
     if run_dir is not None:
         raise SystemExit(f"--out={out}: {run_dir} is a run directory; export writes elsewhere")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise SystemExit(f"--out={out} is a non-empty directory; choose another or pass "
-                         f"--overwrite to replace its {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise SystemExit(
+            f"--out={out} is a non-empty directory; choose another or pass "
+            f"--overwrite to replace its {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     cli_errors.check_writable_dir("--out", out)
 
 
-def export_run(workdir: str, out: str, step: int | str = "latest",
-               overwrite: bool = False) -> int:
+def export_run(workdir: str, out: str, step: int | str = "latest", overwrite: bool = False) -> int:
     """Writes the checkpoint of `step` as an HF Llama directory at `out` (never into a run
     directory; a non-empty `out` only with `overwrite`); returns its step."""
     check_export_target(out, overwrite)
@@ -98,8 +106,10 @@ def load_hf_model(hf_dir: str, **overrides):
     paths = [os.path.join(hf_dir, name) for name in (CONFIG_NAME, WEIGHTS_NAME)]
     for path in paths:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file (an HF Llama directory holds "
-                                    f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise FileNotFoundError(
+                f"{path}: no such file (an HF Llama directory holds "
+                f"{CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
     with open(paths[0]) as f:
         config = hf_convert.from_hf_config(json.load(f), **{"dtype": "float32", **overrides})
     graphdef, _ = jax.eval_shape(functools.partial(model.init, config), jax.random.key(0))
@@ -107,8 +117,9 @@ def load_hf_model(hf_dir: str, **overrides):
     return config, graphdef, params
 
 
-def evaluate_hf(hf_dir: str, workdir: str, batch_size: int | None = None,
-                max_pred_tokens: int | None = None) -> dict[str, float]:
+def evaluate_hf(
+    hf_dir: str, workdir: str, batch_size: int | None = None, max_pred_tokens: int | None = None
+) -> dict[str, float]:
     """This lab's metrics of an HF Llama directory on the frozen eval set of run `workdir`.
 
     Raises `rundir.RunError` (no run there), `FileNotFoundError` (no eval set, no HF files) or
@@ -120,23 +131,35 @@ def evaluate_hf(hf_dir: str, workdir: str, batch_size: int | None = None,
         raise FileNotFoundError(f"{path}: the run has no frozen eval set")
     config, graphdef, params = load_hf_model(hf_dir)
     if config.vocab_size != spec.vocab_size:
-        raise ValueError(f"vocab_size={config.vocab_size}, the run's tasks use "
-                         f"data.vocab_size={spec.vocab_size}")
+        raise ValueError(
+            f"vocab_size={config.vocab_size}, the run's tasks use data.vocab_size={spec.vocab_size}"
+        )
     return evaluate.evaluate(
-        graphdef, params, rundir.read_eval_set(path, spec), spec,
+        graphdef,
+        params,
+        rundir.read_eval_set(path, spec),
+        spec,
         batch_size=batch_size or run_config.eval.batch_size,
-        max_pred_tokens=max_pred_tokens or run_config.eval.max_pred_tokens)
+        max_pred_tokens=max_pred_tokens or run_config.eval.max_pred_tokens,
+    )
 
 
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Export: the run directory (as written by main).")
     flags.DEFINE_string("step", "latest", "Export: the checkpoint step, `latest` or a number.")
-    flags.DEFINE_string("out", None, "Export: the HF directory to write. With --import_hf: "
-                        "write the JSON metrics here (they are always printed).")
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Export: the HF directory to write. With --import_hf: "
+        "write the JSON metrics here (they are always printed).",
+    )
     flags.DEFINE_string("import_hf", None, "Evaluate this HF Llama directory instead of exporting.")
     flags.DEFINE_bool("overwrite", False, "Export: write into a non-empty --out directory.")
-    flags.DEFINE_string("task_workdir", None, "With --import_hf: the run whose frozen eval set "
-                        "(and task spec) to evaluate on.")
+    flags.DEFINE_string(
+        "task_workdir",
+        None,
+        "With --import_hf: the run whose frozen eval set (and task spec) to evaluate on.",
+    )
 
 
 @cli_errors.one_line
@@ -153,10 +176,10 @@ def main(argv) -> None:
             metrics = evaluate_hf(f.import_hf, f.task_workdir)
         except (rundir.RunError, FileNotFoundError, ValueError) as error:
             raise SystemExit(f"--import_hf={f.import_hf}: {error}") from None
-        metrics = {name: value if math.isfinite(value) else None
-                   for name, value in metrics.items()}
-        text = json.dumps(dict(hf_dir=f.import_hf, task_workdir=f.task_workdir, metrics=metrics),
-                          indent=2)
+        metrics = {name: value if math.isfinite(value) else None for name, value in metrics.items()}
+        text = json.dumps(
+            dict(hf_dir=f.import_hf, task_workdir=f.task_workdir, metrics=metrics), indent=2
+        )
         print(text)
         if f.out:
             with open(f.out, "w") as out:

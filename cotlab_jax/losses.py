@@ -18,8 +18,9 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0), valid
 
 
-def teacher_forced_loss(logits: jax.Array,
-                        labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def teacher_forced_loss(
+    logits: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """HF `LlamaForCausalLM`'s loss: logits at t-1 against the label at t, -100 ignored.
 
     Args:

@@ -17,16 +17,21 @@ from cotlab_jax import config as config_lib
 _CONFIG = config_flag.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<run name>.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False,
+    "allow_config_change",
+    False,
     "Relaunch a run whose saved config differs in fields that change its data, model or numbers "
     "(refused otherwise; logging, evaluation and checkpoint cadences and the mesh may always "
-    "change).")
+    "change).",
+)
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", None,
+    "multihost",
+    None,
     "Call jax.distributed.initialize() (default: when a coordinator is configured, as on a TPU "
-    "pod slice, under SLURM, with JAX_COORDINATOR_ADDRESS set, or with the flags below).")
+    "pod slice, under SLURM, with JAX_COORDINATOR_ADDRESS set, or with the flags below).",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (default: detected from the cluster).")
+    "coordinator_address", None, "host:port of process 0 (default: detected from the cluster)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
@@ -36,9 +41,17 @@ def _launched_multihost() -> bool:
         return _MULTIHOST.value
     if _COORDINATOR.value or _NUM_PROCESSES.value is not None:
         return True
-    return any(os.environ.get(name) for name in (
-        "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")) or \
-        int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    return (
+        any(
+            os.environ.get(name)
+            for name in (
+                "JAX_COORDINATOR_ADDRESS",
+                "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS",
+            )
+        )
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    )
 
 
 @cli_errors.one_line  # a RunError or ConfigError ends the command in one line
@@ -61,8 +74,9 @@ def main(argv) -> None:
             print(f"report: {outcome['report']['out_dir']}")
         return
     workdir = _WORKDIR.value or os.path.join("runs", config_lib.run_name(config))
-    results = train.train_and_evaluate(config, workdir,
-                                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    results = train.train_and_evaluate(
+        config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+    )
     if jax.process_index() == 0 and "eval" in results:
         print(train.summary(results, workdir))
 

@@ -23,8 +23,11 @@ def _record(line: str) -> dict | None:
         record = json.loads(line)
     except ValueError:  # JSONDecodeError, or bytes that are not UTF-8 text
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int) \
-            or not isinstance(record.get("kind"), str):
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("step"), int)
+        or not isinstance(record.get("kind"), str)
+    ):
         return None
     return record
 
@@ -52,8 +55,11 @@ def read_metrics(path: str, warn: bool = True) -> list[dict]:
     names them."""
     records, unreadable = read_metrics_report(path)
     if unreadable and warn:
-        print(f"warning: {path}: skipped unreadable line(s) {_ranges(unreadable)} "
-              f"(kept the {len(records)} readable records)", file=sys.stderr)
+        print(
+            f"warning: {path}: skipped unreadable line(s) {_ranges(unreadable)} "
+            f"(kept the {len(records)} readable records)",
+            file=sys.stderr,
+        )
     return records
 
 
@@ -81,8 +87,9 @@ class MetricsWriter:
     def __init__(self, workdir: str, resume_step: int, tensorboard: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
         # A run (re)starting at step 0 writes its step-0 records again, so none is kept.
-        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] \
-            if resume_step else []
+        kept = (
+            [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
+        )
         tmp = self.path + ".tmp"
         try:  # a new file replaces the old one whole, or not at all
             with open(tmp, "w") as f:
@@ -93,27 +100,30 @@ class MetricsWriter:
         except OSError as error:
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise MetricsWriteError(error.errno, describe_write_error(self.path, error)) \
-                from None
+            raise MetricsWriteError(error.errno, describe_write_error(self.path, error)) from None
         self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
         if tensorboard:  # imported here: tensorboardX pulls in torch, seconds of start-up
             from tensorboardX import SummaryWriter
         # purge_step hides events of an earlier attempt past the resume point.
-        self._tb = (SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
-                    if tensorboard else None)
+        self._tb = (
+            SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
+            if tensorboard
+            else None
+        )
 
     def write(self, step: int, kind: str, values: dict) -> None:
         # NaN (a metric with no data, e.g. a chain index no task reaches) is written as null.
-        values = {name: None if isinstance(v, float) and not math.isfinite(v) else v
-                  for name, v in values.items()}
+        values = {
+            name: None if isinstance(v, float) and not math.isfinite(v) else v
+            for name, v in values.items()
+        }
         record = {"step": int(step), "kind": kind, **values}
         try:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as error:
-            raise MetricsWriteError(error.errno, describe_write_error(self.path, error)) \
-                from None
+            raise MetricsWriteError(error.errno, describe_write_error(self.path, error)) from None
         if self._tb is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

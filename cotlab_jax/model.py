@@ -70,8 +70,13 @@ class Llama3RopeScaling:
         field = "model.rope_scaling"
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
             value = getattr(self, name)
-            check_number(f"{field}.{name}", value, lambda x: x > 0, "expected a positive number",
-                         allow_inf=False)
+            check_number(
+                f"{field}.{name}",
+                value,
+                lambda x: x > 0,
+                "expected a positive number",
+                allow_inf=False,
+            )
         if self.high_freq_factor <= self.low_freq_factor:
             fail(
                 f"{field}.high_freq_factor",
@@ -179,8 +184,13 @@ class LlamaConfig:
             )
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, name)
-            check_number(f"model.{name}", value, lambda x: x > 0, "expected a positive number",
-                         allow_inf=False)
+            check_number(
+                f"model.{name}",
+                value,
+                lambda x: x > 0,
+                "expected a positive number",
+                allow_inf=False,
+            )
         if not (self.rope_scaling is None or isinstance(self.rope_scaling, Llama3RopeScaling)):
             fail(
                 "model.rope_scaling",
@@ -194,9 +204,7 @@ class LlamaConfig:
         if self.remat_policy not in REMAT_POLICIES:
             fail("model.remat_policy", self.remat_policy, f"expected one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            fail(
-                "model.attention_impl", self.attention_impl, f"expected one of {ATTENTION_IMPLS}"
-            )
+            fail("model.attention_impl", self.attention_impl, f"expected one of {ATTENTION_IMPLS}")
 
         if self.matmul_precision not in MATMUL_PRECISIONS:
             fail(

@@ -5,8 +5,17 @@ sampler against it, and `python -m cotlab_jax.bench sampler` times it side by si
 import numpy as np
 
 IGNORE = -100
-RESERVED = ("pad", "bos", "eos", "input_start", "input_end", "think_start", "think_end",
-            "answer_start", "answer_end")
+RESERVED = (
+    "pad",
+    "bos",
+    "eos",
+    "input_start",
+    "input_end",
+    "think_start",
+    "think_end",
+    "answer_start",
+    "answer_end",
+)
 
 
 def special_ids(vocab_size):
@@ -122,12 +131,27 @@ def sample_task(rng, spec, embeddings):
     examples = []
     for _ in range(k):
         inputs = list(rng.integers(0, usable, size=n))
-        examples.append((inputs, chain(embeddings, processors, adj, n, m, c, inputs,
-                                       spec.activation, range(usable, spec.vocab_size))))
+        examples.append(
+            (
+                inputs,
+                chain(
+                    embeddings,
+                    processors,
+                    adj,
+                    n,
+                    m,
+                    c,
+                    inputs,
+                    spec.activation,
+                    range(usable, spec.vocab_size),
+                ),
+            )
+        )
     if spec.prompt_strategy == "hybrid_special_token":
         initial_prob, final_prob, alpha, scale = spec.recipe
-        p = power_law(initial_prob, final_prob, alpha, scale, rng.integers(spec.n_tasks),
-                      spec.n_tasks)
+        p = power_law(
+            initial_prob, final_prob, alpha, scale, rng.integers(spec.n_tasks), spec.n_tasks
+        )
         is_cot = list(rng.random(k) < p)
     else:
         is_cot = [spec.prompt_strategy in ("cot", "cot_special_token")] * k

@@ -22,9 +22,20 @@ from cotlab_jax import config as config_lib
 from cotlab_jax import data, experiment, sharding
 
 # Config fields (groups or single fields) that shape the packed program or its loop.
-SHARED_FIELDS = ("model", "data.vocab_size", "train.n_tasks", "train.batch_size",
-                 "train.warmup_steps", "train.lr_schedule", "train.log_every_n_steps",
-                 "train.checkpoint_every_n_steps", "train.keep_checkpoints", "eval", "mesh", "log")
+SHARED_FIELDS = (
+    "model",
+    "data.vocab_size",
+    "train.n_tasks",
+    "train.batch_size",
+    "train.warmup_steps",
+    "train.lr_schedule",
+    "train.log_every_n_steps",
+    "train.checkpoint_every_n_steps",
+    "train.keep_checkpoints",
+    "eval",
+    "mesh",
+    "log",
+)
 # The training batch's fields, all the step reads.
 BATCH_FIELDS = ("input_ids", "labels", "attention_mask", "positions", "n_cot", "n_direct")
 
@@ -61,26 +72,46 @@ def sample_packed_batch(step, worlds, train_keys, spec_groups, seq_len: int, bat
     parts, order = [], []
     for (spec, members), world, key in zip(spec_groups, worlds, train_keys, strict=True):
         batch = jax.vmap(lambda w, k, spec=spec: data.sample_batch(w, k, step, spec, batch_size))(
-            world, key)
+            world, key
+        )
         fills["input_ids"] = spec.token_id("pad")  # vocab_size - 1 for every strategy
-        parts.append({name: _pad_left(batch[name], seq_len, fills[name]) if name in fills
-                      else batch[name] for name in BATCH_FIELDS})
+        parts.append(
+            {
+                name: _pad_left(batch[name], seq_len, fills[name]) if name in fills else batch[name]
+                for name in BATCH_FIELDS
+            }
+        )
         order.extend(members)
     back = np.argsort(order)  # group order -> member order
-    return {name: sharding.constrain(jnp.concatenate([p[name] for p in parts])[back],
-                                     ("replica", "batch") + (None,) * (parts[0][name].ndim - 2))
-            for name in BATCH_FIELDS}
+    return {
+        name: sharding.constrain(
+            jnp.concatenate([p[name] for p in parts])[back],
+            ("replica", "batch") + (None,) * (parts[0][name].ndim - 2),
+        )
+        for name in BATCH_FIELDS
+    }
 
 
-def packed_train_step(state, worlds, train_keys, hparams, *, graphdef, exp: experiment.Experiment,
-                      spec_groups, seq_len: int):
+def packed_train_step(
+    state,
+    worlds,
+    train_keys,
+    hparams,
+    *,
+    graphdef,
+    exp: experiment.Experiment,
+    spec_groups,
+    seq_len: int,
+):
     """One step of every member: sample, then `experiment.train_step` vmapped over the replica axis
     with each member's optimizer numbers."""
-    batch = sample_packed_batch(state["step"][0], worlds, train_keys, spec_groups, seq_len,
-                                exp.batch_size)
+    batch = sample_packed_batch(
+        state["step"][0], worlds, train_keys, spec_groups, seq_len, exp.batch_size
+    )
     step = functools.partial(experiment.train_step, graphdef=graphdef, exp=exp)
     return jax.vmap(lambda s, b, h: step(s, b, hparams=h), spmd_axis_name="replica")(
-        state, batch, hparams)
+        state, batch, hparams
+    )
 
 
 def _spec_groups(exps):
@@ -90,8 +121,9 @@ def _spec_groups(exps):
     return tuple((spec, tuple(members)) for spec, members in groups.items())
 
 
-def program(exps: list[experiment.Experiment], managers: list[ocp.CheckpointManager],
-            start: int) -> experiment.Program:
+def program(
+    exps: list[experiment.Experiment], managers: list[ocp.CheckpointManager], start: int
+) -> experiment.Program:
     """The packed training of `exps` (sharing `pack_key`), initialised or restored from each
     member's own checkpoint of step `start`."""
     exp = exps[0]
@@ -113,10 +145,13 @@ def program(exps: list[experiment.Experiment], managers: list[ocp.CheckpointMana
 
     with jax.set_mesh(mesh):
         if start:
-            stack = jax.jit(lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states),
-                            out_shardings=packed_shardings)
-            state = stack([m.restore(start, args=ocp.args.StandardRestore(member_layout))
-                           for m in managers])
+            stack = jax.jit(
+                lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states),
+                out_shardings=packed_shardings,
+            )
+            state = stack(
+                [m.restore(start, args=ocp.args.StandardRestore(member_layout)) for m in managers]
+            )
         else:
             state = jax.jit(build_states, out_shardings=packed_shardings)(seeds)
 
@@ -126,19 +161,35 @@ def program(exps: list[experiment.Experiment], managers: list[ocp.CheckpointMana
             worlds, keys = [], []
             for spec, members in spec_groups:
                 root = jax.vmap(data.root_keys)(seeds[np.asarray(members)])
-                worlds.append(jax.vmap(lambda k, spec=spec: data.make_world(k, spec))(
-                    root["world"]))
+                worlds.append(
+                    jax.vmap(lambda k, spec=spec: data.make_world(k, spec))(root["world"])
+                )
                 keys.append(root["train"])
             return worlds, keys
 
         worlds, train_keys = jax.jit(inputs, out_shardings=replicated)()
-        hparams = {name: jnp.asarray([e.config.train[name] for e in exps], jnp.float32)
-                   for name in experiment.OPTIMIZER_HPARAMS}
-        step_fn = jax.jit(functools.partial(packed_train_step, graphdef=graphdef, exp=exp,
-                                            spec_groups=spec_groups, seq_len=seq_len),
-                          donate_argnums=0, out_shardings=packed_shardings)
-        take = jax.jit(lambda state, i: jax.tree.map(lambda x: x[i], state),
-                       out_shardings=member_shardings)
-    return experiment.Program(graphdef=graphdef, state=state,
-                         step=lambda state: step_fn(state, worlds, train_keys, hparams),
-                         member_state=lambda state, i: take(state, i), packed=True)
+        hparams = {
+            name: jnp.asarray([e.config.train[name] for e in exps], jnp.float32)
+            for name in experiment.OPTIMIZER_HPARAMS
+        }
+        step_fn = jax.jit(
+            functools.partial(
+                packed_train_step,
+                graphdef=graphdef,
+                exp=exp,
+                spec_groups=spec_groups,
+                seq_len=seq_len,
+            ),
+            donate_argnums=0,
+            out_shardings=packed_shardings,
+        )
+        take = jax.jit(
+            lambda state, i: jax.tree.map(lambda x: x[i], state), out_shardings=member_shardings
+        )
+    return experiment.Program(
+        graphdef=graphdef,
+        state=state,
+        step=lambda state: step_fn(state, worlds, train_keys, hparams),
+        member_state=lambda state, i: take(state, i),
+        packed=True,
+    )

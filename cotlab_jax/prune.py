@@ -124,18 +124,24 @@ class SearchOptions:
     swap_size: int | None = None
 
     def __post_init__(self):
-        if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge)
-                and self.ridge > 0):
+        if not (
+            isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge > 0
+        ):
             raise ConfigError(f"prune ridge={self.ridge!r} is invalid: expected a positive number")
         for name in ("backward_steps", "local_search_iters"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= (1 if name == "backward_steps" else 0)):
-                raise ConfigError(f"prune {name}={value!r} is invalid: expected an integer "
-                                  f">= {1 if name == 'backward_steps' else 0}")
-        if self.swap_size is not None and not (isinstance(self.swap_size, int)
-                                               and self.swap_size >= 1):
-            raise ConfigError(f"prune swap_size={self.swap_size!r} is invalid: expected a "
-                              "positive integer or None")
+                raise ConfigError(
+                    f"prune {name}={value!r} is invalid: expected an integer "
+                    f">= {1 if name == 'backward_steps' else 0}"
+                )
+        if self.swap_size is not None and not (
+            isinstance(self.swap_size, int) and self.swap_size >= 1
+        ):
+            raise ConfigError(
+                f"prune swap_size={self.swap_size!r} is invalid: expected a "
+                "positive integer or None"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +194,9 @@ def reduced_objective(gram_reg, cross, columns, weight) -> float:
     return float(0.5 * np.sum(weight * (gram_sub @ weight)) - np.sum(weight * cross[columns]))
 
 
-def relative_error(gram: np.ndarray, dense: np.ndarray, columns, weight,
-                   gram_dense: np.ndarray | None = None) -> float:
+def relative_error(
+    gram: np.ndarray, dense: np.ndarray, columns, weight, gram_dense: np.ndarray | None = None
+) -> float:
     """||X W - X W0||^2 / ||X W0||^2 from the raw Gram X^T X (W zero outside `columns`);
     `gram_dense` = X^T X W0 if already known."""
     gram = np.asarray(gram, np.float64)
@@ -266,13 +273,15 @@ class Support:
         cc = _columns(candidates, self.u)
         n, u = len(candidates), self.u
         schur = self._schur_blocks(candidates) + np.einsum(
-            "rau,rav->auv", t_removed[:, cc].reshape(-1, n, u), k_t[:, cc].reshape(-1, n, u))
+            "rau,rav->auv", t_removed[:, cc].reshape(-1, n, u), k_t[:, cc].reshape(-1, n, u)
+        )
         residual = self.R[cc] + t_removed[:, cc].T @ k_w
         gains = _block_quadratic(schur, residual.reshape(n, u, -1))
         add = _pick(gains, candidates, partitions, counts, largest=True)
         ac = _columns(add, self.u)
-        joint_schur = (self.G[np.ix_(ac, ac)] - self.G[ac] @ self.T[:, ac]
-                       + t_removed[:, ac].T @ k_t[:, ac])
+        joint_schur = (
+            self.G[np.ix_(ac, ac)] - self.G[ac] @ self.T[:, ac] + t_removed[:, ac].T @ k_t[:, ac]
+        )
         joint_residual = self.R[ac] + t_removed[:, ac].T @ k_w
         gain = 0.5 * float(np.sum(joint_residual * np.linalg.solve(joint_schur, joint_residual)))
         return add, removal_cost - gain
@@ -328,8 +337,9 @@ def _even_split(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
-def osscar_search(gram_reg, cross, unit_size, keep_per_partition, partitions,
-                  options: SearchOptions, dense=None) -> tuple[np.ndarray, dict]:
+def osscar_search(
+    gram_reg, cross, unit_size, keep_per_partition, partitions, options: SearchOptions, dense=None
+) -> tuple[np.ndarray, dict]:
     """OSSCAR's kept units (sorted) for the reduced problem (G, C) and search statistics.
     `dense`: the full-support minimiser G^{-1} C where known (the dense weights when C = G W0)."""
     start = time.perf_counter()
@@ -342,8 +352,10 @@ def osscar_search(gram_reg, cross, unit_size, keep_per_partition, partitions,
     for step in range(steps):
         counts = [per_step[p][step] for p in range(n_parts)]
         costs = state.removal_costs()
-        state.remove(_pick(costs[state.kept], np.flatnonzero(state.kept), partitions, counts,
-                           largest=False), search_terms=False)
+        state.remove(
+            _pick(costs[state.kept], np.flatnonzero(state.kept), partitions, counts, largest=False),
+            search_terms=False,
+        )
     backward_objective = state.objective
     state.refresh_search_terms()
     backward_seconds = time.perf_counter() - start - init_seconds
@@ -352,8 +364,14 @@ def osscar_search(gram_reg, cross, unit_size, keep_per_partition, partitions,
     iters = accepted = 0
     while iters < options.local_search_iters:
         kept_units, pruned_units = np.flatnonzero(state.kept), np.flatnonzero(~state.kept)
-        counts = [min(swap, int(np.sum(partitions[kept_units] == p)),
-                      int(np.sum(partitions[pruned_units] == p))) for p in range(n_parts)]
+        counts = [
+            min(
+                swap,
+                int(np.sum(partitions[kept_units] == p)),
+                int(np.sum(partitions[pruned_units] == p)),
+            )
+            for p in range(n_parts)
+        ]
         if not any(counts):
             break
         iters += 1
@@ -369,12 +387,16 @@ def osscar_search(gram_reg, cross, unit_size, keep_per_partition, partitions,
         else:
             swap = max(1, swap // 2)
     kept = np.flatnonzero(state.kept)
-    stats = dict(backward_objective=backward_objective, search_objective=state.objective,
-                 local_search_iters=iters, swaps_accepted=accepted,
-                 inverse_seconds=init_seconds, backward_seconds=backward_seconds,
-                 local_search_seconds=time.perf_counter() - start - init_seconds
-                 - backward_seconds,
-                 search_weight=state.W[_columns(kept, unit_size)])
+    stats = dict(
+        backward_objective=backward_objective,
+        search_objective=state.objective,
+        local_search_iters=iters,
+        swaps_accepted=accepted,
+        inverse_seconds=init_seconds,
+        backward_seconds=backward_seconds,
+        local_search_seconds=time.perf_counter() - start - init_seconds - backward_seconds,
+        search_weight=state.W[_columns(kept, unit_size)],
+    )
     return kept, stats
 
 
@@ -384,8 +406,15 @@ def magnitude_units(dense: np.ndarray, unit_size: int, keep_per_partition, parti
     return _pick(norms, np.arange(len(partitions)), partitions, keep_per_partition, largest=True)
 
 
-def prune_layer(gram, dense, keep_per_partition, unit_size: int = 1, partitions=None,
-                method: str = "osscar", options: SearchOptions = SearchOptions()) -> LayerResult:
+def prune_layer(
+    gram,
+    dense,
+    keep_per_partition,
+    unit_size: int = 1,
+    partitions=None,
+    method: str = "osscar",
+    options: SearchOptions = SearchOptions(),
+) -> LayerResult:
     """Prunes one output projection: `dense` W0 [m, d] whose inputs X have the raw Gram
     `gram` = X^T X [m, m]; units are `unit_size` consecutive rows, `partitions[unit]` (default
     all 0) a group id, and `keep_per_partition[p]` units of partition p are kept."""
@@ -399,23 +428,28 @@ def prune_layer(gram, dense, keep_per_partition, unit_size: int = 1, partitions=
     keep_per_partition = [int(k) for k in keep_per_partition]
     sizes = np.bincount(partitions, minlength=len(keep_per_partition))
     if not all(1 <= k <= size for k, size in zip(keep_per_partition, sizes, strict=True)):
-        raise ConfigError(f"prune keep_per_partition={keep_per_partition} is invalid: expected "
-                          f"between 1 and the partition sizes {sizes.tolist()}")
+        raise ConfigError(
+            f"prune keep_per_partition={keep_per_partition} is invalid: expected "
+            f"between 1 and the partition sizes {sizes.tolist()}"
+        )
     gram_reg = regularised_gram(gram, options.ridge)
     gram_dense = gram @ dense
     cross = gram_dense + ridge_strength(gram, options.ridge) * dense  # G W0
     stats = dict(method=method)
     if method == "osscar":
-        kept, search = osscar_search(gram_reg, cross, unit_size, keep_per_partition, partitions,
-                                     options, dense)
+        kept, search = osscar_search(
+            gram_reg, cross, unit_size, keep_per_partition, partitions, options, dense
+        )
         stats.update({k: v for k, v in search.items() if k != "search_weight"})
     else:
         kept = magnitude_units(dense, unit_size, keep_per_partition, partitions)
     columns = _columns(kept, unit_size)
     weight = dense[columns] if method == "magnitude" else refit(gram_reg, cross, columns)
-    stats.update(objective=reduced_objective(gram_reg, cross, columns, weight),
-                 relative_error=relative_error(gram, dense, columns, weight, gram_dense),
-                 solve_seconds=time.perf_counter() - start)
+    stats.update(
+        objective=reduced_objective(gram_reg, cross, columns, weight),
+        relative_error=relative_error(gram, dense, columns, weight, gram_dense),
+        solve_seconds=time.perf_counter() - start,
+    )
     return LayerResult(kept=kept, weight=weight, stats=stats)
 
 
@@ -450,8 +484,9 @@ def _with_identity_o_proj(layer_state):
 def _attention_heads(layers_graphdef, layer_state, x, positions, mask):
     """The attention heads' outputs [B, L, heads * head_dim] for layer inputs x [B, L, D]."""
     block = nnx.merge(layers_graphdef, _with_identity_o_proj(layer_state))
-    heads, _, _ = block.self_attn(block.input_layernorm(x), positions, mask, None, 0,
-                                  return_attention=False, cpu=False)
+    heads, _, _ = block.self_attn(
+        block.input_layernorm(x), positions, mask, None, 0, return_attention=False, cpu=False
+    )
     return heads
 
 
@@ -461,8 +496,9 @@ def _mlp_hidden(layers_graphdef, layer_state, x, gate, up):
     block = nnx.merge(layers_graphdef, layer_state)
     normed = block.post_attention_layernorm(x)
     dtype = x.dtype
-    return (jax.nn.silu(jnp.einsum("bld,dm->blm", normed, gate.astype(dtype)))
-            * jnp.einsum("bld,dm->blm", normed, up.astype(dtype)))
+    return jax.nn.silu(jnp.einsum("bld,dm->blm", normed, gate.astype(dtype))) * jnp.einsum(
+        "bld,dm->blm", normed, up.astype(dtype)
+    )
 
 
 @jax.jit
@@ -493,16 +529,19 @@ def _keep_count(fraction: float, total: int, field: str) -> int:
         raise ConfigError(f"prune {field}={fraction!r} is invalid: expected a fraction in (0, 1]")
     count = round(fraction * total)
     if count < 1:
-        raise ConfigError(f"prune {field}={fraction!r} is invalid: it keeps none of the "
-                          f"{total} units; expected at least 1 / {total}")
+        raise ConfigError(
+            f"prune {field}={fraction!r} is invalid: it keeps none of the "
+            f"{total} units; expected at least 1 / {total}"
+        )
     return count
 
 
 def _head_plan(config: model.LlamaConfig, heads_keep: float, head_units: str):
     """(unit_size, partitions, keep_per_partition, new heads, new KV heads) for the heads."""
     if head_units not in HEAD_UNITS:
-        raise ConfigError(f"prune head_units={head_units!r} is invalid: expected one of "
-                          f"{HEAD_UNITS}")
+        raise ConfigError(
+            f"prune head_units={head_units!r} is invalid: expected one of {HEAD_UNITS}"
+        )
     kv, hd = config.num_key_value_heads, config.head_dim
     group = config.num_attention_heads // kv
     if head_units == "query_heads":
@@ -512,40 +551,52 @@ def _head_plan(config: model.LlamaConfig, heads_keep: float, head_units: str):
     return group * hd, np.zeros(kv, np.int64), [groups], groups * group, groups
 
 
-def check_arguments(config: model.LlamaConfig, mlp_keep, heads_keep, method: str,
-                    head_units: str):
+def check_arguments(config: model.LlamaConfig, mlp_keep, heads_keep, method: str, head_units: str):
     """Raises `ConfigError` naming a bad argument; returns the MLP's kept count (None: not
     pruned) and the heads' plan."""
     if method not in METHODS:
         raise ConfigError(f"prune method={method!r} is invalid: expected one of {METHODS}")
-    n_mlp = None if mlp_keep is None else _keep_count(mlp_keep, config.intermediate_size,
-                                                      "mlp_keep")
+    n_mlp = (
+        None if mlp_keep is None else _keep_count(mlp_keep, config.intermediate_size, "mlp_keep")
+    )
     return n_mlp, _head_plan(config, 1.0 if heads_keep is None else heads_keep, head_units)
 
 
 def _solve(gram, dense, keep, unit_size, partitions, method, options, reports, name):
-    result = prune_layer(np.asarray(gram), np.asarray(dense), keep, unit_size, partitions,
-                         method, options)
+    result = prune_layer(
+        np.asarray(gram), np.asarray(dense), keep, unit_size, partitions, method, options
+    )
     reports[name] = dict(result.stats, kept=result.kept.tolist())
     return result
 
 
-def prune_params(config: model.LlamaConfig, graphdef: nnx.GraphDef, state: nnx.State, batch,
-                 mlp_keep: float | None = 0.5, heads_keep: float | None = None,
-                 method: str = "osscar",
-                 head_units: str = "query_heads", options: SearchOptions = SearchOptions(),
-                 chunk_size: int = 16) -> PruneResult:
+def prune_params(
+    config: model.LlamaConfig,
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    batch,
+    mlp_keep: float | None = 0.5,
+    heads_keep: float | None = None,
+    method: str = "osscar",
+    head_units: str = "query_heads",
+    options: SearchOptions = SearchOptions(),
+    chunk_size: int = 16,
+) -> PruneResult:
     """Prunes every layer's MLP neurons to `mlp_keep` and attention heads to `heads_keep` of
     their number (None: that part is left as it is; 1.0 keeps every unit but still refits),
     calibrated on `batch` (input_ids, attention_mask and optionally positions, [B, L]; see
     `calibration_batch`). `chunk_size` tasks go through the model at a time."""
     n_mlp, (unit_size, partitions, head_keep, new_heads, new_kv) = check_arguments(
-        config, mlp_keep, heads_keep, method, head_units)
+        config, mlp_keep, heads_keep, method, head_units
+    )
     prune_heads, prune_mlp = heads_keep is not None, mlp_keep is not None
     ids = jnp.asarray(batch["input_ids"])
     key_mask = jnp.asarray(batch["attention_mask"]).astype(bool)
-    positions = (jnp.asarray(batch["positions"]) if "positions" in batch
-                 else model.positions_from_mask(key_mask))
+    positions = (
+        jnp.asarray(batch["positions"])
+        if "positions" in batch
+        else model.positions_from_mask(key_mask)
+    )
     causal = jnp.tril(jnp.ones((ids.shape[1], ids.shape[1]), bool))
     mask = causal[None, None] & key_mask[:, None, None, :]
     dtype = config.compute_dtype
@@ -554,88 +605,135 @@ def prune_params(config: model.LlamaConfig, graphdef: nnx.GraphDef, state: nnx.S
     layers_graphdef, layers_state = nnx.split(nnx.merge(graphdef, state).layers)
     x = jnp.take(jnp.asarray(params["embed_tokens"]).astype(dtype), ids, axis=0)
     chunks = _chunks(ids.shape[0], chunk_size)
-    new_layers = {name: [] for name in ("q_proj", "k_proj", "v_proj", "o_proj",
-                                        "gate_proj", "up_proj", "down_proj")}
+    new_layers = {
+        name: []
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    }
     layer_reports = []
     start = time.perf_counter()
     for layer in range(config.num_hidden_layers):
         layer_state = jax.tree.map(lambda a, layer=layer: a[layer], layers_state)
-        attn = {name: params["layers"]["self_attn"][name][layer]
-                for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        mlp = {name: params["layers"]["mlp"][name][layer]
-               for name in ("gate_proj", "up_proj", "down_proj")}
+        attn = {
+            name: params["layers"]["self_attn"][name][layer]
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+        }
+        mlp = {
+            name: params["layers"]["mlp"][name][layer]
+            for name in ("gate_proj", "up_proj", "down_proj")
+        }
         report = {}
         timer = time.perf_counter()
-        heads = [_attention_heads(layers_graphdef, layer_state, x[c], positions[c], mask[c])
-                 for c in chunks]
+        heads = [
+            _attention_heads(layers_graphdef, layer_state, x[c], positions[c], mask[c])
+            for c in chunks
+        ]
         o_flat = attn["o_proj"].reshape(-1, config.hidden_size)
         if prune_heads:
             gram = jnp.zeros((o_flat.shape[0],) * 2, jnp.float32)
             for c, h in zip(chunks, heads, strict=True):
                 gram = _gram_update(gram, h, key_mask[c])
             report["attention_calibration_seconds"] = _seconds_until_ready(timer, gram)
-            result = _solve(gram, o_flat, head_keep, unit_size, partitions, method, options,
-                            report, "attention")
+            result = _solve(
+                gram, o_flat, head_keep, unit_size, partitions, method, options, report, "attention"
+            )
             cols = _columns(result.kept, unit_size)
             heads_kept = cols.reshape(-1, config.head_dim)[:, 0] // config.head_dim
-            kv_kept = (np.arange(config.num_key_value_heads) if head_units == "query_heads"
-                       else result.kept)
+            kv_kept = (
+                np.arange(config.num_key_value_heads)
+                if head_units == "query_heads"
+                else result.kept
+            )
             o_new = result.weight.astype(np.float32)
-            x = jnp.concatenate([_project_residual(x[c], h[..., cols], o_new)
-                                 for c, h in zip(chunks, heads, strict=True)])
-            attn = dict(q_proj=attn["q_proj"][:, heads_kept], k_proj=attn["k_proj"][:, kv_kept],
-                        v_proj=attn["v_proj"][:, kv_kept],
-                        o_proj=o_new.reshape(len(heads_kept), config.head_dim, -1))
+            x = jnp.concatenate(
+                [
+                    _project_residual(x[c], h[..., cols], o_new)
+                    for c, h in zip(chunks, heads, strict=True)
+                ]
+            )
+            attn = dict(
+                q_proj=attn["q_proj"][:, heads_kept],
+                k_proj=attn["k_proj"][:, kv_kept],
+                v_proj=attn["v_proj"][:, kv_kept],
+                o_proj=o_new.reshape(len(heads_kept), config.head_dim, -1),
+            )
         else:
-            x = jnp.concatenate([_project_residual(x[c], h, o_flat)
-                                 for c, h in zip(chunks, heads, strict=True)])
+            x = jnp.concatenate(
+                [_project_residual(x[c], h, o_flat) for c, h in zip(chunks, heads, strict=True)]
+            )
         del heads
         timer = time.perf_counter()
         if prune_mlp:
             gram = jnp.zeros((config.intermediate_size,) * 2, jnp.float32)
             for c in chunks:
-                hidden = _mlp_hidden(layers_graphdef, layer_state, x[c], mlp["gate_proj"],
-                                     mlp["up_proj"])
+                hidden = _mlp_hidden(
+                    layers_graphdef, layer_state, x[c], mlp["gate_proj"], mlp["up_proj"]
+                )
                 gram = _gram_update(gram, hidden, key_mask[c])
             report["mlp_calibration_seconds"] = _seconds_until_ready(timer, gram)
-            result = _solve(gram, mlp["down_proj"], [n_mlp], 1, np.zeros(
-                config.intermediate_size, np.int64), method, options, report, "mlp")
-            mlp = dict(gate_proj=mlp["gate_proj"][:, result.kept],
-                       up_proj=mlp["up_proj"][:, result.kept],
-                       down_proj=result.weight.astype(np.float32))
+            result = _solve(
+                gram,
+                mlp["down_proj"],
+                [n_mlp],
+                1,
+                np.zeros(config.intermediate_size, np.int64),
+                method,
+                options,
+                report,
+                "mlp",
+            )
+            mlp = dict(
+                gate_proj=mlp["gate_proj"][:, result.kept],
+                up_proj=mlp["up_proj"][:, result.kept],
+                down_proj=result.weight.astype(np.float32),
+            )
         if layer + 1 < config.num_hidden_layers:
-            x = jnp.concatenate([
-                _project_residual(x[c], _mlp_hidden(layers_graphdef, layer_state, x[c],
-                                                    mlp["gate_proj"], mlp["up_proj"]),
-                                  mlp["down_proj"]) for c in chunks])
+            x = jnp.concatenate(
+                [
+                    _project_residual(
+                        x[c],
+                        _mlp_hidden(
+                            layers_graphdef, layer_state, x[c], mlp["gate_proj"], mlp["up_proj"]
+                        ),
+                        mlp["down_proj"],
+                    )
+                    for c in chunks
+                ]
+            )
         for name, value in {**attn, **mlp}.items():
             new_layers[name].append(value)
         layer_reports.append(report)
 
-    new_config = dataclasses.replace(config, intermediate_size=n_mlp if prune_mlp else
-                                     config.intermediate_size,
-                                     num_attention_heads=new_heads if prune_heads else
-                                     config.num_attention_heads,
-                                     num_key_value_heads=new_kv if prune_heads else
-                                     config.num_key_value_heads)
-    for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                         ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+    new_config = dataclasses.replace(
+        config,
+        intermediate_size=n_mlp if prune_mlp else config.intermediate_size,
+        num_attention_heads=new_heads if prune_heads else config.num_attention_heads,
+        num_key_value_heads=new_kv if prune_heads else config.num_key_value_heads,
+    )
+    for group, names in (
+        ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    ):
         for name in names:
             params["layers"][group][name] = np.stack(new_layers[name]).astype(np.float32)
-    new_graphdef, new_state = jax.eval_shape(functools.partial(model.init, new_config),
-                                             jax.random.key(0))
+    new_graphdef, new_state = jax.eval_shape(
+        functools.partial(model.init, new_config), jax.random.key(0)
+    )
     nnx.replace_by_pure_dict(new_state, jax.tree.map(jnp.asarray, params))
-    report = dict(method=method, mlp_keep=mlp_keep, heads_keep=heads_keep,
-                  head_units=head_units, options=dataclasses.asdict(options),
-                  calibration_tasks=int(ids.shape[0]),
-                  calibration_tokens=int(key_mask.sum()),
-                  intermediate_size=[config.intermediate_size, new_config.intermediate_size],
-                  num_attention_heads=[config.num_attention_heads,
-                                       new_config.num_attention_heads],
-                  num_key_value_heads=[config.num_key_value_heads,
-                                       new_config.num_key_value_heads],
-                  params=[model.count_params(state), model.count_params(new_state)],
-                  seconds=time.perf_counter() - start, layers=layer_reports)
+    report = dict(
+        method=method,
+        mlp_keep=mlp_keep,
+        heads_keep=heads_keep,
+        head_units=head_units,
+        options=dataclasses.asdict(options),
+        calibration_tasks=int(ids.shape[0]),
+        calibration_tokens=int(key_mask.sum()),
+        intermediate_size=[config.intermediate_size, new_config.intermediate_size],
+        num_attention_heads=[config.num_attention_heads, new_config.num_attention_heads],
+        num_key_value_heads=[config.num_key_value_heads, new_config.num_key_value_heads],
+        params=[model.count_params(state), model.count_params(new_state)],
+        seconds=time.perf_counter() - start,
+        layers=layer_reports,
+    )
     return PruneResult(new_config, new_graphdef, new_state, report)
 
 
@@ -643,24 +741,33 @@ def prune_params(config: model.LlamaConfig, graphdef: nnx.GraphDef, state: nnx.S
 # Command line.
 
 
-def prune_run(workdir: str, out: str, step: int | str = "latest", calibration_tasks: int = 128,
-              calibration_seed: int = 0, mlp_keep: float | None = 0.5,
-              heads_keep: float | None = None, method: str = "osscar",
-              head_units: str = "query_heads", options: SearchOptions = SearchOptions()) -> dict:
+def prune_run(
+    workdir: str,
+    out: str,
+    step: int | str = "latest",
+    calibration_tasks: int = 128,
+    calibration_seed: int = 0,
+    mlp_keep: float | None = 0.5,
+    heads_keep: float | None = None,
+    method: str = "osscar",
+    head_units: str = "query_heads",
+    options: SearchOptions = SearchOptions(),
+) -> dict:
     """Prunes a run's checkpoint (see `prune_params`) and writes it to `out` as an HF Llama
     directory with `prune_report.json`; returns the report."""
     if not (isinstance(calibration_tasks, int) and calibration_tasks >= 1):
-        raise ConfigError(f"prune calibration_tasks={calibration_tasks!r} is invalid: expected "
-                          "a positive integer")
+        raise ConfigError(
+            f"prune calibration_tasks={calibration_tasks!r} is invalid: expected a positive integer"
+        )
     run = export.load_checkpoint(workdir, step)
     config = experiment.model_config(run.config, run.spec)
     check_arguments(config, mlp_keep, heads_keep, method, head_units)
     batch = calibration_batch(run.config, calibration_tasks, calibration_seed)
-    result = prune_params(config, run.graphdef, run.params, batch, mlp_keep, heads_keep, method,
-                          head_units, options)
+    result = prune_params(
+        config, run.graphdef, run.params, batch, mlp_keep, heads_keep, method, head_units, options
+    )
     export.write_hf_dir(out, result.state, result.config, run.spec)
-    report = dict(result.report, workdir=workdir, step=run.step,
-                  calibration_seed=calibration_seed)
+    report = dict(result.report, workdir=workdir, step=run.step, calibration_seed=calibration_seed)
     with open(os.path.join(out, "prune_report.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report
@@ -685,17 +792,30 @@ def main(argv) -> None:
     if not f.workdir or not f.out:
         raise SystemExit("prune needs --workdir and --out")
     try:
-        report = prune_run(f.workdir, f.out, rundir.parse_step(f.step), f.calibration_tasks,
-                           f.calibration_seed, mlp_keep=f.mlp_keep, heads_keep=f.heads_keep,
-                           head_units=f.head_units, method=f.method)
+        report = prune_run(
+            f.workdir,
+            f.out,
+            rundir.parse_step(f.step),
+            f.calibration_tasks,
+            f.calibration_seed,
+            mlp_keep=f.mlp_keep,
+            heads_keep=f.heads_keep,
+            head_units=f.head_units,
+            method=f.method,
+        )
     except ConfigError as error:
         raise SystemExit(str(error)) from None
     for layer, entry in enumerate(report["layers"]):
-        errors = ", ".join(f"{part} {entry[part]['relative_error']:.4f}"
-                           for part in ("attention", "mlp") if part in entry)
+        errors = ", ".join(
+            f"{part} {entry[part]['relative_error']:.4f}"
+            for part in ("attention", "mlp")
+            if part in entry
+        )
         print(f"layer {layer}: relative reconstruction error {errors}")
-    print(f"pruned {f.workdir} step {report['step']} ({report['params'][0]:,} -> "
-          f"{report['params'][1]:,} parameters) to {f.out} in {report['seconds']:.1f}s")
+    print(
+        f"pruned {f.workdir} step {report['step']} ({report['params'][0]:,} -> "
+        f"{report['params'][1]:,} parameters) to {f.out} in {report['seconds']:.1f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -179,8 +179,9 @@ def quantize(
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def quantize_layers(block):
         # The accelerator formulation (cpu=False): its projections are the einsums qwix intercepts.
-        quantized = qwix.quantize_model(block, provider, x, positions, causal, None, 0, False,
-                                        False)
+        quantized = qwix.quantize_model(
+            block, provider, x, positions, causal, None, 0, False, False
+        )
         _make_weights_castable(quantized)
         return quantized
 
@@ -218,6 +219,4 @@ def _bits(dtype) -> int:
 def weight_bytes(state) -> int:
     """Bytes of a (dense or quantized) state's arrays as stored: elements x bits / 8 per array,
     so int4 counts half a byte (packed, as on disk; a CPU may hold one per byte in memory)."""
-    return sum(
-        int(np.prod(leaf.shape)) * _bits(leaf.dtype) // 8 for leaf in jax.tree.leaves(state)
-    )
+    return sum(int(np.prod(leaf.shape)) * _bits(leaf.dtype) // 8 for leaf in jax.tree.leaves(state))

@@ -59,8 +59,7 @@ METRIC_COLUMNS = (
     ("train_loss", "train", "loss"),
 )
 # Dropped from the table when no member has a value.
-OPTIONAL_COLUMNS = ("chain_acc_0", "format_acc", "token_coverage", "parent_mass",
-                    "embed_probe_r2")
+OPTIONAL_COLUMNS = ("chain_acc_0", "format_acc", "token_coverage", "parent_mass", "embed_probe_r2")
 ANALYSIS_CURVES = ("parent_mass_query_best", "embed_probe_r2", "embed_cka")
 
 
@@ -143,14 +142,26 @@ def _load_member(index: int, path: str | None, values: dict) -> Member:
         return Member(index, "", values, None, [], None, None)
     files = {name: os.path.join(path, name + ".json") for name in ("config", "results", "failed")}
     read = {name: _read_json(file) for name, file in files.items()}
-    damaged = tuple(name + ".json" for name, file in files.items()
-                    if read[name] is None and os.path.exists(file))
+    damaged = tuple(
+        name + ".json"
+        for name, file in files.items()
+        if read[name] is None and os.path.exists(file)
+    )
     for name in damaged:
-        print(f"warning: {os.path.join(path, name)} is unreadable; the member is shown as "
-              f"damaged", file=sys.stderr)
-    return Member(index=index, dir=path, values=values, config=read["config"],
-                  records=read_metrics(os.path.join(path, "metrics.jsonl")),
-                  results=read["results"], failed=read["failed"], damaged=damaged)
+        print(
+            f"warning: {os.path.join(path, name)} is unreadable; the member is shown as damaged",
+            file=sys.stderr,
+        )
+    return Member(
+        index=index,
+        dir=path,
+        values=values,
+        config=read["config"],
+        records=read_metrics(os.path.join(path, "metrics.jsonl")),
+        results=read["results"],
+        failed=read["failed"],
+        damaged=damaged,
+    )
 
 
 def load_sweep(workdir: str) -> Sweep:
@@ -161,12 +172,15 @@ def load_sweep(workdir: str) -> Sweep:
         if not isinstance(spec, dict):
             raise ReportError(f"{spec_path} is not a readable sweep description")
         axes = [(field, list(values)) for field, values in spec.get("axes", [])]
-        members = [_load_member(m.get("index", i),
-                                os.path.join(workdir, m["dir"]) if m.get("dir") else None,
-                                m.get("values") or {})
-                   for i, m in enumerate(spec.get("members", []))]
-        return Sweep(spec.get("name") or os.path.basename(os.path.abspath(workdir)), axes,
-                     members)
+        members = [
+            _load_member(
+                m.get("index", i),
+                os.path.join(workdir, m["dir"]) if m.get("dir") else None,
+                m.get("values") or {},
+            )
+            for i, m in enumerate(spec.get("members", []))
+        ]
+        return Sweep(spec.get("name") or os.path.basename(os.path.abspath(workdir)), axes, members)
     if os.path.exists(os.path.join(workdir, "config.json")):
         name = os.path.basename(os.path.abspath(workdir))
         return Sweep(name, [], [_load_member(0, workdir, {})])
@@ -176,13 +190,20 @@ def load_sweep(workdir: str) -> Sweep:
 def short_names(axes) -> dict[str, str]:
     """Column names for the swept fields: SHORT_NAMES or the last component, full if clashing."""
     short = {field: SHORT_NAMES.get(field, field.rsplit(".", 1)[-1]) for field, _ in axes}
-    taken = {"member", "status", "step", "total_steps", "n_params",
-             *(column for column, _, _ in METRIC_COLUMNS)}
+    taken = {
+        "member",
+        "status",
+        "step",
+        "total_steps",
+        "n_params",
+        *(column for column, _, _ in METRIC_COLUMNS),
+    }
     counts = {}
     for name in short.values():
         counts[name] = counts.get(name, 0) + 1
-    return {field: field if counts[name] > 1 or name in taken else name
-            for field, name in short.items()}
+    return {
+        field: field if counts[name] > 1 or name in taken else name for field, name in short.items()
+    }
 
 
 def show_value(value) -> str:
@@ -239,16 +260,23 @@ def markdown_table(rows: list[dict]) -> str:
     header = list(rows[0])
     cells = [[_cell(row[k]).replace("|", "\\|") for k in header] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    numeric = [all(_num(row[k]) is not None for row in rows if row[k] is not None)
-               for k in header]
+    numeric = [all(_num(row[k]) is not None for row in rows if row[k] is not None) for k in header]
 
     def line(values):
-        padded = (v.rjust(w) if right else v.ljust(w)
-                  for v, w, right in zip(values, widths, numeric, strict=True))
+        padded = (
+            v.rjust(w) if right else v.ljust(w)
+            for v, w, right in zip(values, widths, numeric, strict=True)
+        )
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if right else (":" + "-" * (w + 1))
-                          for w, right in zip(widths, numeric, strict=True)) + "|"
+    rule = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if right else (":" + "-" * (w + 1))
+            for w, right in zip(widths, numeric, strict=True)
+        )
+        + "|"
+    )
     return "\n".join([line(header), rule, *(line(c) for c in cells)])
 
 
@@ -272,8 +300,10 @@ def _markdown(sweep: Sweep, table: str, plots: dict[str, str]) -> str:
     failed = [m for m in sweep.members if m.status == "failed"]
     if failed:
         lines += ["## Failed", ""]
-        lines += [f"- member {m.index} at step {m.failed.get('step')}: {_first_line(m.failed)}"
-                  for m in failed]
+        lines += [
+            f"- member {m.index} at step {m.failed.get('step')}: {_first_line(m.failed)}"
+            for m in failed
+        ]
         lines.append("")
     for name in plots:
         lines += [f"![{name}]({name}.png)", ""]
@@ -329,8 +359,10 @@ def _axis_order(axis_values: list, value) -> int:
 
 def _label(sweep: Sweep, m: Member, fields) -> str:
     names = short_names(sweep.axes)
-    return ", ".join(f"{names[f]}={show_value(m.values.get(f))}" for f in fields) or \
-        f"member {m.index}"
+    return (
+        ", ".join(f"{names[f]}={show_value(m.values.get(f))}" for f in fields)
+        or f"member {m.index}"
+    )
 
 
 def _member_label(sweep: Sweep, m: Member) -> str:
@@ -365,18 +397,26 @@ def _scheme(sweep: Sweep) -> _Scheme:
         first.setdefault(_group_key(m, color_axes), m)
     keys = sorted(first)
     by_key = dict(zip(keys, _colors(len(keys)), strict=True))
-    legend = [Line2D([], [], color=by_key[k], marker=".", label=_label(sweep, first[k], fields))
-              for k in keys]
+    legend = [
+        Line2D([], [], color=by_key[k], marker=".", label=_label(sweep, first[k], fields))
+        for k in keys
+    ]
     styles = {_style(m.prompt_strategy) for m in sweep.members}
     if len(styles) > 1:
-        legend += [Line2D([], [], color="black", linestyle="-", label="CoT"),
-                   Line2D([], [], color="black", linestyle="--", label="standard")]
-    return _Scheme(depths=axes.get(DEPTH, [None]), legend=legend,
-                   color={m.index: by_key[_group_key(m, color_axes)] for m in sweep.members})
+        legend += [
+            Line2D([], [], color="black", linestyle="-", label="CoT"),
+            Line2D([], [], color="black", linestyle="--", label="standard"),
+        ]
+    return _Scheme(
+        depths=axes.get(DEPTH, [None]),
+        legend=legend,
+        color={m.index: by_key[_group_key(m, color_axes)] for m in sweep.members},
+    )
 
 
-def _depth_grid(sweep: Sweep, path: str, rows, xlabel: str, ylim=None,
-                always: bool = False) -> str | None:
+def _depth_grid(
+    sweep: Sweep, path: str, rows, xlabel: str, ylim=None, always: bool = False
+) -> str | None:
     """Line plots per member: a row per (title, member -> (x, y)), a column per depth.
 
     Unless `always`, None (and nothing written) when no member has data for any row.
@@ -389,12 +429,14 @@ def _depth_grid(sweep: Sweep, path: str, rows, xlabel: str, ylim=None,
     fig, axes = _figure(len(rows), len(scheme.depths), height=3.6)
     for (title, _), row_curves, row_axes in zip(rows, curves, axes, strict=True):
         for depth, ax in zip(scheme.depths, row_axes, strict=True):
-            drawn = [(m, xy) for m, xy in row_curves
-                     if depth is None or m.values.get(DEPTH) == depth]
+            drawn = [
+                (m, xy) for m, xy in row_curves if depth is None or m.values.get(DEPTH) == depth
+            ]
             for m, (x, y) in drawn:
                 ax.plot(x, y, _style(m.prompt_strategy), marker=".", color=scheme.color[m.index])
-            ax.set_title(title if depth is None else f"{title}, layers = {depth}",
-                         fontsize="medium")
+            ax.set_title(
+                title if depth is None else f"{title}, layers = {depth}", fontsize="medium"
+            )
             ax.set_xlabel(xlabel)
             if ylim is not None:
                 ax.set_ylim(*ylim)
@@ -407,16 +449,22 @@ def _depth_grid(sweep: Sweep, path: str, rows, xlabel: str, ylim=None,
 
 def plot_accuracy_vs_steps(sweep: Sweep, path: str) -> str:
     """Eval answer_acc against step: a panel per depth, color by the other swept values."""
-    return _depth_grid(sweep, path, [("eval answer accuracy",
-                                      lambda m: _curve(m.kind("eval"), "answer_acc"))],
-                       xlabel="step", ylim=(-0.02, 1.02), always=True)
+    return _depth_grid(
+        sweep,
+        path,
+        [("eval answer accuracy", lambda m: _curve(m.kind("eval"), "answer_acc"))],
+        xlabel="step",
+        ylim=(-0.02, 1.02),
+        always=True,
+    )
 
 
 def _x_positions(field: str, axis_values: list):
     """(x of each axis value, tick labels, numeric?) for the swept parameter."""
     scalars = [v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v for v in axis_values]
-    numeric = all(_num(v) is not None for v in scalars) and (field != VOCAB or
-                                                             all(v > 0 for v in scalars))
+    numeric = all(_num(v) is not None for v in scalars) and (
+        field != VOCAB or all(v > 0 for v in scalars)
+    )
     xs = [float(v) for v in scalars] if numeric else list(range(len(axis_values)))
     return xs, [show_value(v) for v in axis_values], numeric
 
@@ -428,10 +476,19 @@ def _final_accuracy_bars(sweep: Sweep, ax) -> None:
         _no_data(ax, "no eval records yet")
         return
     xs = range(len(members))
-    ax.bar(xs, [acc for _, acc in members], color="C0",
-           hatch=["//" if _style(m.prompt_strategy) == "--" else "" for m, _ in members])
-    ax.set_xticks(list(xs), [_member_label(sweep, m) for m, _ in members], rotation=30,
-                  ha="right", fontsize="small")
+    ax.bar(
+        xs,
+        [acc for _, acc in members],
+        color="C0",
+        hatch=["//" if _style(m.prompt_strategy) == "--" else "" for m, _ in members],
+    )
+    ax.set_xticks(
+        list(xs),
+        [_member_label(sweep, m) for m, _ in members],
+        rotation=30,
+        ha="right",
+        fontsize="small",
+    )
 
 
 def _final_accuracy_lines(sweep: Sweep, ax) -> list:
@@ -453,11 +510,17 @@ def _final_accuracy_lines(sweep: Sweep, ax) -> list:
         x = [xs[_axis_order(axis_values, m.values.get(field))] for m in members]
         y = [_num(m.last("eval", "answer_acc")) for m in members]
         first = members[0]
-        handles += ax.plot(x, y, _style(first.prompt_strategy), marker="o",
-                           color=colors[_group_key(first, color_axes)],
-                           label=_label(sweep, first, [f for f, _ in line_axes]))
-        unfinished = [(xi, yi) for xi, yi, m in zip(x, y, members, strict=True)
-                      if m.status != "finished"]
+        handles += ax.plot(
+            x,
+            y,
+            _style(first.prompt_strategy),
+            marker="o",
+            color=colors[_group_key(first, color_axes)],
+            label=_label(sweep, first, [f for f, _ in line_axes]),
+        )
+        unfinished = [
+            (xi, yi) for xi, yi, m in zip(x, y, members, strict=True) if m.status != "finished"
+        ]
         if unfinished:  # hollow: not final yet
             ax.plot(*zip(*unfinished, strict=True), "o", color="white", markersize=4)
     if field == VOCAB and numeric:
@@ -488,33 +551,48 @@ def plot_final_accuracy(sweep: Sweep, path: str) -> str:
 
 
 def _by_k(record: dict) -> tuple[list[int], list[float]]:
-    points = sorted((int(name[len("answer_acc_k"):]), _num(v)) for name, v in record.items()
-                    if re.fullmatch(r"answer_acc_k\d+", name))
+    points = sorted(
+        (int(name[len("answer_acc_k") :]), _num(v))
+        for name, v in record.items()
+        if re.fullmatch(r"answer_acc_k\d+", name)
+    )
     points = [(k, v) for k, v in points if v is not None]
     return [k for k, _ in points], [v for _, v in points]
 
 
 def plot_accuracy_vs_k(sweep: Sweep, path: str) -> str | None:
     """answer_acc against the number of in-context examples K, from each last eval_by_k."""
+
     def by_k(m):
         records = m.kind("eval_by_k")
         return _by_k(records[-1]) if records else ([], [])
 
-    return _depth_grid(sweep, path, [("answer accuracy by K", by_k)],
-                       xlabel="in-context examples kept (K; 1 = query only)")
+    return _depth_grid(
+        sweep,
+        path,
+        [("answer accuracy by K", by_k)],
+        xlabel="in-context examples kept (K; 1 = query only)",
+    )
 
 
 def plot_analysis_over_steps(sweep: Sweep, path: str) -> str | None:
     """parent_mass_query_best, embed_probe_r2 and embed_cka against step, per member."""
-    rows = [(name, lambda m, name=name: _curve(m.kind("analysis"), name))
-            for name in ANALYSIS_CURVES]
+    rows = [
+        (name, lambda m, name=name: _curve(m.kind("analysis"), name)) for name in ANALYSIS_CURVES
+    ]
     return _depth_grid(sweep, path, rows, xlabel="step")
 
 
 def plot_dag_heatmap(m: Member, path: str) -> str | None:
     """`analysis.plot_dag_recovery_heatmap` of the member's last analysis record with data."""
-    record = next((r for r in reversed(m.kind("analysis"))
-                   if _num(r.get("parent_mass_query_best")) is not None), None)
+    record = next(
+        (
+            r
+            for r in reversed(m.kind("analysis"))
+            if _num(r.get("parent_mass_query_best")) is not None
+        ),
+        None,
+    )
     if record is None:
         return None
     analysis.plot_dag_recovery_heatmap(record, path)
@@ -525,11 +603,13 @@ def write_plots(sweep: Sweep, out_dir: str) -> dict[str, str]:
     """Draws every plot the runs have data for; returns {plot name: path}."""
     plots = {
         "accuracy_vs_steps": plot_accuracy_vs_steps(
-            sweep, os.path.join(out_dir, "accuracy_vs_steps.png")),
+            sweep, os.path.join(out_dir, "accuracy_vs_steps.png")
+        ),
         "final_accuracy": plot_final_accuracy(sweep, os.path.join(out_dir, "final_accuracy.png")),
         "accuracy_vs_k": plot_accuracy_vs_k(sweep, os.path.join(out_dir, "accuracy_vs_k.png")),
         "analysis_over_steps": plot_analysis_over_steps(
-            sweep, os.path.join(out_dir, "analysis_over_steps.png")),
+            sweep, os.path.join(out_dir, "analysis_over_steps.png")
+        ),
     }
     for m in sweep.members:
         name = f"dag_heatmap_{m.index}"
@@ -549,8 +629,10 @@ def write_report(workdir: str, out_dir: str | None = None) -> dict:
     rows = _rows(sweep)
     table = markdown_table(rows)
     plots = write_plots(sweep, out_dir)
-    paths = {"markdown": os.path.join(out_dir, "summary.md"),
-             "csv": os.path.join(out_dir, "summary.csv")}
+    paths = {
+        "markdown": os.path.join(out_dir, "summary.md"),
+        "csv": os.path.join(out_dir, "summary.csv"),
+    }
     with open(paths["markdown"], "w") as f:
         f.write(_markdown(sweep, table, plots))
     write_csv(paths["csv"], rows)
@@ -565,12 +647,16 @@ def run(workdir: str, out_dir: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # an unwritable --out_dir
-        print(f"error: cannot write the report to {out_dir or workdir}: "
-              f"{cli_errors.describe(e)}", file=sys.stderr)
+        print(
+            f"error: cannot write the report to {out_dir or workdir}: {cli_errors.describe(e)}",
+            file=sys.stderr,
+        )
         return 1
     print(report["table"])
-    print(f"Report written to {report['out_dir']} (summary.md, summary.csv, "
-          f"{len(report['plots'])} plots)")
+    print(
+        f"Report written to {report['out_dir']} (summary.md, summary.csv, "
+        f"{len(report['plots'])} plots)"
+    )
     return 0
 
 

@@ -24,8 +24,13 @@ from cotlab_jax.metrics import read_metrics
 
 # Config fields that change the shapes or structure of the checkpointed state.
 STATE_SHAPE_FIELDS = (
-    "data.vocab_size", "model.num_hidden_layers", "model.hidden_size", "model.intermediate_size",
-    "model.num_attention_heads", "model.num_key_value_heads", "model.head_dim",
+    "data.vocab_size",
+    "model.num_hidden_layers",
+    "model.hidden_size",
+    "model.intermediate_size",
+    "model.num_attention_heads",
+    "model.num_key_value_heads",
+    "model.head_dim",
     "model.tie_word_embeddings",
 )
 
@@ -34,9 +39,14 @@ STATE_SHAPE_FIELDS = (
 # checkpoints and places its arrays, not its data, model or numbers. Any other change is refused
 # unless asked for (`allow_config_change`).
 RELAUNCH_FREE_FIELDS = (
-    "train.log_every_n_steps", "train.checkpoint_every_n_steps", "train.keep_checkpoints",
-    "eval.eval_every_n_steps", "eval.batch_size", "eval.analysis_batch_size",
-    "model.remat_policy", "model.attention_impl",
+    "train.log_every_n_steps",
+    "train.checkpoint_every_n_steps",
+    "train.keep_checkpoints",
+    "eval.eval_every_n_steps",
+    "eval.batch_size",
+    "eval.analysis_batch_size",
+    "model.remat_policy",
+    "model.attention_impl",
 )
 RELAUNCH_FREE_GROUPS = ("log.", "mesh.", "sweep.")
 
@@ -85,9 +95,13 @@ def changed_fields(saved: dict, current: dict) -> list[str]:
     """The flat config fields (dotted) whose values differ, less those a relaunch may change.
     A field only one side has (added to the lab after the run started) is not compared: its
     default keeps the old behaviour."""
-    return sorted(name for name in saved.keys() & current.keys()
-                  if saved.get(name) != current.get(name) and name not in RELAUNCH_FREE_FIELDS
-                  and not name.startswith(RELAUNCH_FREE_GROUPS))
+    return sorted(
+        name
+        for name in saved.keys() & current.keys()
+        if saved.get(name) != current.get(name)
+        and name not in RELAUNCH_FREE_FIELDS
+        and not name.startswith(RELAUNCH_FREE_GROUPS)
+    )
 
 
 def make_workdir(workdir: str) -> None:
@@ -108,20 +122,28 @@ def prepare_workdir(workdir: str, config, allow_config_change: bool = False) -> 
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         saved, current = _flat(load_config(workdir)), _flat(json.loads(config.to_json()))
-        differing = [f"{name} (checkpoint {saved.get(name)!r}, config {current.get(name)!r})"
-                     for name in STATE_SHAPE_FIELDS if saved.get(name) != current.get(name)]
+        differing = [
+            f"{name} (checkpoint {saved.get(name)!r}, config {current.get(name)!r})"
+            for name in STATE_SHAPE_FIELDS
+            if saved.get(name) != current.get(name)
+        ]
         if (saved.get("train.grad_clip_norm", 0) > 0) != (current["train.grad_clip_norm"] > 0):
             differing.append("train.grad_clip_norm (on/off changes the optimizer state)")
         if differing:
-            raise RunError(f"{workdir} holds a run whose state has other shapes; differing "
-                           f"fields: {', '.join(differing)}. Use another --workdir.")
+            raise RunError(
+                f"{workdir} holds a run whose state has other shapes; differing "
+                f"fields: {', '.join(differing)}. Use another --workdir."
+            )
         changed = changed_fields(saved, current)
         if changed and not allow_config_change:
-            shown = ", ".join(f"{name} ({saved.get(name)!r} -> {current.get(name)!r})"
-                              for name in changed)
-            raise RunError(f"{workdir} holds a run of another config; changed fields: {shown}. "
-                           f"Relaunch with its config, use another --workdir, or pass "
-                           f"--allow_config_change to go on with the new values")
+            shown = ", ".join(
+                f"{name} ({saved.get(name)!r} -> {current.get(name)!r})" for name in changed
+            )
+            raise RunError(
+                f"{workdir} holds a run of another config; changed fields: {shown}. "
+                f"Relaunch with its config, use another --workdir, or pass "
+                f"--allow_config_change to go on with the new values"
+            )
     if jax.process_index() == 0:
         write_json(path, json.loads(config.to_json()))
 
@@ -131,8 +153,10 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     the temporary directories of saves that a killed process left behind."""
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             cleanup_tmp_directories=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        ),
+    )
 
 
 def read_only_checkpoints(workdir: str) -> ocp.CheckpointManager:
@@ -141,9 +165,16 @@ def read_only_checkpoints(workdir: str) -> ocp.CheckpointManager:
     path = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if not os.path.isdir(path):
         raise RunError(f"{workdir} has no checkpoint")
-    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0,
-        enable_async_checkpointing=False))
+    return ocp.CheckpointManager(
+        path,
+        options=ocp.CheckpointManagerOptions(
+            read_only=True,
+            create=False,
+            cleanup_tmp_directories=False,
+            save_interval_steps=0,
+            enable_async_checkpointing=False,
+        ),
+    )
 
 
 def latest_checkpoint(workdir: str, keep: int | None = None) -> int | None:
@@ -169,11 +200,11 @@ def restore_state(manager: ocp.CheckpointManager, step: int, exp: experiment.Exp
         lines = str(error).strip().splitlines()
         raise DamagedCheckpointError(
             f"checkpoint step {step} in {manager.directory} is damaged or incomplete "
-            f"({type(error).__name__}: {lines[0] if lines else ''})") from None
+            f"({type(error).__name__}: {lines[0] if lines else ''})"
+        ) from None
 
 
-def restore_newest_valid(manager: ocp.CheckpointManager, workdir: str,
-                         exp: experiment.Experiment):
+def restore_newest_valid(manager: ocp.CheckpointManager, workdir: str, exp: experiment.Experiment):
     """(step, graphdef, state) of the newest checkpoint that restores; (0, None, None) if none
     is left. Damaged newer ones are moved to `workdir/damaged_checkpoints` (kept for
     inspection, out of the way of the saves that replace them) with a warning naming the steps
@@ -184,9 +215,11 @@ def restore_newest_valid(manager: ocp.CheckpointManager, workdir: str,
         except DamagedCheckpointError as error:
             older = [s for s in manager.all_steps() if s < step]
             start = max(older, default=0)
-            warn(f"{error}; going on from {f'step {start}' if start else 'the start'}: steps "
-                 f"{start + 1}-{step} are recomputed (the damaged checkpoint is moved to "
-                 f"{os.path.join(workdir, DAMAGED_DIR)})")
+            warn(
+                f"{error}; going on from {f'step {start}' if start else 'the start'}: steps "
+                f"{start + 1}-{step} are recomputed (the damaged checkpoint is moved to "
+                f"{os.path.join(workdir, DAMAGED_DIR)})"
+            )
             if jax.process_index() == 0:
                 target = os.path.join(workdir, DAMAGED_DIR, f"{step}-{os.getpid()}")
                 os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -216,8 +249,10 @@ def read_eval_set(path: str, spec: data.TaskSpec) -> dict[str, np.ndarray]:
         data.load_eval_set(path)
     except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile) as error:
         lines = str(error).strip().splitlines()
-        raise RunError(f"{path} is damaged or not an eval set ({type(error).__name__}: "
-                       f"{lines[0] if lines else ''})") from None
+        raise RunError(
+            f"{path} is damaged or not an eval set ({type(error).__name__}: "
+            f"{lines[0] if lines else ''})"
+        ) from None
     try:
         return data.load_eval_set(path, spec)
     except ValueError as e:
@@ -237,8 +272,9 @@ class Run:
     workdir: str
 
 
-def load_run(workdir: str, step: int | str = "latest",
-             mesh: jax.sharding.Mesh | None = None) -> Run:
+def load_run(
+    workdir: str, step: int | str = "latest", mesh: jax.sharding.Mesh | None = None
+) -> Run:
     """The config, model and parameters of a run's checkpoint (`latest` or a step number),
     placed on `mesh` (default: one local device; any mesh works, whatever trained the run)."""
     config = load_config(workdir)
@@ -247,8 +283,10 @@ def load_run(workdir: str, step: int | str = "latest",
     try:
         exp = experiment.setup(config, mesh)
     except (AttributeError, KeyError, TypeError) as error:  # a JSON object, not a run's config
-        raise RunError(f"{os.path.join(workdir, 'config.json')} is damaged: it is not a run's "
-                       f"config ({type(error).__name__}: {error})") from None
+        raise RunError(
+            f"{os.path.join(workdir, 'config.json')} is damaged: it is not a run's "
+            f"config ({type(error).__name__}: {error})"
+        ) from None
     with read_only_checkpoints(workdir) as manager:
         steps = manager.all_steps()
         if not steps:
@@ -259,14 +297,23 @@ def load_run(workdir: str, step: int | str = "latest",
             raise RunError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
         graphdef, state = restore_state(manager, int(step), exp)
     world = data.make_world(data.root_keys(config.seed)["world"], exp.spec)
-    return Run(config=config, spec=exp.spec, graphdef=graphdef, params=state["params"],
-               step=int(step), world=world, workdir=workdir)
+    return Run(
+        config=config,
+        spec=exp.spec,
+        graphdef=graphdef,
+        params=state["params"],
+        step=int(step),
+        world=world,
+        workdir=workdir,
+    )
 
 
 def is_run_directory(path: str) -> bool:
     """Whether `path` holds a run (or a sweep) that a command must not write into."""
-    return any(os.path.exists(os.path.join(path, name))
-               for name in ("config.json", "checkpoints", "metrics.jsonl", "sweep.json"))
+    return any(
+        os.path.exists(os.path.join(path, name))
+        for name in ("config.json", "checkpoints", "metrics.jsonl", "sweep.json")
+    )
 
 
 def inside_run_directory(path: str) -> str | None:
@@ -294,12 +341,18 @@ def write_results(config, workdir: str, step: int, n_params: int) -> dict:
     """The final results (written to `results.json`), from the run's metrics, so a run resumed
     after its end rebuilds them."""
     records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    last = {kind: next((r for r in reversed(records) if r["kind"] == kind), {})
-            for kind in ("train", "eval")}
+    last = {
+        kind: next((r for r in reversed(records) if r["kind"] == kind), {})
+        for kind in ("train", "eval")
+    }
     strip = ("step", "kind")
-    results = dict(run_name=config_lib.run_name(config), step=step, n_params=n_params,
-                   train={k: v for k, v in last["train"].items() if k not in strip},
-                   eval={k: v for k, v in last["eval"].items() if k not in strip})
+    results = dict(
+        run_name=config_lib.run_name(config),
+        step=step,
+        n_params=n_params,
+        train={k: v for k, v in last["train"].items() if k not in strip},
+        eval={k: v for k, v in last["eval"].items() if k not in strip},
+    )
     if jax.process_index() == 0:
         write_json(os.path.join(workdir, "results.json"), results)
     return results

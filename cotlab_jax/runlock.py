@@ -44,8 +44,9 @@ class RunLock:
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, LOCK_NAME)
-        self.owner = dict(host=socket.gethostname(), pid=os.getpid(),
-                          started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.owner = dict(
+            host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        )
         self._held = False
 
     def _create(self) -> bool:
@@ -72,7 +73,8 @@ class RunLock:
                 if holder is None:
                     raise LockedError(
                         f"{self.path} exists but is unreadable; if no process trains this run, "
-                        f"delete it and relaunch")
+                        f"delete it and relaunch"
+                    )
             host, pid = holder.get("host"), holder.get("pid")
             where = f"host {host}, pid {pid}, since {holder.get('started')}"
             if host == self.owner["host"] and isinstance(pid, int) and not _alive(pid):
@@ -81,18 +83,25 @@ class RunLock:
                     os.remove(self.path)
                 continue
             if host == self.owner["host"]:
-                raise LockedError(f"{os.path.dirname(self.path)} is in use by another process "
-                                  f"({where}); wait for it to end or stop it")
-            raise LockedError(f"{os.path.dirname(self.path)} is locked by a process on another "
-                              f"host ({where}); if it no longer runs, delete {self.path} and "
-                              f"relaunch")
+                raise LockedError(
+                    f"{os.path.dirname(self.path)} is in use by another process "
+                    f"({where}); wait for it to end or stop it"
+                )
+            raise LockedError(
+                f"{os.path.dirname(self.path)} is locked by a process on another "
+                f"host ({where}); if it no longer runs, delete {self.path} and "
+                f"relaunch"
+            )
         raise LockedError(f"could not take {self.path}: other processes keep taking it")
 
     def release(self) -> None:
         if self._held:
             holder = _read(self.path)
-            if holder is not None and holder.get("pid") == self.owner["pid"] \
-                    and holder.get("host") == self.owner["host"]:
+            if (
+                holder is not None
+                and holder.get("pid") == self.owner["pid"]
+                and holder.get("host") == self.owner["host"]
+            ):
                 os.remove(self.path)
             self._held = False
 

@@ -32,8 +32,9 @@ def step_key(row_key: jax.Array, step: jax.Array | int) -> jax.Array:
     return jax.random.fold_in(row_key, step)
 
 
-def filtered_logits(logits: jax.Array, temperature: jax.Array | float,
-                    top_p: jax.Array | float) -> jax.Array:
+def filtered_logits(
+    logits: jax.Array, temperature: jax.Array | float, top_p: jax.Array | float
+) -> jax.Array:
     """`logits / temperature` [..., V] with every token outside the top-p nucleus at -inf.
 
     The nucleus is the smallest set of most probable tokens whose probability (after the
@@ -52,21 +53,29 @@ def filtered_logits(logits: jax.Array, temperature: jax.Array | float,
     return jnp.where(keep, scaled, -jnp.inf)
 
 
-def choose_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array | float,
-                  top_p: jax.Array | float) -> jax.Array:
+def choose_tokens(
+    logits: jax.Array, keys: jax.Array, temperature: jax.Array | float, top_p: jax.Array | float
+) -> jax.Array:
     """int32 [B]: one draw per row from `logits` [B, V] with `keys` [B]; argmax at temperature 0."""
     greedy = jnp.argmax(logits, axis=-1)
     safe_temperature = jnp.where(temperature > 0, temperature, 1.0)
-    drawn = jax.vmap(jax.random.categorical)(
-        keys, filtered_logits(logits, safe_temperature, top_p))
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered_logits(logits, safe_temperature, top_p))
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames="max_new_tokens")
-def sample_decode(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array,
-                  prompt_mask: jax.Array, max_new_tokens: int, eos_id: int | jax.Array,
-                  pad_id: int | jax.Array, keys: jax.Array, temperature: jax.Array | float,
-                  top_p: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+def sample_decode(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    max_new_tokens: int,
+    eos_id: int | jax.Array,
+    pad_id: int | jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array | float,
+    top_p: jax.Array | float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
     """Samples up to `max_new_tokens` tokens after each left-padded prompt [B, P].
 
     `keys` [B] are the rows' keys (see `step_key`); `eos_id` ends a row (None: never). Returns
@@ -77,12 +86,18 @@ def sample_decode(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Arra
     prompt_mask = prompt_mask.astype(bool)
     cache_length = prompt_length + max_new_tokens - 1  # the last token is never fed back
     key_mask = jnp.zeros((batch_size, cache_length), bool).at[:, :prompt_length].set(prompt_mask)
-    prompt_logits, cache = model(prompt_ids, positions_from_mask(prompt_mask), key_mask,
-                                 model.init_cache(batch_size, cache_length), 0)
+    prompt_logits, cache = model(
+        prompt_ids,
+        positions_from_mask(prompt_mask),
+        key_mask,
+        model.init_cache(batch_size, cache_length),
+        0,
+    )
 
     def draw(step_logits, step):
-        return choose_tokens(step_logits, jax.vmap(step_key, (0, None))(keys, step),
-                             temperature, top_p)
+        return choose_tokens(
+            step_logits, jax.vmap(step_key, (0, None))(keys, step), temperature, top_p
+        )
 
     token = draw(prompt_logits[:, -1], 0)
     tokens = jnp.full((batch_size, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
@@ -98,9 +113,11 @@ def sample_decode(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Arra
         step, token, cache, key_mask, tokens, lengths, done = carry
         slot = prompt_length + step - 1  # where the previous token's keys and values go
         key_mask = jax.lax.dynamic_update_slice_in_dim(
-            key_mask, jnp.ones((batch_size, 1), bool), slot, axis=1)
+            key_mask, jnp.ones((batch_size, 1), bool), slot, axis=1
+        )
         step_logits, cache = model(
-            token[:, None], (first_new_position + step - 1)[:, None], key_mask, cache, slot)
+            token[:, None], (first_new_position + step - 1)[:, None], key_mask, cache, slot
+        )
         token = jnp.where(done, pad_id, draw(step_logits[:, 0], step)).astype(jnp.int32)
         tokens = tokens.at[:, step].set(token)
         lengths = lengths + (~done).astype(jnp.int32)
@@ -112,15 +129,34 @@ def sample_decode(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Arra
     return tokens, lengths
 
 
-def sample_many(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array,
-                prompt_mask: jax.Array, max_new_tokens: int, eos_id: int | jax.Array,
-                pad_id: int | jax.Array, keys: jax.Array, temperature: jax.Array | float,
-                top_p: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+def sample_many(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    max_new_tokens: int,
+    eos_id: int | jax.Array,
+    pad_id: int | jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array | float,
+    top_p: jax.Array | float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
     """`sample_decode` for S samples of every prompt: `keys` [S, B] (sample s of row b draws from
     `keys[s, b]`), tokens int32 [S, B, T] and lengths int32 [S, B], vmapped over the samples."""
+
     def one_sample(sample_keys):
-        return sample_decode(graphdef, state, prompt_ids, prompt_mask, max_new_tokens, eos_id,
-                             pad_id, sample_keys, temperature, top_p)
+        return sample_decode(
+            graphdef,
+            state,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens,
+            eos_id,
+            pad_id,
+            sample_keys,
+            temperature,
+            top_p,
+        )
 
     return jax.vmap(one_sample)(keys)
 

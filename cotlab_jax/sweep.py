@@ -78,7 +78,8 @@ def expand(config: ml_collections.ConfigDict) -> list[Member]:
             get_field(config, path)
         except KeyError:
             raise config_lib.ConfigError(
-                f"config.sweep.axes names {path!r}, which is not a config field") from None
+                f"config.sweep.axes names {path!r}, which is not a config field"
+            ) from None
     members, names = [], set()
     for index, combo in enumerate(itertools.product(*(values for _, values in axes))):
         values = dict(zip((path for path, _ in axes), combo, strict=True))
@@ -91,8 +92,10 @@ def expand(config: ml_collections.ConfigDict) -> list[Member]:
         except config_lib.ConfigError as error:
             raise config_lib.ConfigError(f"sweep member {index} {values}: {error}") from None
         name = config_lib.run_name(member) + "".join(
-            f"_{_short(path)}_{_value_text(value)}" for path, value in values.items()
-            if path not in config_lib.RUN_NAME_FIELDS)
+            f"_{_short(path)}_{_value_text(value)}"
+            for path, value in values.items()
+            if path not in config_lib.RUN_NAME_FIELDS
+        )
         if name in names:
             name = f"{name}_member_{index}"
         names.add(name)
@@ -110,7 +113,8 @@ def check_overrides(config: ml_collections.ConfigDict, overridden: list[str]) ->
                     f"--config.{path} overrides a swept field: config.sweep.axes sweeps {axis} "
                     f"over {tuple(values)}, so every member sets it. Drop the override (one "
                     f"member alone: --config.sweep.member=i), or sweep other values by editing "
-                    f"the sweep's axes")
+                    f"the sweep's axes"
+                )
 
 
 def member_status(member: Member, workdir: str) -> tuple[str, int]:
@@ -127,24 +131,29 @@ def member_status(member: Member, workdir: str) -> tuple[str, int]:
     return "pending", rundir.latest_checkpoint(run_dir, member.config.train.keep_checkpoints) or 0
 
 
-def plan(members: list[Member], starts: dict[int, int], packing: str,
-         max_pack_size: int = 0) -> list[list[Member]]:
+def plan(
+    members: list[Member], starts: dict[int, int], packing: str, max_pack_size: int = 0
+) -> list[list[Member]]:
     """Packs of members to train together, in order of their first member: members that share a
     `packed.pack_key` and a resume step (`starts`), at most `max_pack_size` (0: any) per pack."""
     groups: dict[tuple, list[Member]] = {}
     for m in members:
-        key = (m.index,) if packing == "off" else (
-            packed.pack_key(m.config, same_length=packing == "exact"), starts[m.index])
+        key = (
+            (m.index,)
+            if packing == "off"
+            else (packed.pack_key(m.config, same_length=packing == "exact"), starts[m.index])
+        )
         groups.setdefault(key, []).append(m)
     size = max_pack_size or len(members)
-    return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
 def write_index(config: ml_collections.ConfigDict, members: list[Member], workdir: str) -> None:
     index = dict(
         name=config.sweep.name,
         axes=[[path, [_normalise(path, v) for v in values]] for path, values in config.sweep.axes],
-        members=[dict(index=m.index, dir=m.name, values=m.values) for m in members])
+        members=[dict(index=m.index, dir=m.name, values=m.values) for m in members],
+    )
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         rundir.write_json(os.path.join(workdir, "sweep.json"), index)
@@ -159,17 +168,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if config.sweep.member >= len(members):
             raise config_lib.ConfigError(
                 f"config.sweep.member={config.sweep.member} is invalid: the sweep has "
-                f"{len(members)} members (0 .. {len(members) - 1})")
+                f"{len(members)} members (0 .. {len(members) - 1})"
+            )
         selected = [members[config.sweep.member]]
     write_index(config, members, workdir)
     status = {m.index: member_status(m, workdir) for m in selected}
     pending = [m for m in selected if status[m.index][0] == "pending"]
-    packs = plan(pending, {i: start for i, (_, start) in status.items()}, config.sweep.packing,
-                 config.sweep.max_pack_size)
+    packs = plan(
+        pending,
+        {i: start for i, (_, start) in status.items()},
+        config.sweep.packing,
+        config.sweep.max_pack_size,
+    )
     ended = len(selected) - len(pending)
-    print(f"sweep {config.sweep.name or '(unnamed)'}: {len(members)} members, {ended} ended, "
-          f"{len(pending)} to train in {len(packs)} program(s) of sizes "
-          f"{[len(p) for p in packs]}")
+    print(
+        f"sweep {config.sweep.name or '(unnamed)'}: {len(members)} members, {ended} ended, "
+        f"{len(pending)} to train in {len(packs)} program(s) of sizes "
+        f"{[len(p) for p in packs]}"
+    )
     for pack in packs:
         results = train.train_members([(m.config, os.path.join(workdir, m.name)) for m in pack])
         if any("preempted_at_step" in r for r in results):

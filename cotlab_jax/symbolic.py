@@ -99,15 +99,22 @@ class SymbolicConfig:
     char_offset: int = 1
 
     def __post_init__(self):
-        for name in ("n_input_choices", "n_parent_choices", "chain_length_choices",
-                     "n_example_choices"):
+        for name in (
+            "n_input_choices",
+            "n_parent_choices",
+            "chain_length_choices",
+            "n_example_choices",
+        ):
             value = getattr(self, name)
             if not (len(value) and all(isinstance(v, int) and v >= 1 for v in value)):
                 _fail(name, value, "a non-empty tuple of positive integers")
         if max(self.n_parent_choices) > min(self.n_input_choices):
-            _fail("n_parent_choices", self.n_parent_choices,
-                  f"parents per chain word m <= input words n for every draw (the smallest n "
-                  f"choice is {min(self.n_input_choices)})")
+            _fail(
+                "n_parent_choices",
+                self.n_parent_choices,
+                f"parents per chain word m <= input words n for every draw (the smallest n "
+                f"choice is {min(self.n_input_choices)})",
+            )
         if not (isinstance(self.word_length, int) and self.word_length >= 2):
             _fail("word_length", self.word_length, "an integer >= 2 (words are halved)")
         if not isinstance(self.char_offset, int):
@@ -145,8 +152,11 @@ class RenderConfig:
         """Refuses a chat longer than any stored task."""
         stored = max(config.n_example_choices)
         if self.examples_per_prompt is not None and self.examples_per_prompt > stored:
-            _fail("examples_per_prompt", self.examples_per_prompt,
-                  f"at most the examples stored per task ({stored})")
+            _fail(
+                "examples_per_prompt",
+                self.examples_per_prompt,
+                f"at most the examples stored per task ({stored})",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,9 +169,12 @@ class SymbolicExample:
     adj_list: tuple[tuple[int, ...], ...]
 
     def to_json(self) -> dict:
-        return dict(input_words=list(self.input_words),
-                    intermediate_words=list(self.intermediate_words),
-                    answer_word=self.answer_word, adj_list=[list(p) for p in self.adj_list])
+        return dict(
+            input_words=list(self.input_words),
+            intermediate_words=list(self.intermediate_words),
+            answer_word=self.answer_word,
+            adj_list=[list(p) for p in self.adj_list],
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,10 +203,15 @@ class SymbolicTask:
     @classmethod
     def from_json(cls, row: dict) -> "SymbolicTask":
         """The task of a written row (its `task_id` and `examples`)."""
-        examples = tuple(SymbolicExample(
-            input_words=tuple(e["input_words"]), intermediate_words=tuple(e["intermediate_words"]),
-            answer_word=e["answer_word"], adj_list=tuple(tuple(p) for p in e["adj_list"]))
-            for e in row["examples"])
+        examples = tuple(
+            SymbolicExample(
+                input_words=tuple(e["input_words"]),
+                intermediate_words=tuple(e["intermediate_words"]),
+                answer_word=e["answer_word"],
+                adj_list=tuple(tuple(p) for p in e["adj_list"]),
+            )
+            for e in row["examples"]
+        )
         return cls(task_id=row["task_id"], examples=examples)
 
 
@@ -208,27 +226,32 @@ class RenderedRow:
     is_cot: tuple[bool, ...]
 
     def to_json(self) -> dict:
-        return dict(task_id=self.task.task_id,
-                    examples=[e.to_json() for e in self.task.examples],
-                    messages=self.messages, text=self.text,
-                    cot_example_prob=self.cot_example_prob, is_cot=list(self.is_cot))
+        return dict(
+            task_id=self.task.task_id,
+            examples=[e.to_json() for e in self.task.examples],
+            messages=self.messages,
+            text=self.text,
+            cot_example_prob=self.cot_example_prob,
+            is_cot=list(self.is_cot),
+        )
 
 
 def shift_word(word: str, offset: int) -> str:
     """Every lowercase letter moved `offset` places forward in the alphabet, wrapping."""
     letters = string.ascii_lowercase
-    return word.translate(str.maketrans(letters, letters[offset % 26:] + letters[:offset % 26]))
+    return word.translate(str.maketrans(letters, letters[offset % 26 :] + letters[: offset % 26]))
 
 
 def chain_word(parent_words: Sequence[str], char_offset: int) -> str:
     """The second halves of `parent_words` (in ascending index order), joined and shifted."""
-    return shift_word("".join(w[len(w) // 2:] for w in parent_words), char_offset)
+    return shift_word("".join(w[len(w) // 2 :] for w in parent_words), char_offset)
 
 
 def sample_dag(rng: np.random.Generator, n: int, m: int, c: int) -> tuple[tuple[int, ...], ...]:
     """Parents of each chain index j: m distinct indices of `0 .. n + j - 1`, sorted."""
-    return tuple(tuple(sorted(int(p) for p in rng.choice(n + j, size=m, replace=False)))
-                 for j in range(c))
+    return tuple(
+        tuple(sorted(int(p) for p in rng.choice(n + j, size=m, replace=False))) for j in range(c)
+    )
 
 
 def make_example(input_words: tuple[str, ...], adj_list, char_offset: int) -> SymbolicExample:
@@ -236,9 +259,13 @@ def make_example(input_words: tuple[str, ...], adj_list, char_offset: int) -> Sy
     words = list(input_words)
     for parents in adj_list:
         words.append(chain_word([words[p] for p in parents], char_offset))
-    chain = words[len(input_words):]
-    return SymbolicExample(input_words=input_words, intermediate_words=tuple(chain[:-1]),
-                           answer_word=chain[-1], adj_list=adj_list)
+    chain = words[len(input_words) :]
+    return SymbolicExample(
+        input_words=input_words,
+        intermediate_words=tuple(chain[:-1]),
+        answer_word=chain[-1],
+        adj_list=adj_list,
+    )
 
 
 def sample_task(seed: int, task_id: int, config: SymbolicConfig) -> SymbolicTask:
@@ -252,8 +279,10 @@ def sample_task(seed: int, task_id: int, config: SymbolicConfig) -> SymbolicTask
     letters = rng.integers(0, 26, size=(k, n, config.word_length))
     # Letter codes as one fixed-width byte string per word.
     words = (letters + ord("a")).astype(np.uint8).view(f"S{config.word_length}")[..., 0]
-    examples = tuple(make_example(tuple(w.decode() for w in example), adj_list, config.char_offset)
-                     for example in words)
+    examples = tuple(
+        make_example(tuple(w.decode() for w in example), adj_list, config.char_offset)
+        for example in words
+    )
     return SymbolicTask(task_id=task_id, examples=examples)
 
 
@@ -270,8 +299,11 @@ def generate(seed: int, task_ids: range, config: SymbolicConfig) -> list[Symboli
 
 
 def format_question(input_words: Sequence[str]) -> str:
-    return ("Given the input words: " + ", ".join(input_words)
-            + ", what is the final answer after the string transformations?")
+    return (
+        "Given the input words: "
+        + ", ".join(input_words)
+        + ", what is the final answer after the string transformations?"
+    )
 
 
 def format_answer(example: SymbolicExample, is_cot: bool) -> str:
@@ -310,15 +342,22 @@ def tokenizer_chat_text(path: str) -> Callable[[Messages], str]:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
-        _fail("tokenizer", path, f"a loadable tokenizer ({type(error).__name__}: "
-                                 f"{str(error).splitlines()[0]})")
+        _fail(
+            "tokenizer",
+            path,
+            f"a loadable tokenizer ({type(error).__name__}: {str(error).splitlines()[0]})",
+        )
     if not tokenizer.chat_template:
         _fail("tokenizer", path, "a tokenizer with a chat_template")
     return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-def render_split(tasks: Sequence[SymbolicTask], seed: int, render: RenderConfig,
-                 chat_text: Callable[[Messages], str] = chatml_text) -> list[RenderedRow]:
+def render_split(
+    tasks: Sequence[SymbolicTask],
+    seed: int,
+    render: RenderConfig,
+    chat_text: Callable[[Messages], str] = chatml_text,
+) -> list[RenderedRow]:
     """The tasks of one split (in task order; the split is the recipe's `n_prompts`) as rows, in
     output order. Row draws are functions of (seed, task_id), the shuffle of (seed, first
     task_id)."""
@@ -327,27 +366,50 @@ def render_split(tasks: Sequence[SymbolicTask], seed: int, render: RenderConfig,
         rng = np.random.default_rng([seed, task.task_id, _RENDER_STREAM])
         random_index = render.recipe_order == "random"
         prompt_index = int(rng.integers(len(tasks))) if random_index else row_index
-        prob = float(power_law(render.initial_prob, render.final_prob, render.alpha, render.scale,
-                               prompt_index, len(tasks)))
+        prob = float(
+            power_law(
+                render.initial_prob,
+                render.final_prob,
+                render.alpha,
+                render.scale,
+                prompt_index,
+                len(tasks),
+            )
+        )
         n_shown = min(render.examples_per_prompt or task.k, task.k)
         is_cot = tuple(bool(u < prob) for u in rng.random(n_shown))
         messages = chat_messages(task, is_cot)
-        rows.append(RenderedRow(task=task, messages=messages, text=chat_text(messages),
-                                cot_example_prob=prob, is_cot=is_cot))
+        rows.append(
+            RenderedRow(
+                task=task,
+                messages=messages,
+                text=chat_text(messages),
+                cot_example_prob=prob,
+                is_cot=is_cot,
+            )
+        )
     if render.recipe_order == "shuffled" and rows:
         order = np.random.default_rng([seed, tasks[0].task_id, _SHUFFLE_STREAM]).permutation(
-            len(rows))
+            len(rows)
+        )
         rows = [rows[i] for i in order]
     return rows
 
 
-def render_splits(seed: int, n_train: int, n_test: int, config: SymbolicConfig,
-                  render: RenderConfig, chat_text: Callable[[Messages], str] = chatml_text
-                  ) -> dict[str, list[RenderedRow]]:
+def render_splits(
+    seed: int,
+    n_train: int,
+    n_test: int,
+    config: SymbolicConfig,
+    render: RenderConfig,
+    chat_text: Callable[[Messages], str] = chatml_text,
+) -> dict[str, list[RenderedRow]]:
     """Both splits' rows (see the module docstring)."""
     render.check_against(config)
-    return {split: render_split(generate(seed, task_ids, config), seed, render, chat_text)
-            for split, task_ids in split_task_ids(n_train, n_test).items()}
+    return {
+        split: render_split(generate(seed, task_ids, config), seed, render, chat_text)
+        for split, task_ids in split_task_ids(n_train, n_test).items()
+    }
 
 
 def write_jsonl(path: str, rows: Sequence[RenderedRow]) -> None:
@@ -377,21 +439,34 @@ def define_task_flags() -> None:
     tasks, render = SymbolicConfig(), RenderConfig()
     flags.DEFINE_list("n_inputs", list(map(str, tasks.n_input_choices)), "Choices of n.")
     flags.DEFINE_list("n_parents", list(map(str, tasks.n_parent_choices)), "Choices of m.")
-    flags.DEFINE_list("chain_length", list(map(str, tasks.chain_length_choices)),
-                      "Choices of c.")
-    flags.DEFINE_list("n_examples", list(map(str, tasks.n_example_choices)),
-                      "Choices of k, the examples stored per task.")
+    flags.DEFINE_list("chain_length", list(map(str, tasks.chain_length_choices)), "Choices of c.")
+    flags.DEFINE_list(
+        "n_examples",
+        list(map(str, tasks.n_example_choices)),
+        "Choices of k, the examples stored per task.",
+    )
     flags.DEFINE_integer("word_length", tasks.word_length, "Letters per input word.")
     flags.DEFINE_integer("char_offset", tasks.char_offset, "Alphabet shift of chain words.")
-    flags.DEFINE_integer("examples_per_prompt", None,
-                         "Examples shown per chat (the first ones; default: all stored).")
+    flags.DEFINE_integer(
+        "examples_per_prompt",
+        None,
+        "Examples shown per chat (the first ones; default: all stored).",
+    )
     for name in ("initial_prob", "final_prob", "alpha", "scale"):
         flags.DEFINE_float(name, getattr(render, name), f"Power-law CoT recipe: {name}.")
-    flags.DEFINE_enum("recipe_order", render.recipe_order, list(RECIPE_ORDERS),
-                      "The recipe's row index: the row's, rows then shuffled (the reference's); "
-                      "a uniform draw; or the row's, rows in task order.")
-    flags.DEFINE_string("tokenizer", None, "A saved transformers tokenizer (a local directory) "
-                                           "whose chat template renders `text` (default: ChatML).")
+    flags.DEFINE_enum(
+        "recipe_order",
+        render.recipe_order,
+        list(RECIPE_ORDERS),
+        "The recipe's row index: the row's, rows then shuffled (the reference's); "
+        "a uniform draw; or the row's, rows in task order.",
+    )
+    flags.DEFINE_string(
+        "tokenizer",
+        None,
+        "A saved transformers tokenizer (a local directory) "
+        "whose chat template renders `text` (default: ChatML).",
+    )
 
 
 def configs_from_flags(f) -> tuple[SymbolicConfig, RenderConfig]:
@@ -401,10 +476,17 @@ def configs_from_flags(f) -> tuple[SymbolicConfig, RenderConfig]:
         n_parent_choices=_int_choices("n_parents", f.n_parents),
         chain_length_choices=_int_choices("chain_length", f.chain_length),
         n_example_choices=_int_choices("n_examples", f.n_examples),
-        word_length=f.word_length, char_offset=f.char_offset)
+        word_length=f.word_length,
+        char_offset=f.char_offset,
+    )
     render = RenderConfig(
-        examples_per_prompt=f.examples_per_prompt, initial_prob=f.initial_prob,
-        final_prob=f.final_prob, alpha=f.alpha, scale=f.scale, recipe_order=f.recipe_order)
+        examples_per_prompt=f.examples_per_prompt,
+        initial_prob=f.initial_prob,
+        final_prob=f.final_prob,
+        alpha=f.alpha,
+        scale=f.scale,
+        recipe_order=f.recipe_order,
+    )
     render.check_against(config)
     return config, render
 
@@ -417,8 +499,9 @@ def _int_choices(name: str, values: list[str]) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in values)
     except ValueError:
-        raise ValueError(f"--{name}={','.join(values)}: expected comma-separated "
-                         f"integers") from None
+        raise ValueError(
+            f"--{name}={','.join(values)}: expected comma-separated integers"
+        ) from None
 
 
 def define_flags() -> None:

@@ -97,22 +97,29 @@ class CotIclConfig(tfds.core.BuilderConfig):
     n_train_tasks: int = 0
 
     @classmethod
-    def from_run_config(cls, run_config: ml_collections.ConfigDict,
-                        n_train_tasks: int) -> "CotIclConfig":
+    def from_run_config(
+        cls, run_config: ml_collections.ConfigDict, n_train_tasks: int
+    ) -> "CotIclConfig":
         """Named by the run name and a hash of everything that decides the records."""
         config_lib.validate_train(run_config.train)
         data.TaskSpec.from_config(run_config)  # validates config.data before anything is written
         batch_size = run_config.train.batch_size
-        if not (isinstance(n_train_tasks, int) and n_train_tasks > 0
-                and n_train_tasks % batch_size == 0):
-            raise ValueError(f"n_train_tasks={n_train_tasks!r}: expected a positive multiple of "
-                             f"train.batch_size={batch_size}")
+        if not (
+            isinstance(n_train_tasks, int) and n_train_tasks > 0 and n_train_tasks % batch_size == 0
+        ):
+            raise ValueError(
+                f"n_train_tasks={n_train_tasks!r}: expected a positive multiple of "
+                f"train.batch_size={batch_size}"
+            )
         config_json = run_config.to_json(sort_keys=True)
         digest = hashlib.sha256(f"{config_json}|{n_train_tasks}".encode()).hexdigest()[:12]
-        return cls(name=f"{config_lib.run_name(run_config)}_train_{n_train_tasks}_{digest}",
-                   description=f"{n_train_tasks} training tasks and the frozen eval set of "
-                               f"{config_lib.run_name(run_config)}.",
-                   run_config_json=config_json, n_train_tasks=n_train_tasks)
+        return cls(
+            name=f"{config_lib.run_name(run_config)}_train_{n_train_tasks}_{digest}",
+            description=f"{n_train_tasks} training tasks and the frozen eval set of "
+            f"{config_lib.run_name(run_config)}.",
+            run_config_json=config_json,
+            n_train_tasks=n_train_tasks,
+        )
 
     @property
     def run_config(self) -> ml_collections.ConfigDict:
@@ -133,23 +140,33 @@ class CotIcl(tfds.core.GeneratorBasedBuilder):
         return data.TaskSpec.from_config(self.builder_config.run_config)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        features = {name: tfds.features.Tensor(shape=shape, dtype=dtype, doc=doc)
-                    for name, (shape, dtype, doc) in feature_docs(self.spec).items()}
+        features = {
+            name: tfds.features.Tensor(shape=shape, dtype=dtype, doc=doc)
+            for name, (shape, dtype, doc) in feature_docs(self.spec).items()
+        }
         return tfds.core.DatasetInfo(
-            builder=self, description=self.builder_config.description,
-            features=tfds.features.FeaturesDict(features), disable_shuffling=True,
-            metadata=tfds.core.MetadataDict(spec=data.spec_json(self.spec),
-                                            run_config=self.builder_config.run_config_json))
+            builder=self,
+            description=self.builder_config.description,
+            features=tfds.features.FeaturesDict(features),
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(
+                spec=data.spec_json(self.spec), run_config=self.builder_config.run_config_json
+            ),
+        )
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples("train"),
-                "test": self._generate_examples("test")}
+        return {"train": self._generate_examples("train"), "test": self._generate_examples("test")}
 
     def _generate_examples(self, split: str):
         for start, tasks in _task_chunks(self.builder_config, split):
             for row in range(len(tasks["k"])):
-                yield start + row, dict(task_id=np.int32(start + row),
-                                        **{name: value[row] for name, value in tasks.items()})
+                yield (
+                    start + row,
+                    dict(
+                        task_id=np.int32(start + row),
+                        **{name: value[row] for name, value in tasks.items()},
+                    ),
+                )
 
 
 def _task_chunks(builder_config: CotIclConfig, split: str):
@@ -169,8 +186,11 @@ def _task_chunks(builder_config: CotIclConfig, split: str):
 
 def build(run_config: ml_collections.ConfigDict, data_dir: str, n_train_tasks: int) -> str:
     """Writes (or finds already written) the dataset; returns its directory."""
-    builder = CotIcl(config=CotIclConfig.from_run_config(run_config, n_train_tasks),
-                     data_dir=data_dir, file_format=FILE_FORMAT)
+    builder = CotIcl(
+        config=CotIclConfig.from_run_config(run_config, n_train_tasks),
+        data_dir=data_dir,
+        file_format=FILE_FORMAT,
+    )
     builder.download_and_prepare()
     return os.fspath(builder.data_path)
 
@@ -184,8 +204,10 @@ def read_split(dataset_dir: str, split: str) -> dict[str, np.ndarray]:
     records = [source[i] for i in range(len(source))]
     # Scalars come back as Python numbers: the stored dtype restores int32 / float32. Text and
     # string tensors come back as UTF-8 bytes.
-    return {name: np.asarray([_decoded(r[name]) for r in records], feature.np_dtype)
-            for name, feature in builder.info.features.items()}
+    return {
+        name: np.asarray([_decoded(r[name]) for r in records], feature.np_dtype)
+        for name, feature in builder.info.features.items()
+    }
 
 
 def _decoded(value):
@@ -205,8 +227,10 @@ def load_eval_set(dataset_dir: str, spec: data.TaskSpec) -> dict[str, np.ndarray
     """The `test` split as an eval set for `evaluate.evaluate` (as `data.load_eval_set`);
     refuses a dataset made from another task spec."""
     if dataset_spec_json(dataset_dir) != data.spec_json(spec):
-        raise ValueError(f"dataset {dataset_dir} was made from another task spec: "
-                         f"{dataset_spec_json(dataset_dir)}")
+        raise ValueError(
+            f"dataset {dataset_dir} was made from another task spec: "
+            f"{dataset_spec_json(dataset_dir)}"
+        )
     eval_set = read_split(dataset_dir, "test")
     del eval_set["task_id"]
     return eval_set
@@ -222,28 +246,48 @@ def symbolic_feature_docs(config: symbolic.SymbolicConfig) -> dict[str, tuple]:
     M, C = max(config.n_parent_choices), max(config.chain_length_choices)
     i32, b, f32, s = np.int32, np.bool_, np.float32, np.str_
     return {
-        "task_id": ((), i32, "The raw task: symbolic.sample_task(seed, task_id, config); the "
-                             "train split holds task ids 0 .. n_train - 1, the test split the "
-                             "next n_test."),
+        "task_id": (
+            (),
+            i32,
+            "The raw task: symbolic.sample_task(seed, task_id, config); the "
+            "train split holds task ids 0 .. n_train - 1, the test split the "
+            "next n_test.",
+        ),
         "input_words": ((K, N), s, "Each stored example's input words; '' beyond n or k."),
-        "intermediate_words": ((K, C - 1), s, "Each stored example's chain words before the "
-                                              "last (the Step lines); '' beyond c - 1 or k."),
+        "intermediate_words": (
+            (K, C - 1),
+            s,
+            "Each stored example's chain words before the "
+            "last (the Step lines); '' beyond c - 1 or k.",
+        ),
         "answer_word": ((K,), s, "Each stored example's last chain word; '' beyond k."),
-        "adj_list": ((K, C, M), i32, "Each stored example's DAG (the same for all): the sorted "
-                                     "parents of every chain word (index < n: input word, n + j: "
-                                     "chain word j); -1 beyond c, m or k."),
+        "adj_list": (
+            (K, C, M),
+            i32,
+            "Each stored example's DAG (the same for all): the sorted "
+            "parents of every chain word (index < n: input word, n + j: "
+            "chain word j); -1 beyond c, m or k.",
+        ),
         "n": ((), i32, "Input words per example."),
         "m": ((), i32, "Parents per chain word."),
         "c": ((), i32, "Chain words per example."),
         "k": ((), i32, "Examples stored in the raw task."),
-        "messages": ((), None, "The chat (symbolic.chat_messages) as a JSON list of {role, "
-                               "content}: the system prompt, then a user/assistant turn pair for "
-                               "each of the first n_rendered examples."),
+        "messages": (
+            (),
+            None,
+            "The chat (symbolic.chat_messages) as a JSON list of {role, "
+            "content}: the system prompt, then a user/assistant turn pair for "
+            "each of the first n_rendered examples.",
+        ),
         "text": ((), None, "The chat as one string: ChatML, or the --tokenizer's chat template."),
         "answer": ((), None, "The last rendered example's answer word (the last turn's box)."),
         "n_rendered": ((), i32, "Examples in the chat: min(examples_per_prompt, k)."),
-        "is_cot": ((K,), b, "Whether each rendered example's answer is in CoT form (think "
-                            "block, then final answer); False beyond n_rendered."),
+        "is_cot": (
+            (K,),
+            b,
+            "Whether each rendered example's answer is in CoT form (think "
+            "block, then final answer); False beyond n_rendered.",
+        ),
         "n_cot": ((), i32, "CoT examples (is_cot.sum())."),
         "cot_example_prob": ((), f32, "The recipe's CoT probability of the row (float32)."),
     }
@@ -282,10 +326,15 @@ class SymbolicChatsConfig(tfds.core.BuilderConfig):
     tokenizer: str = ""
 
     @classmethod
-    def create(cls, config: symbolic.SymbolicConfig, render: symbolic.RenderConfig,
-               n_train: int = symbolic.DEFAULT_N_TRAIN, n_test: int = symbolic.DEFAULT_N_TEST,
-               seed: int = symbolic.DEFAULT_SEED, tokenizer: str | None = None
-               ) -> "SymbolicChatsConfig":
+    def create(
+        cls,
+        config: symbolic.SymbolicConfig,
+        render: symbolic.RenderConfig,
+        n_train: int = symbolic.DEFAULT_N_TRAIN,
+        n_test: int = symbolic.DEFAULT_N_TEST,
+        seed: int = symbolic.DEFAULT_SEED,
+        tokenizer: str | None = None,
+    ) -> "SymbolicChatsConfig":
         """Named by the sizes, the seed and a hash of everything that decides the records."""
         if not isinstance(config, symbolic.SymbolicConfig):
             raise ValueError(f"config={config!r}: expected a symbolic.SymbolicConfig")
@@ -299,13 +348,20 @@ class SymbolicChatsConfig(tfds.core.BuilderConfig):
             symbolic.tokenizer_chat_text(tokenizer)  # validates the tokenizer
         config_json, render_json = symbolic_config_json(config), symbolic_config_json(render)
         template = "chatml" if tokenizer is None else _tokenizer_digest(tokenizer)
-        digest = hashlib.sha256(f"{config_json}|{render_json}|{seed}|{n_train}|{n_test}|"
-                                f"{template}".encode()).hexdigest()[:12]
-        return cls(name=f"seed{seed}_train{n_train}_test{n_test}_{digest}",
-                   description=f"{n_train} training and {n_test} test chats of the symbolic "
-                               f"string tasks (docs/symbolic.md), seed {seed}.",
-                   symbolic_config_json=config_json, render_config_json=render_json, seed=seed,
-                   n_train=n_train, n_test=n_test, tokenizer=tokenizer or "")
+        digest = hashlib.sha256(
+            f"{config_json}|{render_json}|{seed}|{n_train}|{n_test}|{template}".encode()
+        ).hexdigest()[:12]
+        return cls(
+            name=f"seed{seed}_train{n_train}_test{n_test}_{digest}",
+            description=f"{n_train} training and {n_test} test chats of the symbolic "
+            f"string tasks (docs/symbolic.md), seed {seed}.",
+            symbolic_config_json=config_json,
+            render_config_json=render_json,
+            seed=seed,
+            n_train=n_train,
+            n_test=n_test,
+            tokenizer=tokenizer or "",
+        )
 
     @property
     def symbolic_config(self) -> symbolic.SymbolicConfig:
@@ -318,8 +374,12 @@ class SymbolicChatsConfig(tfds.core.BuilderConfig):
 
 def _config_from_json(cls, text: str):
     fields = json.loads(text)
-    return cls(**{name: tuple(value) if isinstance(value, list) else value
-                  for name, value in fields.items()})
+    return cls(
+        **{
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in fields.items()
+        }
+    )
 
 
 class SymbolicChats(tfds.core.GeneratorBasedBuilder):
@@ -329,38 +389,53 @@ class SymbolicChats(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {
         "1.0.0": "Train/test chats (JSON messages), answer, n/m/c/k, CoT flags.",
         "2.0.0": "The reference's chat text, raw example fields, one task stream for both "
-                 "splits, rows in the recipe's order.",
+        "splits, rows in the recipe's order.",
     }
     code_path = None  # as CotIcl: no files ship beside the builder
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = {}
         for name, (shape, dtype, doc) in symbolic_feature_docs(
-                self.builder_config.symbolic_config).items():
-            features[name] = (tfds.features.Text(doc=doc) if dtype is None else
-                              tfds.features.Tensor(shape=shape, dtype=dtype, doc=doc))
+            self.builder_config.symbolic_config
+        ).items():
+            features[name] = (
+                tfds.features.Text(doc=doc)
+                if dtype is None
+                else tfds.features.Tensor(shape=shape, dtype=dtype, doc=doc)
+            )
         task_ids = symbolic.split_task_ids(self.builder_config.n_train, self.builder_config.n_test)
         return tfds.core.DatasetInfo(
-            builder=self, description=self.builder_config.description,
-            features=tfds.features.FeaturesDict(features), disable_shuffling=True,
+            builder=self,
+            description=self.builder_config.description,
+            features=tfds.features.FeaturesDict(features),
+            disable_shuffling=True,
             metadata=tfds.core.MetadataDict(
                 symbolic_config=self.builder_config.symbolic_config_json,
                 render_config=self.builder_config.render_config_json,
-                seed=self.builder_config.seed, tokenizer=self.builder_config.tokenizer,
-                task_ids={split: [ids.start, ids.stop] for split, ids in task_ids.items()}))
+                seed=self.builder_config.seed,
+                tokenizer=self.builder_config.tokenizer,
+                task_ids={split: [ids.start, ids.stop] for split, ids in task_ids.items()},
+            ),
+        )
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples("train"),
-                "test": self._generate_examples("test")}
+        return {"train": self._generate_examples("train"), "test": self._generate_examples("test")}
 
     def _generate_examples(self, split: str):
         builder_config = self.builder_config
         config = builder_config.symbolic_config
         task_ids = symbolic.split_task_ids(builder_config.n_train, builder_config.n_test)[split]
-        chat_text = (symbolic.tokenizer_chat_text(builder_config.tokenizer)
-                     if builder_config.tokenizer else symbolic.chatml_text)
-        rows = symbolic.render_split(symbolic.generate(builder_config.seed, task_ids, config),
-                                     builder_config.seed, builder_config.render_config, chat_text)
+        chat_text = (
+            symbolic.tokenizer_chat_text(builder_config.tokenizer)
+            if builder_config.tokenizer
+            else symbolic.chatml_text
+        )
+        rows = symbolic.render_split(
+            symbolic.generate(builder_config.seed, task_ids, config),
+            builder_config.seed,
+            builder_config.render_config,
+            chat_text,
+        )
         for position, row in enumerate(rows):
             yield position, symbolic_record(row, config)
 
@@ -375,30 +450,47 @@ def symbolic_record(row: symbolic.RenderedRow, config: symbolic.SymbolicConfig) 
     answer_word = np.full(shapes["answer_word"], "", object)
     adj_list = np.full(shapes["adj_list"], -1, np.int32)
     for e, example in enumerate(task.examples):
-        input_words[e, :task.n] = example.input_words
-        intermediate_words[e, :task.c - 1] = example.intermediate_words
+        input_words[e, : task.n] = example.input_words
+        intermediate_words[e, : task.c - 1] = example.intermediate_words
         answer_word[e] = example.answer_word
-        adj_list[e, :task.c, :task.m] = example.adj_list
+        adj_list[e, : task.c, : task.m] = example.adj_list
     is_cot = np.zeros(shapes["is_cot"], np.bool_)
-    is_cot[:len(row.is_cot)] = row.is_cot
+    is_cot[: len(row.is_cot)] = row.is_cot
     return dict(
-        task_id=np.int32(task.task_id), input_words=input_words,
-        intermediate_words=intermediate_words, answer_word=answer_word, adj_list=adj_list,
-        n=np.int32(task.n), m=np.int32(task.m), c=np.int32(task.c), k=np.int32(task.k),
-        messages=json.dumps(row.messages), text=row.text,
+        task_id=np.int32(task.task_id),
+        input_words=input_words,
+        intermediate_words=intermediate_words,
+        answer_word=answer_word,
+        adj_list=adj_list,
+        n=np.int32(task.n),
+        m=np.int32(task.m),
+        c=np.int32(task.c),
+        k=np.int32(task.k),
+        messages=json.dumps(row.messages),
+        text=row.text,
         answer=task.examples[len(row.is_cot) - 1].answer_word,
-        n_rendered=np.int32(len(row.is_cot)), is_cot=is_cot, n_cot=np.int32(sum(row.is_cot)),
-        cot_example_prob=np.float32(row.cot_example_prob))
+        n_rendered=np.int32(len(row.is_cot)),
+        is_cot=is_cot,
+        n_cot=np.int32(sum(row.is_cot)),
+        cot_example_prob=np.float32(row.cot_example_prob),
+    )
 
 
-def build_symbolic(config: symbolic.SymbolicConfig, render: symbolic.RenderConfig,
-                   data_dir: str, n_train: int = symbolic.DEFAULT_N_TRAIN,
-                   n_test: int = symbolic.DEFAULT_N_TEST, seed: int = symbolic.DEFAULT_SEED,
-                   tokenizer: str | None = None) -> str:
+def build_symbolic(
+    config: symbolic.SymbolicConfig,
+    render: symbolic.RenderConfig,
+    data_dir: str,
+    n_train: int = symbolic.DEFAULT_N_TRAIN,
+    n_test: int = symbolic.DEFAULT_N_TEST,
+    seed: int = symbolic.DEFAULT_SEED,
+    tokenizer: str | None = None,
+) -> str:
     """Writes (or finds already written) the symbolic chats dataset; returns its directory."""
     builder = SymbolicChats(
         config=SymbolicChatsConfig.create(config, render, n_train, n_test, seed, tokenizer),
-        data_dir=data_dir, file_format=FILE_FORMAT)
+        data_dir=data_dir,
+        file_format=FILE_FORMAT,
+    )
     builder.download_and_prepare()
     return os.fspath(builder.data_path)
 
@@ -410,32 +502,55 @@ def read_symbolic_split(dataset_dir: str, split: str) -> list[dict]:
     rows = []
     for i in range(len(fields["task_id"])):
         n, m, c, k = (int(fields[name][i]) for name in ("n", "m", "c", "k"))
-        examples = [dict(input_words=list(fields["input_words"][i, e, :n]),
-                         intermediate_words=list(fields["intermediate_words"][i, e, :c - 1]),
-                         answer_word=fields["answer_word"][i, e],
-                         adj_list=fields["adj_list"][i, e, :c, :m].tolist())
-                    for e in range(k)]
-        rows.append(dict(task_id=int(fields["task_id"][i]), examples=examples,
-                         messages=json.loads(fields["messages"][i]), text=fields["text"][i],
-                         cot_example_prob=float(fields["cot_example_prob"][i]),
-                         is_cot=fields["is_cot"][i, :fields["n_rendered"][i]].tolist()))
+        examples = [
+            dict(
+                input_words=list(fields["input_words"][i, e, :n]),
+                intermediate_words=list(fields["intermediate_words"][i, e, : c - 1]),
+                answer_word=fields["answer_word"][i, e],
+                adj_list=fields["adj_list"][i, e, :c, :m].tolist(),
+            )
+            for e in range(k)
+        ]
+        rows.append(
+            dict(
+                task_id=int(fields["task_id"][i]),
+                examples=examples,
+                messages=json.loads(fields["messages"][i]),
+                text=fields["text"][i],
+                cot_example_prob=float(fields["cot_example_prob"][i]),
+                is_cot=fields["is_cot"][i, : fields["n_rendered"][i]].tolist(),
+            )
+        )
     return rows
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                    lock_config=False)
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/*.py[:arg]).", lock_config=False
+    )
     flags.DEFINE_string("data_dir", None, "TFDS data directory to write into.")
-    flags.DEFINE_integer("n_train_tasks", None,
-                         "Training tasks to write (default: one batch; 1000 with --symbolic).",
-                         lower_bound=1)
+    flags.DEFINE_integer(
+        "n_train_tasks",
+        None,
+        "Training tasks to write (default: one batch; 1000 with --symbolic).",
+        lower_bound=1,
+    )
     # --symbolic: the SymbolicChats builder, with cotlab_jax.symbolic's task flags.
-    flags.DEFINE_bool("symbolic", False, "Build SymbolicChats (symbolic string task chats, "
-                                         "docs/symbolic.md) instead of a --config's token tasks.")
-    flags.DEFINE_integer("n_test_tasks", symbolic.DEFAULT_N_TEST, "(--symbolic) Test chats.",
-                         lower_bound=1)
-    flags.DEFINE_integer("seed", symbolic.DEFAULT_SEED, "(--symbolic) Task t is a function of "
-                                                        "(seed, t).", lower_bound=0)
+    flags.DEFINE_bool(
+        "symbolic",
+        False,
+        "Build SymbolicChats (symbolic string task chats, "
+        "docs/symbolic.md) instead of a --config's token tasks.",
+    )
+    flags.DEFINE_integer(
+        "n_test_tasks", symbolic.DEFAULT_N_TEST, "(--symbolic) Test chats.", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "seed",
+        symbolic.DEFAULT_SEED,
+        "(--symbolic) Task t is a function of (seed, t).",
+        lower_bound=0,
+    )
     symbolic.define_task_flags()
 
 
@@ -445,8 +560,15 @@ def _symbolic_main(f) -> str:
     if not f.data_dir:
         raise SystemExit("--symbolic needs --data_dir")
     config, render = symbolic.configs_from_flags(f)
-    return build_symbolic(config, render, f.data_dir, f.n_train_tasks or symbolic.DEFAULT_N_TRAIN,
-                          f.n_test_tasks, f.seed, f.tokenizer)
+    return build_symbolic(
+        config,
+        render,
+        f.data_dir,
+        f.n_train_tasks or symbolic.DEFAULT_N_TRAIN,
+        f.n_test_tasks,
+        f.seed,
+        f.tokenizer,
+    )
 
 
 @cli_errors.one_line  # an unwritable --data_dir (OSError) ends in one line too
@@ -467,6 +589,7 @@ def main(argv) -> None:
     except (ValueError, config_lib.ConfigError) as error:
         raise SystemExit(str(error)) from None
     print(f"wrote {path}")
+
 
 if __name__ == "__main__":
     define_flags()

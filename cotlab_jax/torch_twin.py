@@ -36,22 +36,37 @@ class TorchTwin:
     """An HF Llama holding this lab's parameters, with the optimizer, schedule and clipping of
     `train_cfg` (a `config.train`) over `total_steps`."""
 
-    def __init__(self, params: nnx.State, model_config: LlamaConfig, train_cfg,
-                 total_steps: int, attn_implementation: str = "eager"):
+    def __init__(
+        self,
+        params: nnx.State,
+        model_config: LlamaConfig,
+        train_cfg,
+        total_steps: int,
+        attn_implementation: str = "eager",
+    ):
         self.model_config = model_config
-        hf_config = transformers.LlamaConfig(**hf_convert.to_hf_config(model_config),
-                                             attn_implementation=attn_implementation)
+        hf_config = transformers.LlamaConfig(
+            **hf_convert.to_hf_config(model_config), attn_implementation=attn_implementation
+        )
         self.model = transformers.LlamaForCausalLM(hf_config)
-        self.model.load_state_dict({name: torch.from_numpy(array) for name, array in
-                                    hf_convert.to_hf_state_dict(params, model_config).items()})
+        self.model.load_state_dict(
+            {
+                name: torch.from_numpy(array)
+                for name, array in hf_convert.to_hf_state_dict(params, model_config).items()
+            }
+        )
         self.model.train()
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=train_cfg.lr, betas=(train_cfg.b1, train_cfg.b2),
-            eps=train_cfg.eps, weight_decay=train_cfg.weight_decay)
-        length = {} if train_cfg.lr_schedule == "constant" else dict(
-            num_training_steps=total_steps)
+            self.model.parameters(),
+            lr=train_cfg.lr,
+            betas=(train_cfg.b1, train_cfg.b2),
+            eps=train_cfg.eps,
+            weight_decay=train_cfg.weight_decay,
+        )
+        length = {} if train_cfg.lr_schedule == "constant" else dict(num_training_steps=total_steps)
         self.scheduler = SCHEDULES[train_cfg.lr_schedule](
-            self.optimizer, num_warmup_steps=train_cfg.warmup_steps, **length)
+            self.optimizer, num_warmup_steps=train_cfg.warmup_steps, **length
+        )
         self.clip_norm = float(train_cfg.grad_clip_norm)
 
     def step(self, batch) -> tuple[float, float]:
@@ -59,16 +74,19 @@ class TorchTwin:
         Positions are the batch's own (counted over real tokens): HF's default on a batch
         without padding."""
         self.optimizer.zero_grad()
-        loss = self.model(input_ids=_tensor(batch["input_ids"]),
-                          attention_mask=_tensor(batch["attention_mask"]),
-                          position_ids=_tensor(batch["positions"]),
-                          labels=_tensor(batch["labels"])).loss
+        loss = self.model(
+            input_ids=_tensor(batch["input_ids"]),
+            attention_mask=_tensor(batch["attention_mask"]),
+            position_ids=_tensor(batch["positions"]),
+            labels=_tensor(batch["labels"]),
+        ).loss
         loss.backward()
         if self.clip_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
         else:
-            norm = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(p.grad) for p in self.model.parameters()]))
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in self.model.parameters()])
+            )
         self.optimizer.step()
         self.scheduler.step()
         return loss.item(), norm.item()
@@ -77,14 +95,21 @@ class TorchTwin:
     def greedy_decode(self, prompts, prompt_mask, new_tokens: int) -> np.ndarray:
         """Greedy decoding with HF's KV cache: `new_tokens` tokens after left-padded prompts."""
         self.model.eval()
-        out = self.model.generate(input_ids=_tensor(prompts), attention_mask=_tensor(prompt_mask),
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  do_sample=False, use_cache=True, pad_token_id=0)
+        out = self.model.generate(
+            input_ids=_tensor(prompts),
+            attention_mask=_tensor(prompt_mask),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
         self.model.train()
-        return out[:, np.shape(prompts)[1]:].numpy()
+        return out[:, np.shape(prompts)[1] :].numpy()
 
     def params(self) -> nnx.State:
         """The current weights as this lab's parameters (to evaluate them with this lab)."""
         return hf_convert.from_hf_state_dict(
             {name: tensor.numpy() for name, tensor in self.model.state_dict().items()},
-            self.model_config)
+            self.model_config,
+        )

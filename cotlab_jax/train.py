@@ -33,13 +33,17 @@ class WriteFailedError(rundir.RunError):
 
 
 def _write_failed(what: str, step: int, error: OSError, manager) -> WriteFailedError:
-    why = "the disk is full" if error.errno == errno.ENOSPC else \
-        (error.strerror or str(error).splitlines()[0])
+    why = (
+        "the disk is full"
+        if error.errno == errno.ENOSPC
+        else (error.strerror or str(error).splitlines()[0])
+    )
     kept = manager.latest_step()
     return WriteFailedError(
         f"{what} at step {step} failed: {why}. Stopped; the run is intact up to "
         f"{f'checkpoint {kept}' if kept else 'its start'}: free space and relaunch the same "
-        f"command to go on from there")
+        f"command to go on from there"
+    )
 
 
 class _Preemption:
@@ -79,8 +83,9 @@ class _Member:
 
     def open_metrics(self) -> None:
         if jax.process_index() == 0:
-            self.writer = MetricsWriter(self.workdir, self.start,
-                                        tensorboard=self.exp.config.log.tensorboard)
+            self.writer = MetricsWriter(
+                self.workdir, self.start, tensorboard=self.exp.config.log.tensorboard
+            )
         if self.start == 0:  # a property of the task distribution, known before training
             coverage = analysis.eval_set_coverage(self.eval_set, self.exp.spec)
             self.log(0, "data", dict(token_coverage=coverage))
@@ -90,34 +95,42 @@ class _Member:
             try:
                 self.writer.write(step, kind, values)
             except MetricsWriteError as error:
-                raise _write_failed(f"writing {self.writer.path}", step, error,
-                                    self.manager) from None
+                raise _write_failed(
+                    f"writing {self.writer.path}", step, error, self.manager
+                ) from None
 
     def save(self, step: int, state) -> None:
         try:
             self.manager.save(step, args=ocp.args.StandardSave(state))
         except OSError as error:
-            raise _write_failed(f"saving the checkpoint of {self.workdir}", step, error,
-                                self.manager) from None
+            raise _write_failed(
+                f"saving the checkpoint of {self.workdir}", step, error, self.manager
+            ) from None
 
     def evaluate(self, graphdef, params, step: int, final: bool) -> None:
         """Logs the evaluation on the frozen eval set (at the end also over example counts),
         and the analyses if the config asks for them."""
         cfg, spec = self.exp.config, self.exp.spec
         sharding = jax.sharding.NamedSharding(self.exp.mesh, jax.P(("data", "fsdp")))
-        options = dict(batch_size=cfg.eval.batch_size, max_pred_tokens=cfg.eval.max_pred_tokens,
-                       answer_rule=cfg.eval.answer_rule, batch_sharding=sharding)
+        options = dict(
+            batch_size=cfg.eval.batch_size,
+            max_pred_tokens=cfg.eval.max_pred_tokens,
+            answer_rule=cfg.eval.answer_rule,
+            batch_sharding=sharding,
+        )
         metrics = evaluate.evaluate(graphdef, params, self.eval_set, spec, **options)
         self.log(step, "eval", metrics)
         self.last_acc = f"{metrics.get('answer_acc', float('nan')):.3f}"
         counts = config_lib.parse_example_counts(cfg.eval.example_counts, spec.K)
         if final and counts:
-            by_k = evaluate.evaluate_over_k(graphdef, params, self.eval_set, spec,
-                                            example_counts=counts, **options)
+            by_k = evaluate.evaluate_over_k(
+                graphdef, params, self.eval_set, spec, example_counts=counts, **options
+            )
             self.log(step, "eval_by_k", evaluate.flatten_over_k(by_k))
         if cfg.eval.analyses:
-            self.log(step, "analysis",
-                     self.analyses(graphdef, params, final, options["batch_sharding"]))
+            self.log(
+                step, "analysis", self.analyses(graphdef, params, final, options["batch_sharding"])
+            )
 
     def analyses(self, graphdef, params, final: bool, batch_sharding) -> dict:
         """The analyses of `cotlab_jax.analysis` (and, at the end, the query's attention
@@ -125,16 +138,25 @@ class _Member:
         cfg, spec = self.exp.config, self.exp.spec
         if self.world is None:
             self.world = data.make_world(data.root_keys(cfg.seed)["world"], spec)
-        metrics = analysis.dag_recovery(graphdef, params, self.eval_set, spec,
-                                        batch_size=cfg.eval.analysis_batch_size,
-                                        n_tasks=cfg.eval.analysis_tasks,
-                                        batch_sharding=batch_sharding)
+        metrics = analysis.dag_recovery(
+            graphdef,
+            params,
+            self.eval_set,
+            spec,
+            batch_size=cfg.eval.analysis_batch_size,
+            n_tasks=cfg.eval.analysis_tasks,
+            batch_sharding=batch_sharding,
+        )
         metrics.update(analysis.embedding_metrics(params, self.world, spec))
-        if final and jax.process_index() == 0 and not spec.prompt_strategy.startswith(
-                "standard"):
+        if final and jax.process_index() == 0 and not spec.prompt_strategy.startswith("standard"):
             first_task = {name: value[:1] for name, value in self.eval_set.items()}
-            analysis.plot_query_attention(graphdef, params, first_task, spec,
-                                          os.path.join(self.workdir, "query_attention.png"))
+            analysis.plot_query_attention(
+                graphdef,
+                params,
+                first_task,
+                spec,
+                os.path.join(self.workdir, "query_attention.png"),
+            )
         return metrics
 
     def check_finite(self, nonfinite_step) -> bool:
@@ -142,12 +164,16 @@ class _Member:
         bad = int(nonfinite_step)
         if self.failure is None and bad >= 0:
             latest = self.manager.latest_step()
-            kept = f"the last good checkpoint is step {latest}" if latest is not None else \
-                "no checkpoint was written"
+            kept = (
+                f"the last good checkpoint is step {latest}"
+                if latest is not None
+                else "no checkpoint was written"
+            )
             self.failure = (
                 f"the training loss (or the updated parameters) became non-finite at step "
                 f"{bad + 1}; stopping ({kept}). Try a lower train.lr, or set "
-                f"train.grad_clip_norm.")
+                f"train.grad_clip_norm."
+            )
             self.failed_step = bad + 1
             rundir.write_failure(self.workdir, self.failure, self.failed_step)
         return self.failure is None
@@ -156,8 +182,9 @@ class _Member:
         try:
             self.manager.close()  # waits for a save in flight
         except OSError as error:  # the save in flight failed
-            raise _write_failed(f"saving the checkpoint of {self.workdir}", "the end", error,
-                                self.manager) from None
+            raise _write_failed(
+                f"saving the checkpoint of {self.workdir}", "the end", error, self.manager
+            ) from None
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -178,30 +205,45 @@ def _single_program(member: _Member, build_step: StepBuilder) -> experiment.Prog
     # Global (replicated) copies, made on every process alike, as the train step's inputs.
     replicated = jax.sharding.NamedSharding(exp.mesh, jax.P())
     world, train_key = jax.jit(
-        lambda: (data.make_world(data.root_keys(config.seed)["world"], exp.spec),
-                 data.root_keys(config.seed)["train"]), out_shardings=replicated)()
+        lambda: (
+            data.make_world(data.root_keys(config.seed)["world"], exp.spec),
+            data.root_keys(config.seed)["train"],
+        ),
+        out_shardings=replicated,
+    )()
     with jax.set_mesh(exp.mesh):
         if member.start:  # restored straight into this mesh's layout, whatever mesh saved it
             (graphdef, state), member.restored = member.restored, None
         else:
             graphdef, state = experiment.init_state(exp)
         state, step_fn = build_step(exp, graphdef, state, bool(member.start))
-    return experiment.Program(graphdef=graphdef, state=state,
-                              step=lambda state: step_fn(state, world, train_key),
-                              member_state=lambda state, i: state, packed=False)
+    return experiment.Program(
+        graphdef=graphdef,
+        state=state,
+        step=lambda state: step_fn(state, world, train_key),
+        member_state=lambda state, i: state,
+        packed=False,
+    )
 
 
 def _window_metrics(window, seconds: float) -> dict:
     steps = max(int(window["steps"]), 1)
-    return dict(loss=float(window["loss_sum"]) / steps, n_cot=int(window["n_cot"]),
-                n_direct=int(window["n_direct"]), grad_norm=float(window["grad_norm"]),
-                tokens_per_s=int(window["tokens"]) / max(seconds, 1e-9),
-                step_time_s=seconds / steps)
+    return dict(
+        loss=float(window["loss_sum"]) / steps,
+        n_cot=int(window["n_cot"]),
+        n_direct=int(window["n_direct"]),
+        grad_norm=float(window["grad_norm"]),
+        tokens_per_s=int(window["tokens"]) / max(seconds, 1e-9),
+        step_time_s=seconds / steps,
+    )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       build_step: StepBuilder = train_step_builder,
-                       allow_config_change: bool = False) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    build_step: StepBuilder = train_step_builder,
+    allow_config_change: bool = False,
+) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the final results (also results.json).
     `build_step` makes its step (default: the train step; distillation passes its own);
     `allow_config_change`: see `rundir.prepare_workdir`."""
@@ -214,13 +256,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def due_actions(step: int, total_steps: int, periods: dict[str, int]) -> set[str]:
     """The periodic actions (names of `periods`: action -> every n steps) due after `step`:
     each at multiples of its period, and all of them after the last step."""
-    return {action for action, every in periods.items()
-            if step % every == 0 or step == total_steps}
+    return {action for action, every in periods.items() if step % every == 0 or step == total_steps}
 
 
-def train_members(runs: list[tuple[ml_collections.ConfigDict, str]],
-                  build_step: StepBuilder = train_step_builder,
-                  allow_config_change: bool = False) -> list[dict]:
+def train_members(
+    runs: list[tuple[ml_collections.ConfigDict, str]],
+    build_step: StepBuilder = train_step_builder,
+    allow_config_change: bool = False,
+) -> list[dict]:
     """Trains (or resumes) runs `(config, workdir)` together: one run alone, or sweep members
     packed into one vmapped program (`cotlab_jax.packed`; their configs must share what
     `packed.pack_key` names, and their checkpoints the same step). Each keeps its own run
@@ -241,15 +284,16 @@ def train_members(runs: list[tuple[ml_collections.ConfigDict, str]],
         return _train_locked(runs, exps, build_step, allow_config_change)
 
 
-def _train_locked(runs, exps, build_step: StepBuilder,
-                  allow_config_change: bool) -> list[dict]:
+def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool) -> list[dict]:
     for config, workdir in runs:
         rundir.prepare_workdir(workdir, config, allow_config_change)
     members = [_Member(exp, workdir) for exp, (_, workdir) in zip(exps, runs, strict=True)]
     starts = sorted({m.start for m in members})
     if len(starts) > 1:
-        raise rundir.RunError(f"members packed together must resume from one step; their "
-                              f"checkpoints are at steps {starts}")
+        raise rundir.RunError(
+            f"members packed together must resume from one step; their "
+            f"checkpoints are at steps {starts}"
+        )
     start = starts[0]
     exp = exps[0]  # the schedule and the mesh are shared
     if len(members) > 1 and build_step is not train_step_builder:
@@ -260,13 +304,20 @@ def _train_locked(runs, exps, build_step: StepBuilder,
         for m in members:
             m.restored = None  # the pack restores its stacked state itself
         program = packed.program(exps, [m.manager for m in members], start)
-    periods = dict(log=exp.config.train.log_every_n_steps,
-                   eval=exp.config.eval.eval_every_n_steps,
-                   save=exp.config.train.checkpoint_every_n_steps)
+    periods = dict(
+        log=exp.config.train.log_every_n_steps,
+        eval=exp.config.eval.eval_every_n_steps,
+        save=exp.config.train.checkpoint_every_n_steps,
+    )
     for m in members:
         m.open_metrics()
-    bar = tqdm(total=exp.total_steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=not exp.config.log.progress_bar or jax.process_index() != 0)
+    bar = tqdm(
+        total=exp.total_steps,
+        initial=start,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not exp.config.log.progress_bar or jax.process_index() != 0,
+    )
     state, step = program.state, start
     window_start = time.perf_counter()
     try:
@@ -280,22 +331,33 @@ def _train_locked(runs, exps, build_step: StepBuilder,
                     due.add("save")
                 if not due:
                     continue
-                host = jax.device_get(dict(window=state["window"],
-                                           nonfinite_step=state["nonfinite_step"]))
-                own = [jax.tree.map(lambda x, i=i: x[i], host) if program.packed else host
-                       for i in range(len(members))]
-                active = [i for i, m in enumerate(members)
-                          if m.check_finite(own[i]["nonfinite_step"])]
+                host = jax.device_get(
+                    dict(window=state["window"], nonfinite_step=state["nonfinite_step"])
+                )
+                own = [
+                    jax.tree.map(lambda x, i=i: x[i], host) if program.packed else host
+                    for i in range(len(members))
+                ]
+                active = [
+                    i for i, m in enumerate(members) if m.check_finite(own[i]["nonfinite_step"])
+                ]
                 if "log" in due:
                     window_start = _log_windows(members, active, own, step, window_start, bar)
-                member_states = {i: program.member_state(state, i) for i in active} \
-                    if due & {"eval", "save"} else {}
+                member_states = (
+                    {i: program.member_state(state, i) for i in active}
+                    if due & {"eval", "save"}
+                    else {}
+                )
                 # Evaluate before checkpointing: a run resumed from step s has its records up
                 # to s, the evaluation at s included.
                 if "eval" in due:
                     for i in active:
-                        members[i].evaluate(program.graphdef, member_states[i]["params"], step,
-                                            final=step == exp.total_steps)
+                        members[i].evaluate(
+                            program.graphdef,
+                            member_states[i]["params"],
+                            step,
+                            final=step == exp.total_steps,
+                        )
                     window_start = time.perf_counter()  # keeps eval time out of tokens/s
                 if "save" in due:
                     for i in active:
@@ -304,8 +366,10 @@ def _train_locked(runs, exps, build_step: StepBuilder,
                     for m in members:
                         m.manager.wait_until_finished()
                     bar.close()
-                    print(f"Preempted (SIGTERM) at step {step}; checkpoint saved, resume with "
-                          f"the same command.")
+                    print(
+                        f"Preempted (SIGTERM) at step {step}; checkpoint saved, resume with "
+                        f"the same command."
+                    )
                     return [{"preempted_at_step": step} for _ in members]
     finally:
         bar.close()
@@ -313,13 +377,17 @@ def _train_locked(runs, exps, build_step: StepBuilder,
             m.close()
 
     n_params = model.count_params(program.member_state(state, 0)["params"])
-    return [dict(error=m.failure, step=m.failed_step) if m.failure is not None
-            else rundir.write_results(m.exp.config, m.workdir, step, n_params)
-            for m in members]
+    return [
+        dict(error=m.failure, step=m.failed_step)
+        if m.failure is not None
+        else rundir.write_results(m.exp.config, m.workdir, step, n_params)
+        for m in members
+    ]
 
 
-def _log_windows(members: list[_Member], active: list[int], own: list[dict], step: int,
-                 window_start: float, bar) -> float:
+def _log_windows(
+    members: list[_Member], active: list[int], own: list[dict], step: int, window_start: float, bar
+) -> float:
     """Logs each active member's training window; a pack's progress bar shows every member's
     loss and accuracy ("a/b/..."). Returns the next window's start time."""
     now = time.perf_counter()
@@ -327,16 +395,22 @@ def _log_windows(members: list[_Member], active: list[int], own: list[dict], ste
     for i in active:
         members[i].log(step, "train", window[i])
     if active:
-        bar.set_postfix(loss="/".join(f"{window[i]['loss']:.3f}" for i in active),
-                        acc="/".join(members[i].last_acc for i in active),
-                        tok_s=f"{sum(window[i]['tokens_per_s'] for i in active):,.0f}")
+        bar.set_postfix(
+            loss="/".join(f"{window[i]['loss']:.3f}" for i in active),
+            acc="/".join(members[i].last_acc for i in active),
+            tok_s=f"{sum(window[i]['tokens_per_s'] for i in active):,.0f}",
+        )
     return now
 
 
 def summary(results: dict, workdir: str) -> str:
     """A one-screen summary of a finished run."""
-    lines = [f"run        {results['run_name']}", f"workdir    {workdir}",
-             f"steps      {results['step']}", f"parameters {results['n_params']:,}"]
+    lines = [
+        f"run        {results['run_name']}",
+        f"workdir    {workdir}",
+        f"steps      {results['step']}",
+        f"parameters {results['n_params']:,}",
+    ]
     for kind in ("train", "eval"):
         for name, value in results[kind].items():
             shown = f"{value:,}" if isinstance(value, int) else f"{value:.4g}"

@@ -27,9 +27,19 @@ def task_spec(**data_fields) -> data.TaskSpec:
 
 def make_spec(**data_fields) -> data.TaskSpec:
     """Variable n, c and k, so masks matter everywhere."""
-    return task_spec(**{**dict(vocab_size=VOCAB, n_dims=6, n_input_choices=(3, 4),
-                               n_parent_choices=(2,), chain_length_choices=(2, 3, 4),
-                               n_example_choices=(3, 5)), **data_fields})
+    return task_spec(
+        **{
+            **dict(
+                vocab_size=VOCAB,
+                n_dims=6,
+                n_input_choices=(3, 4),
+                n_parent_choices=(2,),
+                chain_length_choices=(2, 3, 4),
+                n_example_choices=(3, 5),
+            ),
+            **data_fields,
+        }
+    )
 
 
 @functools.cache
@@ -71,14 +81,19 @@ def real_tokens(ids, mask) -> list[list[int]]:
     return [row[m].tolist() for row, m in zip(np.asarray(ids), np.asarray(mask), strict=True)]
 
 
-def answer_rule(prompt_last: int, generated: list[int], answer: int,
-                spec: data.TaskSpec) -> tuple[bool, bool]:
+def answer_rule(
+    prompt_last: int, generated: list[int], answer: int, spec: data.TaskSpec
+) -> tuple[bool, bool]:
     """(correct, format_ok) of one generation, written plainly."""
     output = [prompt_last, *generated]
     ending = output[-4:]
-    format_ok = (len(output) >= 4 and ending[0] == spec.token_id("answer_start")
-                 and 0 <= ending[1] < spec.usable_vocab_size
-                 and ending[2] == spec.token_id("answer_end") and ending[3] == spec.token_id("eos"))
+    format_ok = (
+        len(output) >= 4
+        and ending[0] == spec.token_id("answer_start")
+        and 0 <= ending[1] < spec.usable_vocab_size
+        and ending[2] == spec.token_id("answer_end")
+        and ending[3] == spec.token_id("eos")
+    )
     return format_ok and ending[1] == answer, format_ok
 
 
@@ -98,17 +113,37 @@ def teacher_forced_loss(logits: np.ndarray, labels: np.ndarray) -> tuple[float, 
     return total, count
 
 
-def stand_in_run(monkeypatch, workdir: str, spec: data.TaskSpec, eval_set, graphdef, state, *,
-                 batch_size: int, max_pred_tokens: int, step: int = 7) -> list:
+def stand_in_run(
+    monkeypatch,
+    workdir: str,
+    spec: data.TaskSpec,
+    eval_set,
+    graphdef,
+    state,
+    *,
+    batch_size: int,
+    max_pred_tokens: int,
+    step: int = 7,
+) -> list:
     """Makes `workdir` a run for `evaluate.cli.run_cli`: saves `eval_set` as its frozen eval set
     and replaces `rundir.load_run` by a stub that returns the given model at `step` (another
     step number raises `rundir.RunError`). Returns the list of (workdir, step) calls."""
     data.save_eval_set(f"{workdir}/eval_set.npz", eval_set, spec)
     config = config_lib.get_base_config()
-    config.seed, config.eval.batch_size, config.eval.max_pred_tokens = 0, batch_size, \
-        max_pred_tokens
-    loaded = types.SimpleNamespace(config=config, spec=spec, graphdef=graphdef, params=state,
-                                   step=step, world=None, workdir=workdir)
+    config.seed, config.eval.batch_size, config.eval.max_pred_tokens = (
+        0,
+        batch_size,
+        max_pred_tokens,
+    )
+    loaded = types.SimpleNamespace(
+        config=config,
+        spec=spec,
+        graphdef=graphdef,
+        params=state,
+        step=step,
+        world=None,
+        workdir=workdir,
+    )
     calls = []
 
     def load_run(run_dir, which):

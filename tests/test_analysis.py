@@ -25,8 +25,10 @@ _recovery_from_probs = jax.jit(analysis.dag_recovery_from_probs, static_argnames
 
 @functools.partial(jax.jit, static_argnames="spec")
 def _positions_and_starts(batch, spec):
-    return (analysis.example_token_positions(batch, spec),
-            analysis.example_start_positions(batch, spec))
+    return (
+        analysis.example_token_positions(batch, spec),
+        analysis.example_start_positions(batch, spec),
+    )
 
 
 def spec_and_set(strategy: str):
@@ -74,11 +76,20 @@ def counted_tokens(eval_set, spec: data.TaskSpec):
                 continue
             for j in range(c):
                 row = where[(e, spec.N + j)] - 1
-                parents = [where[(e, int(a) if a < n else spec.N + int(a) - n)]
-                           for a in eval_set["adj"][b, j][eval_set["parent_mask"][b, j]]]
+                parents = [
+                    where[(e, int(a) if a < n else spec.N + int(a) - n)]
+                    for a in eval_set["adj"][b, j][eval_set["parent_mask"][b, j]]
+                ]
                 candidates = [t for t in range(row + 1) if owners[t] == e]
-                tokens.append(dict(task=b, group="query" if e == k - 1 else "demo", row=row,
-                                   parents=parents, candidates=candidates))
+                tokens.append(
+                    dict(
+                        task=b,
+                        group="query" if e == k - 1 else "demo",
+                        row=row,
+                        parents=parents,
+                        candidates=candidates,
+                    )
+                )
     return tokens
 
 
@@ -101,8 +112,9 @@ def test_example_token_positions_match_the_plain_layout():
             # The tokens there are the task's inputs and chain tokens.
             tokens = np.concatenate([eval_set["inputs"][b], eval_set["chain"][b]], axis=1)
             written = positions[b] >= 0
-            np.testing.assert_array_equal(eval_set["input_ids"][b][positions[b][written]],
-                                          tokens[written])
+            np.testing.assert_array_equal(
+                eval_set["input_ids"][b][positions[b][written]], tokens[written]
+            )
 
 
 # --- hand-built attention ----------------------------------------------------------------------
@@ -139,16 +151,26 @@ def test_recovery_of_hand_built_attention(strategy):
     tokens = counted_tokens(eval_set, spec)
     mask = eval_set["attention_mask"]
     rng = np.random.default_rng(0)
-    noise = np.where(np.tril(np.ones((spec.seq_len,) * 2, bool))[None, None] & mask[:, None, None],
-                     rng.random((N_TASKS, 3, spec.seq_len, spec.seq_len)), 0.0)
-    heads = np.stack([parent_rows(eval_set, tokens), uniform_rows(mask),
-                      parent_rows(eval_set, tokens, shift=-1)], axis=1)  # [B, 3, L, L]
+    noise = np.where(
+        np.tril(np.ones((spec.seq_len,) * 2, bool))[None, None] & mask[:, None, None],
+        rng.random((N_TASKS, 3, spec.seq_len, spec.seq_len)),
+        0.0,
+    )
+    heads = np.stack(
+        [
+            parent_rows(eval_set, tokens),
+            uniform_rows(mask),
+            parent_rows(eval_set, tokens, shift=-1),
+        ],
+        axis=1,
+    )  # [B, 3, L, L]
     probs = np.stack([heads, noise / np.maximum(noise.sum(-1, keepdims=True), 1e-9)])
     sums = _recovery_from_probs(jnp.asarray(probs, jnp.float32), eval_set, spec)
     means = analysis.finalize_dag_recovery(jax.tree.map(np.asarray, sums))
 
     uniform_mass = expected_means(
-        tokens, lambda t: len(t["parents"]) / mask[t["task"], : t["row"] + 1].sum())
+        tokens, lambda t: len(t["parents"]) / mask[t["task"], : t["row"] + 1].sum()
+    )
     # Ties count against, so uniform attention picks the parents only when they are all it sees.
     uniform_top_m = expected_means(tokens, lambda t: len(t["candidates"]) == len(t["parents"]))
     for group in ("query", "demo"):
@@ -172,12 +194,16 @@ def test_recovery_of_hand_built_attention(strategy):
 def test_batches_combine_exactly_and_standard_has_nothing_to_measure():
     spec, _, eval_set = spec_and_set("hybrid_special_token")
     # The shape of the hand-built test's probs, so the whole batch reuses its compilation.
-    probs = jnp.broadcast_to(jnp.asarray(uniform_rows(eval_set["attention_mask"]), jnp.float32),
-                             (2, 3, N_TASKS, spec.seq_len, spec.seq_len)).transpose(0, 2, 1, 3, 4)
+    probs = jnp.broadcast_to(
+        jnp.asarray(uniform_rows(eval_set["attention_mask"]), jnp.float32),
+        (2, 3, N_TASKS, spec.seq_len, spec.seq_len),
+    ).transpose(0, 2, 1, 3, 4)
     whole = analysis.finalize_dag_recovery(_recovery_from_probs(probs, eval_set, spec))
     half = N_TASKS // 2
-    parts = [_recovery_from_probs(probs[:, rows], {k: v[rows] for k, v in eval_set.items()}, spec)
-             for rows in (slice(0, half), slice(half, N_TASKS))]
+    parts = [
+        _recovery_from_probs(probs[:, rows], {k: v[rows] for k, v in eval_set.items()}, spec)
+        for rows in (slice(0, half), slice(half, N_TASKS))
+    ]
     combined = analysis.finalize_dag_recovery(analysis.combine_recovery_sums(parts))
     for name, value in whole.items():
         np.testing.assert_allclose(combined[name], value, rtol=1e-6)
@@ -185,7 +211,8 @@ def test_batches_combine_exactly_and_standard_has_nothing_to_measure():
     spec, _, eval_set = spec_and_set("standard")
     probs = jnp.asarray(uniform_rows(eval_set["attention_mask"])[None, :, None], jnp.float32)
     metrics = analysis.flat_recovery_metrics(
-        analysis.finalize_dag_recovery(_recovery_from_probs(probs, eval_set, spec)))
+        analysis.finalize_dag_recovery(_recovery_from_probs(probs, eval_set, spec))
+    )
     assert len(metrics) == 8 and all(np.isnan(v) for v in metrics.values())
 
 
@@ -228,7 +255,8 @@ def test_capture_off_keeps_the_fused_attention(monkeypatch):
     assert calls
     calls.clear()
     jax.make_jaxpr(functools.partial(model.apply, return_attention=True))(
-        graphdef, state, ids, model.positions_from_mask(mask), mask)
+        graphdef, state, ids, model.positions_from_mask(mask), mask
+    )
     assert not calls
 
 
@@ -261,9 +289,12 @@ def test_dag_recovery_of_a_random_model(tmp_path):
     config = tiny_config(vocab_size=spec.vocab_size)
     graphdef, params = random_state(config, 3)
     metrics = analysis.dag_recovery(graphdef, params, eval_set, spec, batch_size=5)
-    names = {f"{score}_{group}_{cell}" for score in ("parent_mass", "parent_top_m")
-             for group in ("query", "demo")
-             for cell in [f"L{layer}H{head}" for layer in range(2) for head in range(4)] + ["best"]}
+    names = {
+        f"{score}_{group}_{cell}"
+        for score in ("parent_mass", "parent_top_m")
+        for group in ("query", "demo")
+        for cell in [f"L{layer}H{head}" for layer in range(2) for head in range(4)] + ["best"]
+    }
     assert set(metrics) == names
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
     for group in ("query", "demo"):
@@ -276,7 +307,8 @@ def test_dag_recovery_of_a_random_model(tmp_path):
     prefix = analysis.dag_recovery(graphdef, params, eval_set, spec, batch_size=5, n_tasks=5)
     first = {k: v[:5] for k, v in eval_set.items()}
     assert prefix == pytest.approx(
-        analysis.dag_recovery(graphdef, params, first, spec, batch_size=5), rel=1e-6, nan_ok=True)
+        analysis.dag_recovery(graphdef, params, first, spec, batch_size=5), rel=1e-6, nan_ok=True
+    )
     standard = make_spec(prompt_strategy="standard")
     _, standard_set = world_and_eval_set(standard, N_TASKS)
     nothing = analysis.dag_recovery(graphdef, params, standard_set, standard, batch_size=5)
@@ -284,11 +316,16 @@ def test_dag_recovery_of_a_random_model(tmp_path):
 
     # Figures.
     analysis.plot_dag_recovery_heatmap(metrics, tmp_path / "heat.png", which="demo")
-    chosen = analysis.plot_query_attention(graphdef, params, eval_set, spec,
-                                           tmp_path / "query.png", task=1)
+    chosen = analysis.plot_query_attention(
+        graphdef, params, eval_set, spec, tmp_path / "query.png", task=1
+    )
     assert 0 <= chosen[0] < 2 and 0 <= chosen[1] < 4
-    assert analysis.plot_query_attention(graphdef, params, eval_set, spec, tmp_path / "l1.png",
-                                         task=2, layer=1)[0] == 1
+    assert (
+        analysis.plot_query_attention(
+            graphdef, params, eval_set, spec, tmp_path / "l1.png", task=2, layer=1
+        )[0]
+        == 1
+    )
     for name in ("heat.png", "query.png", "l1.png"):
         assert (tmp_path / name).stat().st_size > 1000
 
@@ -326,8 +363,10 @@ def test_embedding_probe_chooses_its_ridge():
     E = rng.normal(size=(V, d))
 
     def both(table):
-        return (analysis.embedding_probe(table, E, V),
-                analysis.embedding_probe(table, E, V, ridges=(1e-6,)))
+        return (
+            analysis.embedding_probe(table, E, V),
+            analysis.embedding_probe(table, E, V, ridges=(1e-6,)),
+        )
 
     noise = rng.normal(size=(V, D))
     chosen, fixed = both(0.05 * E @ rng.normal(size=(d, D)) + noise)
@@ -344,8 +383,9 @@ def test_embedding_metrics_read_the_model_table():
     spec, world, _ = spec_and_set("hybrid_special_token")
     _, params = random_state(tiny_config(vocab_size=spec.vocab_size), 4)
     table = np.asarray(params["embed_tokens"].get_value())
-    expected = analysis.embedding_probe(table, np.asarray(world["embeddings"]),
-                                        spec.usable_vocab_size, holdout_fraction=0.3)
+    expected = analysis.embedding_probe(
+        table, np.asarray(world["embeddings"]), spec.usable_vocab_size, holdout_fraction=0.3
+    )
     assert analysis.embedding_metrics(params, world, spec, holdout_fraction=0.3) == expected
 
 
@@ -356,8 +396,9 @@ def test_token_coverage_counts_distinct_chain_tokens():
     spec, world, eval_set = spec_and_set("cot")  # tasks 0..N_TASKS-1 of the seed's eval key
     brute = {int(token) for token in eval_set["chain"].ravel() if token >= 0}
     # Chunks of 5 tasks: the last one is padded with tasks beyond N_TASKS, which must not count.
-    coverage = analysis.token_coverage(world, data.root_keys(0)["eval"], spec, N_TASKS,
-                                       chunk_size=5)
+    coverage = analysis.token_coverage(
+        world, data.root_keys(0)["eval"], spec, N_TASKS, chunk_size=5
+    )
     assert spec.usable_vocab_size == 16
     assert coverage == len(brute) / 16 and 0.0 < coverage < 1.0
     assert analysis.eval_set_coverage(eval_set, spec) == coverage

@@ -15,8 +15,9 @@ pytest.importorskip("libtpu")
 from cotlab_jax import aot  # noqa: E402
 from cotlab_jax import config as config_lib  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "bench_results")
+RESULTS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench_results"
+)
 
 
 def _topology_or_skip(name):
@@ -47,10 +48,13 @@ def test_tiny_model_compiles_for_v5e_2x2():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("topology, out", [
-    ("v5e:16x16", "aot_v5e_16x16.json"),
-    ("v4:4x4x4", "aot_v4_4x4x4.json"),
-])
+@pytest.mark.parametrize(
+    "topology, out",
+    [
+        ("v5e:16x16", "aot_v5e_16x16.json"),
+        ("v4:4x4x4", "aot_v4_4x4x4.json"),
+    ],
+)
 def test_paper_model_fits_hbm(topology, out):
     _topology_or_skip(topology)
     config = config_lib.get_base_config()

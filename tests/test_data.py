@@ -30,9 +30,13 @@ def sampled(spec: data.TaskSpec, n_tasks: int = 32, seed: int = 0):
     # The same per-task keys sample_batch uses, to read the latents it drew.
     task_keys = data.task_keys(jax.random.fold_in(keys["train"], 3), jnp.arange(n_tasks))
     latents = jax.vmap(data.sample_latents, (0, 0, None, None, None, None))(
-        task_keys, jnp.arange(n_tasks), spec.n_tasks, True, world, spec)
-    return (jax.tree.map(np.asarray, world), jax.tree.map(np.asarray, latents),
-            jax.tree.map(np.asarray, tasks))
+        task_keys, jnp.arange(n_tasks), spec.n_tasks, True, world, spec
+    )
+    return (
+        jax.tree.map(np.asarray, world),
+        jax.tree.map(np.asarray, latents),
+        jax.tree.map(np.asarray, tasks),
+    )
 
 
 def reserved_ids(spec):
@@ -53,20 +57,34 @@ def test_chain_tokens_match_oracle(activation, n_layers, special):
     n_tasks = 6
     processors = rng.normal(size=(n_tasks, C, n_layers, d, d)).astype(np.float32)
     n = rng.integers(M, N + 1, size=n_tasks)
-    adj = np.stack([
-        np.stack([rng.choice(n[t] + j, size=M, replace=False) for j in range(C)])
-        for t in range(n_tasks)]).astype(np.int32)
+    adj = np.stack(
+        [
+            np.stack([rng.choice(n[t] + j, size=M, replace=False) for j in range(C)])
+            for t in range(n_tasks)
+        ]
+    ).astype(np.int32)
     inputs = rng.integers(0, V - n_reserved, size=(n_tasks, K, N)).astype(np.int32)
     forbidden = np.arange(V) >= V - n_reserved
 
-    fn = jax.jit(jax.vmap(data.chain_tokens, (None, 0, 0, None, 0, 0, None, None)),
-                 static_argnums=6)
-    got = np.asarray(fn(E, processors, adj, np.ones((C, M), bool), inputs, n, activation,
-                        forbidden))
+    fn = jax.jit(
+        jax.vmap(data.chain_tokens, (None, 0, 0, None, 0, 0, None, None)), static_argnums=6
+    )
+    got = np.asarray(
+        fn(E, processors, adj, np.ones((C, M), bool), inputs, n, activation, forbidden)
+    )
     for t in range(n_tasks):
         for e in range(K):
-            want = oracle.chain(E, processors[t], adj[t], n[t], M, C, inputs[t, e], activation,
-                                reserved=range(V - n_reserved, V))
+            want = oracle.chain(
+                E,
+                processors[t],
+                adj[t],
+                n[t],
+                M,
+                C,
+                inputs[t, e],
+                activation,
+                reserved=range(V - n_reserved, V),
+            )
             np.testing.assert_array_equal(got[t, e], want, err_msg=f"task {t} example {e}")
 
 
@@ -81,25 +99,42 @@ def test_nearest_token_breaks_ties_to_lowest_allowed_id():
     np.testing.assert_array_equal(data.nearest_token(x, E, forbidden), [5, 1])
     # Under vmap, with the table shared or per member, the same answers.
     xs = np.stack([x, x[::-1]])
-    np.testing.assert_array_equal(jax.vmap(data.nearest_token, (0, None, None))(xs, E, forbidden),
-                                  [[5, 1], [1, 5]])
+    np.testing.assert_array_equal(
+        jax.vmap(data.nearest_token, (0, None, None))(xs, E, forbidden), [[5, 1], [1, 5]]
+    )
     np.testing.assert_array_equal(
         jax.vmap(data.nearest_token, (0, 0, None))(xs, np.stack([E, E]), forbidden),
-        [[5, 1], [1, 5]])
+        [[5, 1], [1, 5]],
+    )
 
 
 @pytest.mark.parametrize("strategy", ["cot", "hybrid_special_token"])
 def test_sampled_chain_tokens_match_oracle(strategy):
-    spec = make_spec(prompt_strategy=strategy, n_input_choices=(2, 3, 4),
-                     n_parent_choices=(1, 2, 3), chain_length_choices=(1, 2, 3),
-                     n_example_choices=(2, 4, 6), H_num_layers=2, activation="silu")
+    spec = make_spec(
+        prompt_strategy=strategy,
+        n_input_choices=(2, 3, 4),
+        n_parent_choices=(1, 2, 3),
+        chain_length_choices=(1, 2, 3),
+        n_example_choices=(2, 4, 6),
+        H_num_layers=2,
+        activation="silu",
+    )
     world, lat, tasks = sampled(spec)
     reserved = reserved_ids(spec)
     for t in range(len(lat["n"])):
         n, m, c, k = (int(lat[f][t]) for f in "nmck")
         for e in range(k):
-            want = oracle.chain(world["embeddings"], lat["processors"][t], lat["adj"][t], n, m, c,
-                                lat["inputs"][t, e], spec.activation, reserved)
+            want = oracle.chain(
+                world["embeddings"],
+                lat["processors"][t],
+                lat["adj"][t],
+                n,
+                m,
+                c,
+                lat["inputs"][t, e],
+                spec.activation,
+                reserved,
+            )
             np.testing.assert_array_equal(tasks["chain"][t, e, :c], want)
             np.testing.assert_array_equal(tasks["inputs"][t, e, :n], lat["inputs"][t, e, :n])
         assert (tasks["chain"][t, :, c:] == -1).all() and (tasks["chain"][t, k:] == -1).all()
@@ -111,10 +146,18 @@ def test_sampled_chain_tokens_match_oracle(strategy):
 # Variable n, c, k are masked; one choice of each (the reference's default shape) takes the
 # static layout of `spec.fixed_shape` (except under the hybrid strategy's per-example forms).
 SHAPES = dict(
-    variable=dict(n_input_choices=(2, 3, 4), n_parent_choices=(1, 2, 3),
-                  chain_length_choices=(1, 2, 3), n_example_choices=(1, 3, 6)),
-    fixed=dict(n_input_choices=(3,), n_parent_choices=(2,), chain_length_choices=(3,),
-               n_example_choices=(5,)),
+    variable=dict(
+        n_input_choices=(2, 3, 4),
+        n_parent_choices=(1, 2, 3),
+        chain_length_choices=(1, 2, 3),
+        n_example_choices=(1, 3, 6),
+    ),
+    fixed=dict(
+        n_input_choices=(3,),
+        n_parent_choices=(2,),
+        chain_length_choices=(3,),
+        n_example_choices=(5,),
+    ),
 )
 
 
@@ -127,16 +170,19 @@ def test_layout_matches_oracle_token_for_token(strategy, shape):
     pad = spec.token_id("pad")
     for t in range(len(tasks["n"])):
         n, c, k = (int(tasks[f][t]) for f in "nck")
-        examples = [(list(tasks["inputs"][t, e, :n]), list(tasks["chain"][t, e, :c]))
-                    for e in range(k)]
-        tokens, labels, query, target = oracle.prompt(strategy, examples, tasks["is_cot"][t],
-                                                      spec.vocab_size)
+        examples = [
+            (list(tasks["inputs"][t, e, :n]), list(tasks["chain"][t, e, :c])) for e in range(k)
+        ]
+        tokens, labels, query, target = oracle.prompt(
+            strategy, examples, tasks["is_cot"][t], spec.vocab_size
+        )
         ids, mask, positions = oracle.left_pad(tokens, spec.seq_len, pad)
         np.testing.assert_array_equal(tasks["input_ids"][t], ids)
         np.testing.assert_array_equal(tasks["attention_mask"][t], mask)
         np.testing.assert_array_equal(tasks["positions"][t], positions)
         np.testing.assert_array_equal(
-            tasks["labels"][t], oracle.left_pad(labels, spec.seq_len, oracle.IGNORE)[0])
+            tasks["labels"][t], oracle.left_pad(labels, spec.seq_len, oracle.IGNORE)[0]
+        )
         q_ids, q_mask, q_positions = oracle.left_pad(query, spec.query_len, pad)
         np.testing.assert_array_equal(tasks["query_ids"][t], q_ids)
         np.testing.assert_array_equal(tasks["query_mask"][t], q_mask)
@@ -155,7 +201,8 @@ def test_fixed_shape_lays_out_by_a_static_gather(shape):
     world = data.make_world(data.root_keys(0)["world"], spec)
     ids = jnp.arange(4)
     layout = jax.make_jaxpr(lambda w, k: data.sample_tasks(k, ids, 8, False, w, spec))(
-        world, data.task_keys(jax.random.key(0), ids))
+        world, data.task_keys(jax.random.key(0), ids)
+    )
     assert ("cumsum" in str(layout)) == (shape == "variable")
 
 
@@ -175,8 +222,9 @@ def test_static_lengths_are_tight():
 
 
 def test_dag_validity():
-    spec = make_spec(n_input_choices=(2, 3, 5), n_parent_choices=(1, 3, 4),
-                     chain_length_choices=(2, 4))
+    spec = make_spec(
+        n_input_choices=(2, 3, 5), n_parent_choices=(1, 3, 4), chain_length_choices=(2, 4)
+    )
     _, lat, tasks = sampled(spec, n_tasks=64)
     assert (tasks["m"] == np.minimum(tasks["m"], tasks["n"])).all()
     for t in range(64):
@@ -193,15 +241,21 @@ def test_dag_validity():
 
 
 def test_fixed_dag_is_shared_by_every_task():
-    spec = make_spec(ablation_fixed_dag=True, n_input_choices=(4,), n_parent_choices=(2,),
-                     chain_length_choices=(3,))
+    spec = make_spec(
+        ablation_fixed_dag=True,
+        n_input_choices=(4,),
+        n_parent_choices=(2,),
+        chain_length_choices=(3,),
+    )
     world, _, tasks = sampled(spec, n_tasks=16)
     assert (tasks["adj"] == tasks["adj"][0]).all()
     np.testing.assert_array_equal(tasks["adj"][0], world["fixed_adj"])
     eval_tasks = data.eval_tasks(world, data.root_keys(0)["eval"], jnp.arange(8), spec, 8)
     assert (np.asarray(eval_tasks["adj"]) == tasks["adj"][0]).all()
-    free = sampled(make_spec(n_input_choices=(4,), n_parent_choices=(2,),
-                             chain_length_choices=(3,)), n_tasks=16)[2]
+    free = sampled(
+        make_spec(n_input_choices=(4,), n_parent_choices=(2,), chain_length_choices=(3,)),
+        n_tasks=16,
+    )[2]
     assert len(np.unique(free["adj"].reshape(16, -1), axis=0)) > 8
 
 
@@ -227,8 +281,13 @@ def test_reserved_ids_never_inputs_or_chain_tokens(strategy):
 
 
 def test_parent_choice_and_input_tokens_are_uniform():
-    spec = make_spec(n_input_choices=(4,), n_parent_choices=(1,), chain_length_choices=(2,),
-                     n_example_choices=(8,), vocab_size=32)
+    spec = make_spec(
+        n_input_choices=(4,),
+        n_parent_choices=(1,),
+        chain_length_choices=(2,),
+        n_example_choices=(8,),
+        vocab_size=32,
+    )
     _, _, tasks = sampled(spec, n_tasks=2048, seed=7)
     for j, n_available in enumerate([4, 5]):
         counts = np.bincount(tasks["adj"][:, j, 0], minlength=n_available)
@@ -247,7 +306,8 @@ def test_parent_choice_and_input_tokens_are_uniform():
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0, float("inf")])
 def test_recipe_values(alpha):
     spec = make_spec(prompt_strategy="hybrid_special_token").with_changes(
-        recipe=(0.1, 0.9, alpha, 1.0))
+        recipe=(0.1, 0.9, alpha, 1.0)
+    )
     n_prompts = 1000
     index = np.array([0, 1, 250, 500, 999, 1000])
     got = np.asarray(data.recipe_cot_prob(spec, jnp.asarray(index / n_prompts, jnp.float32)))
@@ -272,8 +332,9 @@ def test_hybrid_cot_fraction_follows_the_recipe():
     # Curriculum: the index is the task's position in training order.
     curriculum = spec.with_changes(recipe_order="curriculum")
     batch = data.sample_batch(world, keys["train"], 5, curriculum, 16)
-    np.testing.assert_allclose(batch["cot_prob"], (5 * 16 + np.arange(16)) / spec.n_tasks,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        batch["cot_prob"], (5 * 16 + np.arange(16)) / spec.n_tasks, rtol=1e-6
+    )
     # alpha = 0: all CoT; alpha = inf: none (but at the very last index).
     for alpha, want in [(0.0, 20), (float("inf"), 0)]:
         extreme = spec.with_changes(recipe=(0.0, 1.0, alpha, 1.0))
@@ -285,14 +346,18 @@ def test_hybrid_cot_fraction_follows_the_recipe():
 
 
 def test_same_batch_on_one_and_eight_devices():
-    spec = make_spec(prompt_strategy="hybrid_special_token", n_input_choices=(3, 4),
-                     chain_length_choices=(2, 3))
+    spec = make_spec(
+        prompt_strategy="hybrid_special_token", n_input_choices=(3, 4), chain_length_choices=(2, 3)
+    )
     keys = data.root_keys(0)
     world = data.make_world(keys["world"], spec)
     one = data.sample_batch(world, keys["train"], 11, spec, 16)
     mesh = jax.make_mesh((8,), ("data",), devices=jax.devices()[:8])
-    sharded_fn = jax.jit(data.sample_batch.__wrapped__, static_argnames=("spec", "batch_size"),
-                         out_shardings=jax.sharding.NamedSharding(mesh, jax.P("data")))
+    sharded_fn = jax.jit(
+        data.sample_batch.__wrapped__,
+        static_argnames=("spec", "batch_size"),
+        out_shardings=jax.sharding.NamedSharding(mesh, jax.P("data")),
+    )
     eight = sharded_fn(world, keys["train"], 11, spec=spec, batch_size=16)
     assert len(eight["input_ids"].sharding.device_set) == 8
     for name in one:
@@ -325,21 +390,29 @@ def test_eval_set_is_independent_of_chunking_and_round_trips(tmp_path):
 # --- validation ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("n_input_choices", (), "data.n_input_choices=() is invalid: expected a non-empty tuple"),
-    ("n_parent_choices", (2, 0), "data.n_parent_choices=(2, 0) is invalid"),
-    ("chain_length_choices", (1.5,), "data.chain_length_choices=(1.5,) is invalid"),
-    ("activation", "gelu", "data.activation='gelu' is invalid: expected one of"),
-    ("prompt_strategy", "cot_please", "data.prompt_strategy='cot_please' is invalid"),
-    ("num_unique_H", 5, "needs data.ablation_fixed_H=True"),
-    ("n_dims", 0, "data.n_dims=0 is invalid: expected a positive integer"),
-    ("data_initializer_range", -1.0, "expected a positive number"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("n_input_choices", (), "data.n_input_choices=() is invalid: expected a non-empty tuple"),
+        ("n_parent_choices", (2, 0), "data.n_parent_choices=(2, 0) is invalid"),
+        ("chain_length_choices", (1.5,), "data.chain_length_choices=(1.5,) is invalid"),
+        ("activation", "gelu", "data.activation='gelu' is invalid: expected one of"),
+        ("prompt_strategy", "cot_please", "data.prompt_strategy='cot_please' is invalid"),
+        ("num_unique_H", 5, "needs data.ablation_fixed_H=True"),
+        ("n_dims", 0, "data.n_dims=0 is invalid: expected a positive integer"),
+        ("data_initializer_range", -1.0, "expected a positive number"),
+    ],
+)
 def test_invalid_data_fields_are_named(field, value, message):
     config = config_lib.get_base_config()
     config.data[field] = value
-    with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(
-            ")", r"\)").replace(".", r"\.").replace("[", r"\[")):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace(".", r"\.")
+        .replace("[", r"\["),
+    ):
         data.TaskSpec.from_config(config)
 
 
@@ -350,16 +423,30 @@ def test_invalid_combinations_are_named():
         with pytest.raises(config_lib.ConfigError, match=message):
             data.TaskSpec.from_config(config)
 
-    check(r"data\.vocab_size=10 .*reserves 9 ids.*>= 11", vocab_size=10,
-          prompt_strategy="cot_special_token")
+    check(
+        r"data\.vocab_size=10 .*reserves 9 ids.*>= 11",
+        vocab_size=10,
+        prompt_strategy="cot_special_token",
+    )
     check(r"data\.num_unique_H=-1 .*positive integer", ablation_fixed_H=True)
     check(r"needs a recipe", prompt_strategy="hybrid_special_token")
-    check(r"alpha=-1\.0 .*alpha >= 0", prompt_strategy="hybrid_special_token",
-          cot_example_prob_recipe_info={**RECIPE, "alpha": -1.0})
-    check(r"type='linear' .*expected one of", prompt_strategy="hybrid_special_token",
-          cot_example_prob_recipe_info={**RECIPE, "type": "linear"})
-    check(r"applies only to prompt_strategy 'hybrid_special_token'",
-          cot_example_prob_recipe_info=RECIPE)
-    check(r"data\.n_input_choices=\(3, 4\) .*single choice", ablation_fixed_dag=True,
-          n_input_choices=(3, 4))
+    check(
+        r"alpha=-1\.0 .*alpha >= 0",
+        prompt_strategy="hybrid_special_token",
+        cot_example_prob_recipe_info={**RECIPE, "alpha": -1.0},
+    )
+    check(
+        r"type='linear' .*expected one of",
+        prompt_strategy="hybrid_special_token",
+        cot_example_prob_recipe_info={**RECIPE, "type": "linear"},
+    )
+    check(
+        r"applies only to prompt_strategy 'hybrid_special_token'",
+        cot_example_prob_recipe_info=RECIPE,
+    )
+    check(
+        r"data\.n_input_choices=\(3, 4\) .*single choice",
+        ablation_fixed_dag=True,
+        n_input_choices=(3, 4),
+    )
     check(r"cot_example_prob_recipe_order='random'", cot_example_prob_recipe_order="random")

@@ -42,6 +42,7 @@ def student_experiment(stage="word", same_model_as_teacher=False, **distill_fiel
 
 def numpy_kl(student, teacher, mask, temperature):
     """T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over `mask`, in float64."""
+
     def log_softmax(x):
         x = np.asarray(x, np.float64) / temperature
         x = x - x.max(-1, keepdims=True)
@@ -59,19 +60,32 @@ def test_distillation_kl_matches_its_closed_form(temperature):
     teacher = rng.normal(size=(3, 6, 11)).astype(np.float32) * 3
     mask = rng.random((3, 6)) < 0.5
     mask[0, 0] = True
-    got = distill.distillation_kl(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(mask),
-                                  temperature)
+    got = distill.distillation_kl(
+        jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(mask), temperature
+    )
     np.testing.assert_allclose(got, numpy_kl(student, teacher, mask, temperature), rtol=1e-5)
     # Masked positions do not count, whatever their logits.
     changed = student.copy()
     changed[~mask] = rng.normal(size=changed[~mask].shape) * 50
-    assert distill.distillation_kl(jnp.asarray(changed), jnp.asarray(teacher),
-                                   jnp.asarray(mask), temperature) == got
+    assert (
+        distill.distillation_kl(
+            jnp.asarray(changed), jnp.asarray(teacher), jnp.asarray(mask), temperature
+        )
+        == got
+    )
     # Zero when the student is the teacher; no position at all gives 0, not NaN.
-    assert distill.distillation_kl(jnp.asarray(teacher), jnp.asarray(teacher),
-                                   jnp.asarray(mask), temperature) == 0
-    assert distill.distillation_kl(jnp.asarray(student), jnp.asarray(teacher),
-                                   jnp.zeros((3, 6), bool), temperature) == 0
+    assert (
+        distill.distillation_kl(
+            jnp.asarray(teacher), jnp.asarray(teacher), jnp.asarray(mask), temperature
+        )
+        == 0
+    )
+    assert (
+        distill.distillation_kl(
+            jnp.asarray(student), jnp.asarray(teacher), jnp.zeros((3, 6), bool), temperature
+        )
+        == 0
+    )
 
 
 def test_word_level_loss_mixes_cross_entropy_and_kl_over_labelled_tokens():
@@ -81,9 +95,14 @@ def test_word_level_loss_mixes_cross_entropy_and_kl_over_labelled_tokens():
     teacher_graphdef, teacher_params = model.init(teacher_exp.model_config, jax.random.key(2))
     world = data.make_world(data.root_keys(exp.config.seed)["world"], exp.spec)
     batch = data.sample_batch(world, jax.random.key(3), 0, exp.spec, exp.batch_size)
-    loss, (ce, kl) = jax.jit(functools.partial(
-        distill.word_level_loss, graphdef=graphdef, teacher_graphdef=teacher_graphdef,
-        distill_cfg=exp.config.distill))(params, teacher_params, batch)
+    loss, (ce, kl) = jax.jit(
+        functools.partial(
+            distill.word_level_loss,
+            graphdef=graphdef,
+            teacher_graphdef=teacher_graphdef,
+            distill_cfg=exp.config.distill,
+        )
+    )(params, teacher_params, batch)
 
     inputs = (batch["input_ids"], batch["positions"], batch["attention_mask"])
     student = np.asarray(model.apply(graphdef, params, *inputs), np.float64)
@@ -110,9 +129,17 @@ def run_steps(exp, teacher_graphdef, teacher_params, n_steps):
     world = data.make_world(data.root_keys(exp.config.seed)["world"], exp.spec)
     train_key = data.root_keys(exp.config.seed)["train"]
     step = distill.compile_distill_step(exp, graphdef, state, teacher_graphdef)
-    grad = jax.jit(jax.grad(functools.partial(
-        distill.word_level_loss, graphdef=graphdef, teacher_graphdef=teacher_graphdef,
-        distill_cfg=exp.config.distill), has_aux=True))
+    grad = jax.jit(
+        jax.grad(
+            functools.partial(
+                distill.word_level_loss,
+                graphdef=graphdef,
+                teacher_graphdef=teacher_graphdef,
+                distill_cfg=exp.config.distill,
+            ),
+            has_aux=True,
+        )
+    )
     largest = 0.0
     for _ in range(n_steps):
         batch = experiment.sample_train_batch(state, world, train_key, exp)
@@ -131,14 +158,17 @@ def test_a_student_copy_of_the_teacher_stays_there():
     exp = student_experiment("word", same_model_as_teacher=True, kl_weight=1.0, temperature=2.0)
     exp.config.train.update(dict(weight_decay=0.0, eps=eps, lr=lr))
     with jax.set_mesh(exp.mesh):  # the teacher on the student's mesh, as `distill` loads it
-        teacher_graphdef, teacher_params = model.init_sharded(exp.model_config,
-                                                              jax.random.key(5), exp.mesh)
+        teacher_graphdef, teacher_params = model.init_sharded(
+            exp.model_config, jax.random.key(5), exp.mesh
+        )
     kept = jax.tree.map(np.asarray, teacher_params)
     params, largest_grad = run_steps(exp, teacher_graphdef, teacher_params, n_steps)
     assert largest_grad < 1e-5
     bound = n_steps * lr * largest_grad / eps
-    moved = max(float(np.abs(np.asarray(p) - k).max())
-                for p, k in zip(jax.tree.leaves(params), jax.tree.leaves(kept), strict=True))
+    moved = max(
+        float(np.abs(np.asarray(p) - k).max())
+        for p, k in zip(jax.tree.leaves(params), jax.tree.leaves(kept), strict=True)
+    )
     assert moved <= bound + 1e-7, (moved, bound)
     # The teacher's parameters are an argument, never donated: they are still there, unchanged.
     for p, k in zip(jax.tree.leaves(teacher_params), jax.tree.leaves(kept), strict=True):
@@ -146,8 +176,10 @@ def test_a_student_copy_of_the_teacher_stays_there():
     # The cross-entropy part does move the same student (the bound is not vacuous).
     exp.config.distill.kl_weight = 0.0
     params, _ = run_steps(exp, teacher_graphdef, teacher_params, n_steps)
-    moved = max(float(np.abs(np.asarray(p) - k).max())
-                for p, k in zip(jax.tree.leaves(params), jax.tree.leaves(kept), strict=True))
+    moved = max(
+        float(np.abs(np.asarray(p) - k).max())
+        for p, k in zip(jax.tree.leaves(params), jax.tree.leaves(kept), strict=True)
+    )
     assert moved > 100 * (bound + 1e-7)
 
 
@@ -155,7 +187,8 @@ def test_on_policy_samples_are_reproducible_and_the_kl_covers_generated_tokens_o
     exp = student_experiment("mixed", temperature=1.5)
     graphdef, params = model.init(exp.model_config, jax.random.key(7))
     teacher_graphdef, teacher_params = model.init(
-        student_experiment("word", same_model_as_teacher=True).model_config, jax.random.key(8))
+        student_experiment("word", same_model_as_teacher=True).model_config, jax.random.key(8)
+    )
     world = data.make_world(data.root_keys(exp.config.seed)["world"], exp.spec)
     batch = data.sample_batch(world, jax.random.key(9), 0, exp.spec, exp.batch_size)
     n_new = distill.generation_length(exp.spec, exp.config)
@@ -175,19 +208,25 @@ def test_on_policy_samples_are_reproducible_and_the_kl_covers_generated_tokens_o
 
     # Near zero temperature, sampling is greedy decoding (an independent KV-cache decoder).
     greedy = sample(4, temperature=1e-6)
-    tokens, _, _ = decode.greedy_decode(graphdef, params, batch["query_ids"], batch["query_mask"],
-                                        n_new)
+    tokens, _, _ = decode.greedy_decode(
+        graphdef, params, batch["query_ids"], batch["query_mask"], n_new
+    )
     query_len = batch["query_ids"].shape[1]
     np.testing.assert_array_equal(greedy["input_ids"][:, query_len:], tokens)
 
     # The KL is over the positions that predict a generated token: query_len - 1 .. end - 1.
     loss_mask = np.asarray(first["loss_mask"])
     expected = np.zeros_like(loss_mask)
-    expected[:, query_len - 1:query_len + n_new - 1] = True
+    expected[:, query_len - 1 : query_len + n_new - 1] = True
     np.testing.assert_array_equal(loss_mask, expected)
-    kl, _ = jax.jit(functools.partial(
-        distill.on_policy_loss, graphdef=graphdef, teacher_graphdef=teacher_graphdef,
-        distill_cfg=exp.config.distill))(params, teacher_params, first)
+    kl, _ = jax.jit(
+        functools.partial(
+            distill.on_policy_loss,
+            graphdef=graphdef,
+            teacher_graphdef=teacher_graphdef,
+            distill_cfg=exp.config.distill,
+        )
+    )(params, teacher_params, first)
     inputs = (first["input_ids"], first["positions"], first["attention_mask"])
     student = model.apply(graphdef, params, *inputs)
     teacher = model.apply(teacher_graphdef, teacher_params, *inputs)
@@ -218,8 +257,10 @@ def test_sampling_stops_a_row_at_its_eos():
 
 
 def records(workdir):
-    return [{k: v for k, v in r.items() if k not in TIMING}
-            for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+    return [
+        {k: v for k, v in r.items() if k not in TIMING}
+        for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -234,15 +275,27 @@ def teacher_run(tmp_path_factory):
 
 
 def distill_command(teacher, workdir):
-    return [sys.executable, "-m", "cotlab_jax.distill", f"--teacher={teacher}",
-            f"--config={os.path.join(CONFIGS, 'tiny_distill.py')}", f"--workdir={workdir}",
-            "--config.log.tensorboard=False"]
+    return [
+        sys.executable,
+        "-m",
+        "cotlab_jax.distill",
+        f"--teacher={teacher}",
+        f"--config={os.path.join(CONFIGS, 'tiny_distill.py')}",
+        f"--workdir={workdir}",
+        "--config.log.tensorboard=False",
+    ]
 
 
 def run_distill(teacher, workdir, *overrides):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = subprocess.run(distill_command(teacher, workdir) + list(overrides), cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        distill_command(teacher, workdir) + list(overrides),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return result
 
 
@@ -255,8 +308,13 @@ def test_a_killed_distillation_resumes_as_an_uninterrupted_one(teacher_run, tmp_
     with open(os.path.join(full, "teacher.json")) as f:
         assert 0 <= json.load(f)["eval"]["answer_acc"] <= 1
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    process = subprocess.Popen(distill_command(teacher_run, killed), cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        distill_command(teacher_run, killed),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if os.path.isdir(os.path.join(killed, "checkpoints", "10")):
@@ -275,4 +333,5 @@ def test_invalid_distill_config_is_one_line(teacher_run, tmp_path):
     result = run_distill(teacher_run, str(tmp_path / "bad"), "--config.distill.kl_weight=1.5")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: config.distill.kl_weight=1.5 is invalid: expected a number in [0, 1].")
+        "error: config.distill.kl_weight=1.5 is invalid: expected a number in [0, 1]."
+    )

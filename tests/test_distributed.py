@@ -21,10 +21,13 @@ MESHES = [dict(data=8), dict(fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)]
 
 def step_losses(config, mesh_axes, devices, n_steps=4):
     exp = experiment.setup(config, sharding.make_mesh({"data": 1, **mesh_axes}, devices=devices))
-    world, key = jax.jit(lambda: (
-        data.make_world(data.root_keys(config.seed)["world"], exp.spec),
-        data.root_keys(config.seed)["train"]),
-        out_shardings=jax.sharding.NamedSharding(exp.mesh, jax.P()))()
+    world, key = jax.jit(
+        lambda: (
+            data.make_world(data.root_keys(config.seed)["world"], exp.spec),
+            data.root_keys(config.seed)["train"],
+        ),
+        out_shardings=jax.sharding.NamedSharding(exp.mesh, jax.P()),
+    )()
     losses = []
     with jax.set_mesh(exp.mesh):
         graphdef, state = experiment.init_state(exp)
@@ -57,13 +60,22 @@ def free_port():
 
 def on_devices(n_devices: int) -> dict:
     """The environment of a process that sees `n_devices` CPU devices."""
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+    )
 
 
 def run_on(n_devices, workdir, *overrides):
-    result = subprocess.run(main_command(workdir, *overrides), cwd=ROOT, env=on_devices(n_devices),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        main_command(workdir, *overrides),
+        cwd=ROOT,
+        env=on_devices(n_devices),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -88,11 +100,23 @@ def test_a_run_moves_between_device_counts(tmp_path):
     run_on(4, four, steps, "--config.mesh.fsdp=4")
     double = str(tmp_path / "double")
     port = free_port()
-    processes = [subprocess.Popen(
-        main_command(double, steps, f"--coordinator_address=localhost:{port}",
-                     "--num_processes=2", f"--process_id={i}"),
-        cwd=ROOT, env=on_devices(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True) for i in range(2)]
+    processes = [
+        subprocess.Popen(
+            main_command(
+                double,
+                steps,
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=ROOT,
+            env=on_devices(1),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for process in processes:
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]
@@ -100,8 +124,13 @@ def test_a_run_moves_between_device_counts(tmp_path):
 
     # Evaluation and export read the 4-device checkpoint on one device.
     evaluation = subprocess.run(
-        [sys.executable, "-m", "cotlab_jax.evaluate", f"--workdir={four}"], cwd=ROOT,
-        env=on_devices(1), capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "cotlab_jax.evaluate", f"--workdir={four}"],
+        cwd=ROOT,
+        env=on_devices(1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     metrics = json.loads(evaluation.stdout)["metrics"]
     with open(os.path.join(four, "results.json")) as f:
@@ -112,7 +141,12 @@ def test_a_run_moves_between_device_counts(tmp_path):
     hf_dir = str(tmp_path / "hf")
     export = subprocess.run(
         [sys.executable, "-m", "cotlab_jax.export", f"--workdir={four}", f"--out={hf_dir}"],
-        cwd=ROOT, env=on_devices(1), capture_output=True, text=True, timeout=600)
+        cwd=ROOT,
+        env=on_devices(1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert export.returncode == 0, export.stderr[-3000:]
     assert "step 20" in export.stdout and os.path.getsize(os.path.join(hf_dir, WEIGHTS)) > 0
 
@@ -120,7 +154,7 @@ def test_a_run_moves_between_device_counts(tmp_path):
     trained = read_metrics(os.path.join(four, "metrics.jsonl"))
     run_on(2, four, more, "--config.mesh.fsdp=2")
     # Resumed, not restarted: the first 20 steps' records are kept, timings included.
-    assert read_metrics(os.path.join(four, "metrics.jsonl"))[:len(trained)] == trained
+    assert read_metrics(os.path.join(four, "metrics.jsonl"))[: len(trained)] == trained
     longer = str(tmp_path / "longer")
     run_on(1, longer, more)
     compare(records(four), records(longer))

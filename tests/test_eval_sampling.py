@@ -22,8 +22,15 @@ from cotlab_jax.evaluate import cli
 
 BATCH = 8
 MAX_PRED = 10
-NAMES = dict(in_e="input_end", ans_s="answer_start", ans_e="answer_end", eos="eos", pad="pad",
-             think_s="think_start", think_e="think_end")
+NAMES = dict(
+    in_e="input_end",
+    ans_s="answer_start",
+    ans_e="answer_end",
+    eos="eos",
+    pad="pad",
+    think_s="think_start",
+    think_e="think_end",
+)
 
 
 @functools.cache
@@ -45,8 +52,11 @@ def reference_rule(last: int, generated: list[int], spec) -> int:
     read as part of the output."""
     output = ([last] if last == spec.token_id("answer_start") else []) + generated
     kept = [t for t in output if t != spec.token_id("pad")]
-    if len(kept) < 4 or kept[-2] != spec.token_id("answer_end") \
-            or kept[-4] != spec.token_id("answer_start"):
+    if (
+        len(kept) < 4
+        or kept[-2] != spec.token_id("answer_end")
+        or kept[-4] != spec.token_id("answer_start")
+    ):
         return ev.INVALID_ANSWER
     return kept[-3]
 
@@ -64,9 +74,11 @@ def strict_rule(last: int, generated: list[int], spec) -> int:
     return [last, *generated][-3] if format_ok else ev.INVALID_ANSWER
 
 
-ORACLES = dict(reference=lambda last, gen, spec: reference_rule(last, gen, spec),
-               vllm=lambda last, gen, spec: vllm_rule(gen, spec),
-               strict=lambda last, gen, spec: strict_rule(last, gen, spec))
+ORACLES = dict(
+    reference=lambda last, gen, spec: reference_rule(last, gen, spec),
+    vllm=lambda last, gen, spec: vllm_rule(gen, spec),
+    strict=lambda last, gen, spec: strict_rule(last, gen, spec),
+)
 
 # (prompt's last token, generated tokens up to the eos or the budget,
 #  the answer read by the reference / vllm / strict rule; None = unreadable)
@@ -94,7 +106,8 @@ def run_rule(rule, last, generated, spec, T):
     tokens = np.array([g + [pad] * (T - len(g)) for g in generated], np.int32)
     lengths = np.array([len(g) for g in generated], np.int32)
     answer, valid = jax.jit(ev.extract_answers, static_argnames=("spec", "rule"))(
-        jnp.asarray(last, jnp.int32), tokens, lengths, spec, rule)
+        jnp.asarray(last, jnp.int32), tokens, lengths, spec, rule
+    )
     return np.asarray(answer), np.asarray(valid)
 
 
@@ -104,8 +117,10 @@ def test_answer_rules_on_hand_made_outputs(rule):
     last = ids([case[0] for case in HAND_MADE], spec)
     generated = [ids(case[1], spec) for case in HAND_MADE]
     column = 2 + ev.ANSWER_RULES.index(rule)
-    want = [ev.INVALID_ANSWER if case[column] is None else ids([case[column]], spec)[0]
-            for case in HAND_MADE]
+    want = [
+        ev.INVALID_ANSWER if case[column] is None else ids([case[column]], spec)[0]
+        for case in HAND_MADE
+    ]
     answer, valid = run_rule(rule, last, generated, spec, T=8)
     assert answer.tolist() == want
     assert valid.tolist() == [w != ev.INVALID_ANSWER for w in want]
@@ -125,9 +140,9 @@ def test_answer_rules_on_random_outputs(rule):
         length = int(rng.integers(1, T + 1))
         row = [int(t) for t in rng.choice(alphabet, length)]
         if rng.random() < 0.5:  # a well-formed ending, so that every branch is reached
-            row[-4:] = ids(["ans_s", 1, "ans_e", "eos"], spec)[-len(row[-4:]):]
+            row[-4:] = ids(["ans_s", 1, "ans_e", "eos"], spec)[-len(row[-4:]) :]
         eos = spec.token_id("eos")
-        row = row[:row.index(eos) + 1] if eos in row else row  # generation stops at the eos
+        row = row[: row.index(eos) + 1] if eos in row else row  # generation stops at the eos
         generated.append(row)
         last.append(int(rng.choice(ids(["in_e", "ans_s", "think_s"], spec))))
     answer, valid = run_rule(rule, last, generated, spec, T)
@@ -149,8 +164,9 @@ def test_majority_vote_matches_counter_with_ties_and_invalid_outputs():
         answers = rng.choice([ev.INVALID_ANSWER, 0, 1, 2, 5], (n_samples, 300)).astype(np.int32)
         want = [Counter(answers[:, b].tolist()).most_common(1)[0][0] for b in range(300)]
         assert np.asarray(vote(answers)).tolist() == want
-    hand = np.array([[7, -100, 3, 3, 1], [-100, 7, 3, 4, 2], [7, -100, 4, 4, 3],
-                     [-100, 7, 5, 5, 4]], np.int32)
+    hand = np.array(
+        [[7, -100, 3, 3, 1], [-100, 7, 3, 4, 2], [7, -100, 4, 4, 3], [-100, 7, 5, 5, 4]], np.int32
+    )
     # ties of two: the first occurring value wins (also when that is the invalid sentinel)
     assert np.asarray(vote(hand)).tolist() == [7, -100, 3, 4, 1]
 
@@ -188,7 +204,8 @@ def test_choose_tokens_is_categorical_on_the_nucleus():
         assert keep.sum() == (j + 2 if b % 4 else vocab)
         keeps.append(keep)
     got = jax.jit(jax.vmap(sampling.choose_tokens, (0, 0, None, 0)))(
-        logits[:, None], keys[:, None], temperature, top_p)[:, 0]
+        logits[:, None], keys[:, None], temperature, top_p
+    )[:, 0]
     for b in range(rows):
         masked = np.where(keeps[b], logits[b] / np.float32(temperature), -np.inf)
         assert int(got[b]) == int(jax.random.categorical(keys[b], masked)), b
@@ -207,9 +224,18 @@ def test_sampled_first_tokens_follow_the_model_distribution():
     want /= want.sum()
     assert (want > 0.02).sum() >= 3  # a distribution worth testing
     keys = jax.random.split(jax.random.key(5), n)
-    tokens, _ = sampling.sample_decode(graphdef, state, jnp.repeat(prompt, n, 0),
-                                       jnp.repeat(mask, n, 0), 1, None, 0, keys, temperature,
-                                       top_p)
+    tokens, _ = sampling.sample_decode(
+        graphdef,
+        state,
+        jnp.repeat(prompt, n, 0),
+        jnp.repeat(mask, n, 0),
+        1,
+        None,
+        0,
+        keys,
+        temperature,
+        top_p,
+    )
     freq = np.bincount(np.asarray(tokens[:, 0]), minlength=16) / n
     bound = 5 * np.sqrt(want * (1 - want) / n) + 1e-12
     assert np.all(np.abs(freq - want) <= bound), (freq, want)
@@ -224,8 +250,9 @@ def test_greedy_limits_equal_greedy_decoding(temperature, top_p):
     eos = int(greedy[0, 3])  # so that some rows stop early
     greedy, _, greedy_lengths = decode.greedy_decode(graphdef, state, prompts, mask, 8, eos, 0)
     keys = jax.random.split(jax.random.key(7), 6)
-    tokens, lengths = sampling.sample_decode(graphdef, state, prompts, mask, 8, eos, 0, keys,
-                                             temperature, top_p)
+    tokens, lengths = sampling.sample_decode(
+        graphdef, state, prompts, mask, 8, eos, 0, keys, temperature, top_p
+    )
     np.testing.assert_array_equal(tokens, greedy)
     np.testing.assert_array_equal(lengths, greedy_lengths)
     assert np.asarray(greedy_lengths).min() < 8
@@ -262,8 +289,8 @@ def markov_model():
     tok = spec.token_id
     table = np.random.default_rng(8).normal(0, 1, (spec.vocab_size, spec.vocab_size))
     table[tok("input_end"), tok("answer_start")] += 3
-    table[tok("answer_start"), :spec.usable_vocab_size] += 3
-    table[:spec.usable_vocab_size, tok("answer_end")] += 3
+    table[tok("answer_start"), : spec.usable_vocab_size] += 3
+    table[: spec.usable_vocab_size, tok("answer_end")] += 3
     table[tok("answer_end"), tok("eos")] += 3
     return nnx.split(MarkovModel(table))
 
@@ -271,12 +298,28 @@ def markov_model():
 def test_evaluate_sampled_at_temperature_zero_is_evaluate():
     spec, eval_set = special_set()
     graphdef, state = markov_model()
-    greedy, per_task = ev.evaluate(graphdef, state, eval_set, spec, batch_size=BATCH,
-                                   max_pred_tokens=MAX_PRED, answer_rule="vllm",
-                                   return_predictions=True)
+    greedy, per_task = ev.evaluate(
+        graphdef,
+        state,
+        eval_set,
+        spec,
+        batch_size=BATCH,
+        max_pred_tokens=MAX_PRED,
+        answer_rule="vllm",
+        return_predictions=True,
+    )
     sampled, sampled_per_task = ev.evaluate_sampled(
-        graphdef, state, eval_set, spec, batch_size=BATCH, max_pred_tokens=MAX_PRED,
-        n_samples=1, temperature=0.0, answer_rule="vllm", return_predictions=True)
+        graphdef,
+        state,
+        eval_set,
+        spec,
+        batch_size=BATCH,
+        max_pred_tokens=MAX_PRED,
+        n_samples=1,
+        temperature=0.0,
+        answer_rule="vllm",
+        return_predictions=True,
+    )
     for name in ("loss", "answer_acc", "format_acc", "gen_len_p50"):
         assert sampled[name] == pytest.approx(greedy[name], rel=1e-6), name
     np.testing.assert_array_equal(sampled_per_task["predictions"][:, 0], per_task["predictions"])
@@ -286,16 +329,30 @@ def test_evaluate_sampled_is_keyed_per_task_and_votes():
     """Sample s of task i is the same in any batch size; the vote is the samples' majority."""
     spec, eval_set = special_set()
     graphdef, state = markov_model()
-    common = dict(max_pred_tokens=MAX_PRED, n_samples=3, temperature=1.0, seed=4,
-                  answer_rule="vllm", return_predictions=True)
-    metrics, per_task = ev.evaluate_sampled(graphdef, state, eval_set, spec, batch_size=BATCH,
-                                            **common)
+    common = dict(
+        max_pred_tokens=MAX_PRED,
+        n_samples=3,
+        temperature=1.0,
+        seed=4,
+        answer_rule="vllm",
+        return_predictions=True,
+    )
+    metrics, per_task = ev.evaluate_sampled(
+        graphdef, state, eval_set, spec, batch_size=BATCH, **common
+    )
     _, other = ev.evaluate_sampled(graphdef, state, eval_set, spec, batch_size=5, **common)
     np.testing.assert_array_equal(other["predictions"], per_task["predictions"])
     predictions = per_task["predictions"]
     assert len({p.tobytes() for p in predictions.reshape(-1, MAX_PRED)}) > 1
-    answers = np.array([[vllm_rule(predictions[i, s, :per_task["gen_len"][i, s]].tolist(), spec)
-                         for s in range(3)] for i in range(len(predictions))])
+    answers = np.array(
+        [
+            [
+                vllm_rule(predictions[i, s, : per_task["gen_len"][i, s]].tolist(), spec)
+                for s in range(3)
+            ]
+            for i in range(len(predictions))
+        ]
+    )
     votes = [Counter(row.tolist()).most_common(1)[0][0] for row in answers]
     assert per_task["vote"].tolist() == votes
     truth = helpers.answers(eval_set)
@@ -311,18 +368,31 @@ def test_variant_spec_refuses_what_the_model_cannot_take():
     with pytest.raises(ValueError, match="reserves its top 9 ids"):
         ev.variant_spec(hybrid_spec(), prompt_strategy="cot")
     with pytest.raises(ValueError, match="no CoT-example probability recipe"):
-        ev.variant_spec(helpers.make_spec(prompt_strategy="cot_special_token"),
-                        prompt_strategy="hybrid_special_token")
-    fixed = helpers.make_spec(prompt_strategy="cot", ablation_fixed_dag=True,
-                              n_input_choices=(4,), chain_length_choices=(4,))
+        ev.variant_spec(
+            helpers.make_spec(prompt_strategy="cot_special_token"),
+            prompt_strategy="hybrid_special_token",
+        )
+    fixed = helpers.make_spec(
+        prompt_strategy="cot",
+        ablation_fixed_dag=True,
+        n_input_choices=(4,),
+        chain_length_choices=(4,),
+    )
     with pytest.raises(ValueError, match="fixed DAG"):
         ev.variant_spec(fixed, n_inputs=3)
     with pytest.raises(ValueError, match="n_parents=0: expected an integer >= 1"):
         ev.variant_spec(cot, n_parents=0)
-    assert ev.variant_spec(cot, prompt_strategy="standard", n_inputs=3).prompt_strategy \
-        == "standard"
-    changed = ev.variant_spec(hybrid_spec(), prompt_strategy="cot_special_token", n_inputs=3,
-                              n_parents=2, chain_length=3, n_examples=4)
+    assert (
+        ev.variant_spec(cot, prompt_strategy="standard", n_inputs=3).prompt_strategy == "standard"
+    )
+    changed = ev.variant_spec(
+        hybrid_spec(),
+        prompt_strategy="cot_special_token",
+        n_inputs=3,
+        n_parents=2,
+        chain_length=3,
+        n_examples=4,
+    )
     assert (changed.N, changed.M, changed.C, changed.K) == (3, 2, 3, 4)
     assert changed.cot_examples and changed.vocab_size == hybrid_spec().vocab_size
 
@@ -340,10 +410,25 @@ def test_cli_samples_a_fresh_cot_special_token_set(tmp_path, monkeypatch):
     a = int(np.bincount(truth).argmax())
     tok = spec.token_id
     graphdef, state = helpers.scripted_model(
-        spec, {tok("input_end"): tok("answer_start"), tok("answer_start"): a,
-               a: tok("answer_end"), tok("answer_end"): tok("eos")}, default=tok("eos"))
-    helpers.stand_in_run(monkeypatch, str(tmp_path), spec, frozen, graphdef, state,
-                         batch_size=BATCH, max_pred_tokens=MAX_PRED)
+        spec,
+        {
+            tok("input_end"): tok("answer_start"),
+            tok("answer_start"): a,
+            a: tok("answer_end"),
+            tok("answer_end"): tok("eos"),
+        },
+        default=tok("eos"),
+    )
+    helpers.stand_in_run(
+        monkeypatch,
+        str(tmp_path),
+        spec,
+        frozen,
+        graphdef,
+        state,
+        batch_size=BATCH,
+        max_pred_tokens=MAX_PRED,
+    )
     stub = rundir.load_run
 
     def load_with_world(workdir, step):
@@ -353,9 +438,16 @@ def test_cli_samples_a_fresh_cot_special_token_set(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rundir, "load_run", load_with_world)
     out = tmp_path / "sampled.json"
-    result = cli.run_cli(str(tmp_path), "latest", prompt_strategy="cot_special_token",
-                         chain_length=3, n_eval_tasks=16, n_samples=3, temperature=0.8,
-                         out=str(out))
+    result = cli.run_cli(
+        str(tmp_path),
+        "latest",
+        prompt_strategy="cot_special_token",
+        chain_length=3,
+        n_eval_tasks=16,
+        n_samples=3,
+        temperature=0.8,
+        out=str(out),
+    )
     assert json.loads(out.read_text()) == result
     assert result["prompt_strategy"] == "cot_special_token" and result["n_eval_tasks"] == 16
     assert result["answer_rule"] == "reference"
@@ -376,7 +468,13 @@ def test_cli_samples_a_fresh_cot_special_token_set(tmp_path, monkeypatch):
 def test_cli_sampling_error_is_one_line():
     result = subprocess.run(
         [sys.executable, "-m", "cotlab_jax.evaluate", "--workdir=/tmp", "--n_samples=3"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == \
-        "--n_samples=3 needs temperature > 0: greedy samples are all the same"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "--n_samples=3 needs temperature > 0: greedy samples are all the same"
+    )

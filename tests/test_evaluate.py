@@ -39,18 +39,30 @@ def evaluated(strategy: str):
     """(spec, eval set, metrics, per-task arrays) of the random-weight model."""
     spec = helpers.make_spec(prompt_strategy=strategy)
     _, eval_set = helpers.world_and_eval_set(spec, N_TASKS)
-    metrics, per_task = ev.evaluate(*real_model(), eval_set, spec, batch_size=BATCH,
-                                    max_pred_tokens=MAX_PRED, return_predictions=True)
+    metrics, per_task = ev.evaluate(
+        *real_model(),
+        eval_set,
+        spec,
+        batch_size=BATCH,
+        max_pred_tokens=MAX_PRED,
+        return_predictions=True,
+    )
     return spec, eval_set, metrics, per_task
 
 
 def check_loss(metrics, per_task, eval_set):
-    logits = np.asarray(forward(*real_model(), jnp.asarray(eval_set["input_ids"]),
-                                jnp.asarray(eval_set["attention_mask"])))
+    logits = np.asarray(
+        forward(
+            *real_model(),
+            jnp.asarray(eval_set["input_ids"]),
+            jnp.asarray(eval_set["attention_mask"]),
+        )
+    )
     total, count = helpers.teacher_forced_loss(logits, eval_set["labels"])
     np.testing.assert_allclose(metrics["loss"], total / count, rtol=1e-5)
-    np.testing.assert_array_equal(per_task["loss_count"],
-                                  (eval_set["labels"][:, 1:] != -100).sum(1))
+    np.testing.assert_array_equal(
+        per_task["loss_count"], (eval_set["labels"][:, 1:] != -100).sum(1)
+    )
 
 
 # --- losses -------------------------------------------------------------------------------------
@@ -64,14 +76,16 @@ def test_teacher_forced_loss_matches_hugging_face():
     labels[2] = -100  # a row without labels
     labels[3, 1:] = -100
     labels[3, 0] = 5  # only the first label: it is never predicted
-    loss, sums, counts = jax.jit(losses.teacher_forced_loss)(jnp.asarray(logits),
-                                                             jnp.asarray(labels))
+    loss, sums, counts = jax.jit(losses.teacher_forced_loss)(
+        jnp.asarray(logits), jnp.asarray(labels)
+    )
     want = ForCausalLMLoss(torch.tensor(logits), torch.tensor(labels), 13)
     np.testing.assert_allclose(loss, want.item(), rtol=1e-6)
     shifted = np.concatenate([labels[:, 1:], np.full((4, 1), -100)], axis=1)
     for row in range(4):
         row_sum = torch.nn.functional.cross_entropy(
-            torch.tensor(logits[row]), torch.tensor(shifted[row]), reduction="sum")
+            torch.tensor(logits[row]), torch.tensor(shifted[row]), reduction="sum"
+        )
         np.testing.assert_allclose(sums[row], row_sum.item(), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(counts, (shifted != -100).sum(1))
     assert counts[2] == counts[3] == 0 and sums[2] == sums[3] == 0
@@ -90,7 +104,7 @@ def test_chain_metrics_match_numpy(strategy):
     ids = np.concatenate([eval_set["query_ids"], predictions], axis=1)
     mask = np.concatenate([eval_set["query_mask"], np.ones_like(predictions, bool)], axis=1)
     logits = np.asarray(forward(*real_model(), jnp.asarray(ids), jnp.asarray(mask)))
-    step_logits = logits[:, spec.query_len - 1: spec.query_len - 1 + T]
+    step_logits = logits[:, spec.query_len - 1 : spec.query_len - 1 + T]
     np.testing.assert_array_equal(predictions, step_logits.argmax(-1))  # greedy, fed back
 
     rows = np.arange(N_TASKS)
@@ -102,8 +116,9 @@ def test_chain_metrics_match_numpy(strategy):
         has = n_targets > j
         target = last[rows, np.minimum(first_target + j, spec.C - 1)]
         correct = has & (predictions[:, j] == target)
-        ce = np.array([helpers.cross_entropy(step_logits[t, j], target[t]) if has[t] else 0.0
-                       for t in rows])
+        ce = np.array(
+            [helpers.cross_entropy(step_logits[t, j], target[t]) if has[t] else 0.0 for t in rows]
+        )
         np.testing.assert_array_equal(per_task["chain_correct"][:, j], correct)
         np.testing.assert_array_equal(per_task["chain_mask"][:, j], has)
         np.testing.assert_allclose(per_task["chain_loss"][:, j], ce, rtol=1e-5, atol=1e-5)
@@ -115,9 +130,14 @@ def test_chain_metrics_match_numpy(strategy):
     np.testing.assert_array_equal(per_task["answer_correct"], answer_correct)
     assert metrics["answer_acc"] == pytest.approx(answer_correct.mean(), abs=1e-12)
     assert metrics["answer_loss"] == pytest.approx(
-        per_task["chain_loss"][rows, answer_step].mean(), rel=1e-6)
-    assert set(metrics) == {"loss", "answer_acc", "answer_loss",
-                            *(f"chain_{m}_{j}" for m in ("acc", "loss") for j in range(T))}
+        per_task["chain_loss"][rows, answer_step].mean(), rel=1e-6
+    )
+    assert set(metrics) == {
+        "loss",
+        "answer_acc",
+        "answer_loss",
+        *(f"chain_{m}_{j}" for m in ("acc", "loss") for j in range(T)),
+    }
     assert acc.sum() > 0  # the random model is right now and then: the comparison is not vacuous
     check_loss(metrics, per_task, eval_set)
 
@@ -132,8 +152,9 @@ def test_special_token_metrics_match_numpy():
         row = predictions[t].tolist()
         length = row.index(eos) + 1 if eos in row else MAX_PRED
         assert gen_len[t] == length and all(token == pad for token in row[length:])
-        want = helpers.answer_rule(int(eval_set["query_ids"][t, -1]), row[:length], answers[t],
-                                   spec)
+        want = helpers.answer_rule(
+            int(eval_set["query_ids"][t, -1]), row[:length], answers[t], spec
+        )
         assert (per_task["answer_correct"][t], per_task["format_ok"][t]) == want
     assert metrics["answer_acc"] == per_task["answer_correct"].mean()
     assert metrics["format_acc"] == per_task["format_ok"].mean()
@@ -159,8 +180,14 @@ HAND_BUILT = [
 
 def test_answer_rule_on_hand_built_outputs():
     spec = helpers.make_spec(prompt_strategy="hybrid_special_token")
-    names = dict(in_e="input_end", ans_s="answer_start", ans_e="answer_end", eos="eos",
-                 think_s="think_start", think_e="think_end")
+    names = dict(
+        in_e="input_end",
+        ans_s="answer_start",
+        ans_e="answer_end",
+        eos="eos",
+        think_s="think_start",
+        think_e="think_end",
+    )
 
     def ids(tokens):
         return [spec.token_id(names[t]) if isinstance(t, str) else t for t in tokens]
@@ -175,12 +202,16 @@ def test_answer_rule_on_hand_built_outputs():
     answer = np.array([c[2] for c in cases] + [3, 4])
     want = [c[3:] for c in cases] + [(True, True), (False, True)]
     correct, format_ok = jax.jit(ev.score_generations, static_argnames="spec")(
-        last, tokens, lengths, answer, spec)
-    assert list(zip(np.asarray(correct).tolist(), np.asarray(format_ok).tolist(),
-                    strict=True)) == want
+        last, tokens, lengths, answer, spec
+    )
+    assert (
+        list(zip(np.asarray(correct).tolist(), np.asarray(format_ok).tolist(), strict=True)) == want
+    )
     for i, expected in enumerate(want):  # the plain oracle agrees
-        assert helpers.answer_rule(int(last[i]), tokens[i, :lengths[i]].tolist(), answer[i],
-                                   spec) == expected
+        assert (
+            helpers.answer_rule(int(last[i]), tokens[i, : lengths[i]].tolist(), answer[i], spec)
+            == expected
+        )
 
 
 @functools.cache
@@ -199,16 +230,29 @@ def test_scripted_answers_plain_and_forced():
     first) is right exactly on the tasks whose answer is a."""
     spec, eval_set, a, b = scripted_setup()
     tok = spec.token_id
-    script = {tok("input_end"): tok("answer_start"), tok("answer_start"): a,
-              a: tok("answer_end"), tok("answer_end"): tok("eos"),
-              tok("think_start"): b, b: tok("think_end"), tok("think_end"): tok("answer_start")}
+    script = {
+        tok("input_end"): tok("answer_start"),
+        tok("answer_start"): a,
+        a: tok("answer_end"),
+        tok("answer_end"): tok("eos"),
+        tok("think_start"): b,
+        b: tok("think_end"),
+        tok("think_end"): tok("answer_start"),
+    }
     graphdef, state = helpers.scripted_model(spec, script, default=tok("eos"))
     want_acc = (helpers.answers(eval_set) == a).mean()
     assert 0 < want_acc < 1
     for force, gen_len in [(None, 4), ("answer", 3), ("think", 6)]:
         variant = eval_set if force is None else ev.force_token(eval_set, spec, force)
-        metrics, per_task = ev.evaluate(graphdef, state, variant, spec, batch_size=BATCH,
-                                        max_pred_tokens=MAX_PRED, return_predictions=True)
+        metrics, per_task = ev.evaluate(
+            graphdef,
+            state,
+            variant,
+            spec,
+            batch_size=BATCH,
+            max_pred_tokens=MAX_PRED,
+            return_predictions=True,
+        )
         assert metrics["format_acc"] == 1.0, force
         assert metrics["answer_acc"] == pytest.approx(want_acc, abs=1e-12), force
         assert metrics["gen_len_p50"] == metrics["gen_len_p99"] == gen_len, force
@@ -217,15 +261,22 @@ def test_scripted_answers_plain_and_forced():
     # Without <ans_e> nothing is in format, whatever the answer.
     script[a] = tok("eos")
     graphdef, state = helpers.scripted_model(spec, script, default=tok("eos"))
-    metrics = ev.evaluate(graphdef, state, eval_set, spec, batch_size=BATCH,
-                          max_pred_tokens=MAX_PRED)
+    metrics = ev.evaluate(
+        graphdef, state, eval_set, spec, batch_size=BATCH, max_pred_tokens=MAX_PRED
+    )
     assert metrics["format_acc"] == metrics["answer_acc"] == 0.0 and metrics["gen_len_p50"] == 3
 
 
 def test_metrics_do_not_depend_on_the_batch_size():
     spec, eval_set, metrics, per_task = evaluated("cot")
-    other, other_per_task = ev.evaluate(*real_model(), eval_set, spec, batch_size=7,
-                                        max_pred_tokens=MAX_PRED, return_predictions=True)
+    other, other_per_task = ev.evaluate(
+        *real_model(),
+        eval_set,
+        spec,
+        batch_size=7,
+        max_pred_tokens=MAX_PRED,
+        return_predictions=True,
+    )
     assert other.keys() == metrics.keys()
     for name, value in metrics.items():
         assert other[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
@@ -241,9 +292,15 @@ def test_evaluate_with_parameters_and_batches_sharded_over_a_mesh():
     state = jax.device_put(state, sharding.state_shardings(state, mesh))
     with jax.set_mesh(mesh):
         sharded, sharded_per_task = ev.evaluate(
-            graphdef, state, eval_set, spec, batch_size=BATCH, max_pred_tokens=MAX_PRED,
+            graphdef,
+            state,
+            eval_set,
+            spec,
+            batch_size=BATCH,
+            max_pred_tokens=MAX_PRED,
             return_predictions=True,
-            batch_sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+            batch_sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))),
+        )
     np.testing.assert_array_equal(sharded_per_task["predictions"], per_task["predictions"])
     for name, value in metrics.items():
         assert sharded[name] == pytest.approx(value, rel=1e-5, abs=1e-9), name
@@ -262,7 +319,7 @@ def without_think(example: list[int], spec) -> list[int]:
     if spec.token_id("think_start") not in example:
         return example
     start = example.index(spec.token_id("think_start"))
-    return example[:start] + example[example.index(spec.token_id("think_end")) + 1:]
+    return example[:start] + example[example.index(spec.token_id("think_end")) + 1 :]
 
 
 def check_dropped(eval_set, dropped_set, dropped, spec):
@@ -273,11 +330,15 @@ def check_dropped(eval_set, dropped_set, dropped, spec):
     for t in range(len(old)):
         examples = split_examples(old[t], spec)
         assert len(examples) == eval_set["k"][t]
-        want = [bos] + [token for e, example in enumerate(examples)
-                        for token in (without_think(example, spec) if dropped[t, e] else example)]
+        want = [bos] + [
+            token
+            for e, example in enumerate(examples)
+            for token in (without_think(example, spec) if dropped[t, e] else example)
+        ]
         assert new[t] == want, t
-    np.testing.assert_array_equal(dropped_set["query_positions"],
-                                  model.positions_from_mask(dropped_set["query_mask"]))
+    np.testing.assert_array_equal(
+        dropped_set["query_positions"], model.positions_from_mask(dropped_set["query_mask"])
+    )
     for name in ("input_ids", "labels", "target_ids", "is_cot"):
         np.testing.assert_array_equal(dropped_set[name], eval_set[name])
 
@@ -336,8 +397,9 @@ def test_force_token_appends_to_every_query():
         np.testing.assert_array_equal(forced["query_ids"][:, :-1], eval_set["query_ids"])
         np.testing.assert_array_equal(forced["query_mask"][:, :-1], eval_set["query_mask"])
         assert forced["query_mask"][:, -1].all()
-        np.testing.assert_array_equal(forced["query_positions"][:, -1],
-                                      eval_set["query_mask"].sum(1))
+        np.testing.assert_array_equal(
+            forced["query_positions"][:, -1], eval_set["query_mask"].sum(1)
+        )
         np.testing.assert_array_equal(forced["target_ids"], eval_set["target_ids"])
     with pytest.raises(ValueError, match="no special tokens"):
         ev.force_token(eval_set, helpers.make_spec(prompt_strategy="cot"), "think")
@@ -351,8 +413,9 @@ def test_evaluate_at_another_chain_length_and_example_count():
     longer = spec.with_changes(chain_length_choices=(5,), n_example_choices=(7,))
     assert longer.seq_len > spec.seq_len
     eval_set = data.build_eval_set(world, data.root_keys(0)["eval"], longer, BATCH)
-    metrics = ev.evaluate(*real_model(), eval_set, longer, batch_size=BATCH,
-                          max_pred_tokens=MAX_PRED)
+    metrics = ev.evaluate(
+        *real_model(), eval_set, longer, batch_size=BATCH, max_pred_tokens=MAX_PRED
+    )
     assert {f"chain_acc_{j}" for j in range(5)} <= metrics.keys()
     assert all(np.isfinite(value) for value in metrics.values())
     with pytest.raises(ValueError, match="another spec"):
@@ -377,21 +440,32 @@ def test_cli_argument_errors(tmp_path):
         cli.check_variant(cot, "first", None, None)
     with pytest.raises(SystemExit, match="no special tokens"):
         cli.check_variant(cot, None, "answer", None)
-    fixed = helpers.make_spec(prompt_strategy="cot", ablation_fixed_dag=True,
-                              n_input_choices=(4,), chain_length_choices=(4,))
+    fixed = helpers.make_spec(
+        prompt_strategy="cot",
+        ablation_fixed_dag=True,
+        n_input_choices=(4,),
+        chain_length_choices=(4,),
+    )
     with pytest.raises(SystemExit, match="fixed DAG"):
         cli.check_variant(fixed, None, None, 5)
     cli.check_variant(helpers.make_spec(prompt_strategy="cot_special_token"), "random", "think", 5)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--workdir=/nonexistent/run"], "no such directory"),
-    (["--workdir=/tmp", "--force=sometimes"], "force"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workdir=/nonexistent/run"], "no such directory"),
+        (["--workdir=/tmp", "--force=sometimes"], "force"),
+    ],
+)
 def test_cli_errors_are_one_line(args, message):
-    result = subprocess.run([sys.executable, "-m", "cotlab_jax.evaluate", *args],
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    result = subprocess.run(
+        [sys.executable, "-m", "cotlab_jax.evaluate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and message in result.stderr
 
@@ -402,20 +476,47 @@ def test_cli_with_a_stand_in_run(tmp_path, monkeypatch, capsys):
     spec, eval_set, a, _ = scripted_setup()
     tok = spec.token_id
     graphdef, state = helpers.scripted_model(
-        spec, {tok("answer_start"): a, a: tok("answer_end"), tok("answer_end"): tok("eos")},
-        default=tok("eos"))
-    calls = helpers.stand_in_run(monkeypatch, str(tmp_path), spec, eval_set, graphdef, state,
-                                 batch_size=BATCH, max_pred_tokens=MAX_PRED)
+        spec,
+        {tok("answer_start"): a, a: tok("answer_end"), tok("answer_end"): tok("eos")},
+        default=tok("eos"),
+    )
+    calls = helpers.stand_in_run(
+        monkeypatch,
+        str(tmp_path),
+        spec,
+        eval_set,
+        graphdef,
+        state,
+        batch_size=BATCH,
+        max_pred_tokens=MAX_PRED,
+    )
     out = tmp_path / "result.json"
     n = 2 * BATCH
-    result = cli.run_cli(str(tmp_path), "7", force="answer", drop_think="last", drop_k=1,
-                        n_eval_tasks=n, out=str(out), save_predictions=True)
+    result = cli.run_cli(
+        str(tmp_path),
+        "7",
+        force="answer",
+        drop_think="last",
+        drop_k=1,
+        n_eval_tasks=n,
+        out=str(out),
+        save_predictions=True,
+    )
     assert calls == [(str(tmp_path), 7)]
     assert json.loads(out.read_text()) == result == json.loads(capsys.readouterr().out)
     assert result["step"] == 7 and result["n_eval_tasks"] == n
-    assert result["variant"] == dict(drop_think="last", drop_k=1, drop_seed=None, force="answer",
-                                     prompt_strategy=None, n_inputs=None, n_parents=None,
-                                     chain_length=None, n_examples=None, eval_dataset=None)
+    assert result["variant"] == dict(
+        drop_think="last",
+        drop_k=1,
+        drop_seed=None,
+        force="answer",
+        prompt_strategy=None,
+        n_inputs=None,
+        n_parents=None,
+        chain_length=None,
+        n_examples=None,
+        eval_dataset=None,
+    )
     want_acc = (helpers.answers(eval_set)[:n] == a).mean()
     assert result["metrics"]["format_acc"] == 1.0
     assert result["metrics"]["answer_acc"] == pytest.approx(want_acc)

@@ -22,8 +22,13 @@ from cotlab_jax.evaluate import cli
 N_TASKS = 12  # with BATCH 8, the last batch is padded
 BATCH = 8
 MAX_PRED = 12
-STRATEGIES = ("standard", "cot", "standard_special_token", "cot_special_token",
-              "hybrid_special_token")
+STRATEGIES = (
+    "standard",
+    "cot",
+    "standard_special_token",
+    "cot_special_token",
+    "hybrid_special_token",
+)
 COT_STRATEGIES = ("cot", "cot_special_token")
 
 example_index = jax.jit(ev.example_index, static_argnames="spec")
@@ -39,8 +44,14 @@ def real_model():
 def relayout(eval_set, spec, **fields):
     """The eval set with `fields` (inputs, chain, k, is_cot) replaced, laid out under `spec`."""
     out = dict(eval_set, **fields)
-    out.update(jax.tree.map(np.asarray, layout_tasks(
-        *(out[name] for name in ("inputs", "chain", "n", "c", "k", "is_cot")), spec)))
+    out.update(
+        jax.tree.map(
+            np.asarray,
+            layout_tasks(
+                *(out[name] for name in ("inputs", "chain", "n", "c", "k", "is_cot")), spec
+            ),
+        )
+    )
     return out
 
 
@@ -66,16 +77,28 @@ def kept_layout(strategy: str, n_examples: int):
 
 
 def evaluate(eval_set, spec):
-    return ev.evaluate(*real_model(), eval_set, spec, batch_size=BATCH, max_pred_tokens=MAX_PRED,
-                       return_predictions=True)
+    return ev.evaluate(
+        *real_model(),
+        eval_set,
+        spec,
+        batch_size=BATCH,
+        max_pred_tokens=MAX_PRED,
+        return_predictions=True,
+    )
 
 
 @functools.cache
 def over_k(strategy: str):
     """(spec, eval set, {K': metrics}, {K': per-task arrays}) for K' = 1 .. K."""
     spec, eval_set = spec_and_eval_set(strategy)
-    metrics, per_task = ev.evaluate_over_k(*real_model(), eval_set, spec, batch_size=BATCH,
-                                           max_pred_tokens=MAX_PRED, return_predictions=True)
+    metrics, per_task = ev.evaluate_over_k(
+        *real_model(),
+        eval_set,
+        spec,
+        batch_size=BATCH,
+        max_pred_tokens=MAX_PRED,
+        return_predictions=True,
+    )
     return spec, eval_set, metrics, per_task
 
 
@@ -83,8 +106,9 @@ def assert_same_per_task(got, want, context):
     assert got.keys() == want.keys(), context
     for name in want:
         if np.issubdtype(want[name].dtype, np.floating):
-            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5,
-                                       err_msg=f"{name} {context}")
+            np.testing.assert_allclose(
+                got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=f"{name} {context}"
+            )
         else:
             np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} {context}")
 
@@ -104,30 +128,36 @@ def reference_index(eval_set, spec, query_is_cot, forced):
         index = {"input_ids": [-1] * spec.prefix_len, "query_ids": [-1] * spec.prefix_len}
         for i in range(k):
             inputs, chain = eval_set["inputs"][t, i, :n].tolist(), eval_set["chain"][t, i, :c]
-            train, *_ = numpy_reference.example(spec.prompt_strategy, inputs, chain.tolist(),
-                                                eval_set["is_cot"][t, i], ids)
+            train, *_ = numpy_reference.example(
+                spec.prompt_strategy, inputs, chain.tolist(), eval_set["is_cot"][t, i], ids
+            )
             query, _, query_part, _ = numpy_reference.example(
-                spec.prompt_strategy, inputs, chain.tolist(), query_is_cot[t, i], ids)
-            for name, example in [("input_ids", train),
-                                  ("query_ids", query if i < k - 1 else query_part + forced)]:
+                spec.prompt_strategy, inputs, chain.tolist(), query_is_cot[t, i], ids
+            )
+            for name, example in [
+                ("input_ids", train),
+                ("query_ids", query if i < k - 1 else query_part + forced),
+            ]:
                 tokens[name] += example
                 index[name] += [i] * len(example)
         for name, mask in [("input_ids", "attention_mask"), ("query_ids", "query_mask")]:
-            real = helpers.real_tokens(eval_set[name][t: t + 1], eval_set[mask][t: t + 1])[0]
-            assert real[spec.prefix_len:] == tokens[name], (name, t)
+            real = helpers.real_tokens(eval_set[name][t : t + 1], eval_set[mask][t : t + 1])[0]
+            assert real[spec.prefix_len :] == tokens[name], (name, t)
             rows[name].append([-1] * (eval_set[name].shape[1] - len(index[name])) + index[name])
     return np.array(rows["input_ids"]), np.array(rows["query_ids"])
 
 
 def check_example_index(eval_set, spec, query_is_cot=None, forced=()):
     want_train, want_query = reference_index(
-        eval_set, spec, eval_set["is_cot"] if query_is_cot is None else query_is_cot,
-        list(forced))
+        eval_set, spec, eval_set["is_cot"] if query_is_cot is None else query_is_cot, list(forced)
+    )
     n, c = eval_set["n"], eval_set["c"]
     np.testing.assert_array_equal(
-        example_index(eval_set["input_ids"], eval_set["attention_mask"], n, c, spec), want_train)
+        example_index(eval_set["input_ids"], eval_set["attention_mask"], n, c, spec), want_train
+    )
     np.testing.assert_array_equal(
-        example_index(eval_set["query_ids"], eval_set["query_mask"], n, c, spec), want_query)
+        example_index(eval_set["query_ids"], eval_set["query_mask"], n, c, spec), want_query
+    )
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -143,8 +173,9 @@ def test_example_index_of_the_query_variants():
     dropped = ev.drop_think_spans(eval_set, spec, 2, "last")
     assert dropped["think_dropped"].any()
     check_example_index(dropped, spec, query_is_cot=eval_set["is_cot"] & ~dropped["think_dropped"])
-    check_example_index(ev.force_token(eval_set, spec, "think"), spec,
-                        forced=[spec.token_id("think_start")])
+    check_example_index(
+        ev.force_token(eval_set, spec, "think"), spec, forced=[spec.token_id("think_start")]
+    )
 
 
 # --- the vmapped program ------------------------------------------------------------------------
@@ -175,12 +206,26 @@ def fewer_examples(eval_set, spec, n_examples):
         rows = np.take_along_axis(eval_set[name], source.reshape(source.shape + extra), axis=1)
         return np.where(valid.reshape(valid.shape + extra), rows, fill)
 
-    return relayout(eval_set, spec, inputs=shifted("inputs", -1), chain=shifted("chain", -1),
-                    is_cot=shifted("is_cot", False), k=kept.astype(np.int32))
+    return relayout(
+        eval_set,
+        spec,
+        inputs=shifted("inputs", -1),
+        chain=shifted("chain", -1),
+        is_cot=shifted("is_cot", False),
+        k=kept.astype(np.int32),
+    )
 
 
-LAYOUT_FIELDS = ("input_ids", "labels", "attention_mask", "positions", "query_ids", "query_mask",
-                 "query_positions", "target_ids")
+LAYOUT_FIELDS = (
+    "input_ids",
+    "labels",
+    "attention_mask",
+    "positions",
+    "query_ids",
+    "query_mask",
+    "query_positions",
+    "target_ids",
+)
 
 
 @pytest.mark.parametrize("strategy", COT_STRATEGIES)
@@ -205,23 +250,37 @@ def test_all_examples_is_plain_evaluate(strategy):
     assert_same_per_task(per_task_by_k[spec.K], per_task, "K'=K")
     assert metrics_by_k[spec.K] == pytest.approx(metrics, rel=1e-5, abs=1e-6, nan_ok=True)
     flat = ev.flatten_over_k(metrics_by_k)
-    assert list(flat) == [f"{name}_k{count}" for count in range(1, spec.K + 1)
-                          for name in ("answer_acc", "loss")]
+    assert list(flat) == [
+        f"{name}_k{count}" for count in range(1, spec.K + 1) for name in ("answer_acc", "loss")
+    ]
     assert flat[f"loss_k{spec.K}"] == metrics_by_k[spec.K]["loss"]
     assert ev.flatten_over_k({2: {"loss": 1.0, "x": 3.0}}, names=("x",)) == {"x_k2": 3.0}
 
 
 def test_bad_example_counts_are_refused():
     spec, eval_set = spec_and_eval_set("cot")
-    for counts, message in [([0], r"example_counts=\[0\] is invalid: 0 is not an integer in "
-                                  r"\[1, 5\]"),
-                            ([1, 6], r"6 is not an integer in \[1, 5\]"),
-                            ([2.0], "2.0 is not an integer"), (["2"], "'2' is not an integer"),
-                            ([True], "True is not an integer"), ([], "at least one count"),
-                            ([2, 2], "once")]:
+    for counts, message in [
+        (
+            [0],
+            r"example_counts=\[0\] is invalid: 0 is not an integer in "
+            r"\[1, 5\]",
+        ),
+        ([1, 6], r"6 is not an integer in \[1, 5\]"),
+        ([2.0], "2.0 is not an integer"),
+        (["2"], "'2' is not an integer"),
+        ([True], "True is not an integer"),
+        ([], "at least one count"),
+        ([2, 2], "once"),
+    ]:
         with pytest.raises(config_lib.ConfigError, match=message):
-            ev.evaluate_over_k(*real_model(), eval_set, spec, example_counts=counts,
-                               batch_size=BATCH, max_pred_tokens=MAX_PRED)
+            ev.evaluate_over_k(
+                *real_model(),
+                eval_set,
+                spec,
+                example_counts=counts,
+                batch_size=BATCH,
+                max_pred_tokens=MAX_PRED,
+            )
     assert config_lib.parse_example_counts(np.array([3, 1]), spec.K) == (3, 1)
 
 
@@ -230,15 +289,23 @@ def test_bad_example_counts_are_refused():
 
 def test_cli_over_k(tmp_path, monkeypatch, capsys):
     spec, eval_set, metrics_by_k, _ = over_k("cot")
-    helpers.stand_in_run(monkeypatch, str(tmp_path), spec, eval_set, *real_model(),
-                         batch_size=BATCH, max_pred_tokens=MAX_PRED)
+    helpers.stand_in_run(
+        monkeypatch,
+        str(tmp_path),
+        spec,
+        eval_set,
+        *real_model(),
+        batch_size=BATCH,
+        max_pred_tokens=MAX_PRED,
+    )
     out = tmp_path / "result.json"
     result = cli.run_cli(str(tmp_path), "latest", over_k=True, out=str(out))
     assert json.loads(out.read_text()) == result == json.loads(capsys.readouterr().out)
     assert list(result["metrics_by_k"]) == [str(count) for count in range(1, spec.K + 1)]
     for count, metrics in metrics_by_k.items():
         assert result["metrics_by_k"][str(count)] == {
-            name: cli._json_value(value) for name, value in metrics.items()}
+            name: cli._json_value(value) for name, value in metrics.items()
+        }
     all_examples = result["metrics_by_k"][str(spec.K)]
     assert result["metrics"].keys() == all_examples.keys()
     for name, value in result["metrics"].items():
@@ -257,6 +324,9 @@ def test_cli_over_k(tmp_path, monkeypatch, capsys):
         cli.run_cli(str(tmp_path), "latest", example_counts="1,2")
     with pytest.raises(SystemExit, match="comma-separated positive integers"):
         cli.run_cli(str(tmp_path), "latest", over_k=True, example_counts="1,two")
-    with pytest.raises(SystemExit, match=r"--example_counts='1,6' is invalid: 6 is not an "
-                                         r"integer in \[1, 5\]"):
+    with pytest.raises(
+        SystemExit,
+        match=r"--example_counts='1,6' is invalid: 6 is not an "
+        r"integer in \[1, 5\]",
+    ):
         cli.run_cli(str(tmp_path), "latest", over_k=True, example_counts="1,6")

@@ -46,9 +46,11 @@ def test_from_pretrained_gives_the_same_logits(exported):
     ours = np.asarray(forward(run.graphdef, run.params, ids, mask))
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     with torch.no_grad():
-        theirs = hf(input_ids=torch.from_numpy(np.asarray(ids, np.int64)),
-                    attention_mask=torch.from_numpy(np.asarray(mask, np.int64)),
-                    position_ids=torch.from_numpy(positions.astype(np.int64))).logits.numpy()
+        theirs = hf(
+            input_ids=torch.from_numpy(np.asarray(ids, np.int64)),
+            attention_mask=torch.from_numpy(np.asarray(mask, np.int64)),
+            position_ids=torch.from_numpy(positions.astype(np.int64)),
+        ).logits.numpy()
     real = np.asarray(mask)
     assert np.abs(ours[real]).max() > 0.5  # trained logits, not a degenerate all-zero model
     assert np.abs(ours[real] - theirs[real]).max() < 1e-4
@@ -103,11 +105,23 @@ def test_export_refuses_missing_runs_and_steps(exported, tmp_path):
 
 
 def test_command_line_refuses_in_one_line(exported, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "cotlab_jax.export",
-                             f"--workdir={exported[0]}", "--step=3", f"--out={tmp_path / 'hf'}"],
-                            cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cotlab_jax.export",
+            f"--workdir={exported[0]}",
+            "--step=3",
+            f"--out={tmp_path / 'hf'}",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr  # above it, only orbax's log lines
     assert result.stderr.strip().splitlines()[-1] == (
-        f"cannot load the run: {exported[0]} has no checkpoint at step 3; it has [10]")
+        f"cannot load the run: {exported[0]} has no checkpoint at step 3; it has [10]"
+    )

@@ -34,13 +34,21 @@ def tiny_config():
 
 
 def command(module, *flags):
-    return subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", module, *flags],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def records(workdir):
-    return [{k: v for k, v in r.items() if k not in TIMING}
-            for r in read_metrics(os.path.join(workdir, "metrics.jsonl"), warn=False)]
+    return [
+        {k: v for k, v in r.items() if k not in TIMING}
+        for r in read_metrics(os.path.join(workdir, "metrics.jsonl"), warn=False)
+    ]
 
 
 def one_line_error(result, *fragments):
@@ -99,7 +107,8 @@ def test_bad_metrics_lines_are_skipped_and_reported_never_later_rows(tmp_path, c
 
 
 def test_relaunch_after_a_damaged_checkpoint_and_metrics_line_ends_as_uninterrupted(
-        trained_run, run_copy, capfd):
+    trained_run, run_copy, capfd
+):
     """A garbled metrics line and a truncated latest checkpoint: the relaunch falls back to
     checkpoint 30, recomputes 31-40 and ends with the uninterrupted run's records and results."""
     metrics_path = os.path.join(run_copy, "metrics.jsonl")
@@ -118,8 +127,10 @@ def test_relaunch_after_a_damaged_checkpoint_and_metrics_line_ends_as_uninterrup
     assert "checkpoint step 40" in err and "steps 31-40 are recomputed" in err, err
     expected = [r for r in records(trained_run) if not (r["step"] == 10 and r["kind"] == "train")]
     assert records(run_copy) == expected, err
-    with open(os.path.join(trained_run, "results.json")) as f, \
-            open(os.path.join(run_copy, "results.json")) as g:
+    with (
+        open(os.path.join(trained_run, "results.json")) as f,
+        open(os.path.join(run_copy, "results.json")) as g,
+    ):
         assert json.load(g)["eval"] == json.load(f)["eval"]
     assert rundir.load_run(run_copy).step == 40  # the recomputed checkpoint is whole
     assert os.listdir(os.path.join(run_copy, rundir.DAMAGED_DIR))
@@ -131,9 +142,17 @@ def test_relaunch_after_a_damaged_checkpoint_and_metrics_line_ends_as_uninterrup
 
 def test_a_second_process_refuses_and_a_dead_ones_lock_is_taken_over(run_copy):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom cotlab_jax import runlock\n"
-         f"runlock.RunLock({run_copy!r}).acquire(); print('held', flush=True); time.sleep(300)"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom cotlab_jax import runlock\n"
+            f"runlock.RunLock({run_copy!r}).acquire(); print('held', flush=True); time.sleep(300)",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         config_before = os.path.getmtime(os.path.join(run_copy, "config.json"))
@@ -187,8 +206,11 @@ def test_relaunch_with_changed_numbers_is_refused_unless_allowed(run_copy):
         saved = f.read()
     changed = tiny_config()
     changed.train.lr, changed.seed = 0.5, 7
-    with pytest.raises(rundir.RunError, match=r"changed fields: seed \(42 -> 7\), train\.lr "
-                                              r"\(0\.003 -> 0\.5\).*--allow_config_change"):
+    with pytest.raises(
+        rundir.RunError,
+        match=r"changed fields: seed \(42 -> 7\), train\.lr "
+        r"\(0\.003 -> 0\.5\).*--allow_config_change",
+    ):
         rundir.prepare_workdir(run_copy, changed)
     with open(path) as f:
         assert f.read() == saved
@@ -238,7 +260,7 @@ class _FullDisk:
 
     def write(self, text):
         if len(text) > self.budget:
-            self.file.write(text[:self.budget])
+            self.file.write(text[: self.budget])
             self.file.flush()
             raise OSError(errno.ENOSPC, "No space left on device")
         self.budget -= len(text)
@@ -271,7 +293,8 @@ def test_a_full_metrics_disk_stops_writing_and_keeps_every_row(tmp_path, monkeyp
 
 
 def test_a_full_disk_at_a_checkpoint_stops_cleanly_and_the_relaunch_goes_on_exactly(
-        trained_run, run_copy, monkeypatch):
+    trained_run, run_copy, monkeypatch
+):
     shutil.rmtree(os.path.join(run_copy, "checkpoints", "40"))
     os.remove(os.path.join(run_copy, "results.json"))
     config = tiny_config()
@@ -281,8 +304,10 @@ def test_a_full_disk_at_a_checkpoint_stops_cleanly_and_the_relaunch_goes_on_exac
 
     with monkeypatch.context() as patch:
         patch.setattr(ocp.CheckpointManager, "save", full_disk_save)
-        with pytest.raises(train.WriteFailedError, match="checkpoint .* at step 40 failed: the "
-                                                         "disk is full.* up to checkpoint 30"):
+        with pytest.raises(
+            train.WriteFailedError,
+            match="checkpoint .* at step 40 failed: the disk is full.* up to checkpoint 30",
+        ):
             train.train_and_evaluate(config, run_copy)
     assert rundir.latest_checkpoint(run_copy) == 30
     assert rundir.load_run(run_copy).step == 30
@@ -332,8 +357,12 @@ def test_damaged_run_files_give_one_line_naming_the_file(run_copy, tmp_path, cap
 def test_commands_answer_bad_input_in_one_line(run_copy, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    one_line_error(command("cotlab_jax.main", f"--config={TINY}", f"--workdir={run_copy}",
-                           "--config.train.lr=0.5"), "train.lr (0.003 -> 0.5)")
+    one_line_error(
+        command(
+            "cotlab_jax.main", f"--config={TINY}", f"--workdir={run_copy}", "--config.train.lr=0.5"
+        ),
+        "train.lr (0.003 -> 0.5)",
+    )
     assert report.run(run_copy, str(blocker / "report")) == 1
     assert "cannot write the report" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="cannot write there"):
@@ -344,7 +373,8 @@ def test_commands_answer_bad_input_in_one_line(run_copy, tmp_path, capsys):
 
 
 def test_evaluate_keeps_library_logs_off_the_terminal(run_copy, tmp_path):
-    result = command("cotlab_jax.evaluate", f"--workdir={run_copy}",
-                     f"--out={tmp_path / 'result.json'}")
+    result = command(
+        "cotlab_jax.evaluate", f"--workdir={run_copy}", f"--out={tmp_path / 'result.json'}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.strip() == "", result.stderr[-3000:]

@@ -54,8 +54,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = "open"
         for target in sorted(graph[node]):
             if state.get(target) == "open":
-                return path[path.index(target):] + [node, target] if target in path else \
-                    [node, target]
+                return (
+                    path[path.index(target) :] + [node, target]
+                    if target in path
+                    else [node, target]
+                )
             if target not in state:
                 cycle = visit(target, path + [node])
                 if cycle:
@@ -89,10 +92,13 @@ def test_import_graph_sees_imports_inside_functions(tmp_path):
     graph = import_graph(str(package))
     assert graph["cotlab_jax.a"] == {"cotlab_jax", "cotlab_jax.b"}  # the package comes first
     assert graph["cotlab_jax.b"] == {"cotlab_jax.sub", "cotlab_jax.sub.c"}
-    assert graph["cotlab_jax.sub.c"] == {"cotlab_jax", "cotlab_jax.a", "cotlab_jax.sub",
-                                         "cotlab_jax.sub.d"}
-    assert find_cycle(graph) == ["cotlab_jax.a", "cotlab_jax.b", "cotlab_jax.sub.c",
-                                 "cotlab_jax.a"]
+    assert graph["cotlab_jax.sub.c"] == {
+        "cotlab_jax",
+        "cotlab_jax.a",
+        "cotlab_jax.sub",
+        "cotlab_jax.sub.d",
+    }
+    assert find_cycle(graph) == ["cotlab_jax.a", "cotlab_jax.b", "cotlab_jax.sub.c", "cotlab_jax.a"]
 
 
 def test_the_package_has_no_import_cycle():

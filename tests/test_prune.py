@@ -67,8 +67,10 @@ def test_osscar_beats_magnitude_on_random_layers(keep_fraction):
     dense = rng.normal(size=(96, 24))
     gram = inputs.T @ inputs
     keep = [round(keep_fraction * 96)]
-    errors = {method: prune.prune_layer(gram, dense, keep, method=method).stats["relative_error"]
-              for method in prune.METHODS}
+    errors = {
+        method: prune.prune_layer(gram, dense, keep, method=method).stats["relative_error"]
+        for method in prune.METHODS
+    }
     assert errors["osscar"] <= errors["magnitude_refit"] * (1 + 1e-9)
     assert errors["magnitude_refit"] <= errors["magnitude"] * (1 + 1e-9)
     assert errors["osscar"] < 0.95 * errors["magnitude"]
@@ -80,12 +82,15 @@ def test_osscar_beats_magnitude_on_grouped_heads():
     inputs = correlated_inputs(rng, 300, 48)
     dense = rng.normal(size=(48, 12))
     partitions = np.repeat(np.arange(3), 4)
-    results = {method: prune.prune_layer(inputs.T @ inputs, dense, [2, 2, 2], 4, partitions,
-                                         method) for method in prune.METHODS}
+    results = {
+        method: prune.prune_layer(inputs.T @ inputs, dense, [2, 2, 2], 4, partitions, method)
+        for method in prune.METHODS
+    }
     for result in results.values():
         assert np.array_equal(np.bincount(partitions[result.kept]), [2, 2, 2])
-    assert (results["osscar"].stats["relative_error"]
-            <= results["magnitude_refit"].stats["relative_error"] * (1 + 1e-9))
+    assert results["osscar"].stats["relative_error"] <= results["magnitude_refit"].stats[
+        "relative_error"
+    ] * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("unit_size, partitions", [(1, None), (3, np.repeat(np.arange(2), 6))])
@@ -126,11 +131,17 @@ def test_refit_objective_and_search_match_numpy_lstsq(unit_size, partitions):
     other = np.sort(rng.choice(n_units, n_units // 3, replace=False))
     cols, weight, objective, error = oracle(other)
     np.testing.assert_allclose(prune.refit(gram_reg, cross, cols), weight, rtol=1e-7, atol=1e-9)
-    assert prune.reduced_objective(gram_reg, cross, cols, weight) == pytest.approx(objective,
-                                                                                   rel=1e-9)
+    assert prune.reduced_objective(gram_reg, cross, cols, weight) == pytest.approx(
+        objective, rel=1e-9
+    )
     assert prune.relative_error(gram, dense, cols, weight) == pytest.approx(error, rel=1e-9)
-    result = prune.prune_layer(gram, dense, [len(other)], unit_size, method="magnitude_refit",
-                               options=options) if partitions is None else None
+    result = (
+        prune.prune_layer(
+            gram, dense, [len(other)], unit_size, method="magnitude_refit", options=options
+        )
+        if partitions is None
+        else None
+    )
     if result is not None:
         cols, weight, objective, error = oracle(result.kept)
         np.testing.assert_allclose(result.weight, weight, rtol=1e-7, atol=1e-9)
@@ -147,8 +158,9 @@ def small_model(**overrides):
 @pytest.mark.parametrize("head_units", prune.HEAD_UNITS)
 def test_keeping_everything_gives_the_original_logits(head_units):
     config, graphdef, state, batch = small_model()
-    result = prune.prune_params(config, graphdef, state, batch, mlp_keep=1.0, heads_keep=1.0,
-                                head_units=head_units)
+    result = prune.prune_params(
+        config, graphdef, state, batch, mlp_keep=1.0, heads_keep=1.0, head_units=head_units
+    )
     assert result.config == config
     for layer in result.report["layers"]:
         assert layer["mlp"]["kept"] == list(range(config.intermediate_size))
@@ -161,11 +173,16 @@ def test_keeping_everything_gives_the_original_logits(head_units):
 
 
 def hf_model(config, state):
-    hf_config = transformers.LlamaConfig(**hf_convert.to_hf_config(config),
-                                         attn_implementation="eager")
+    hf_config = transformers.LlamaConfig(
+        **hf_convert.to_hf_config(config), attn_implementation="eager"
+    )
     hf = transformers.LlamaForCausalLM(hf_config).eval()
-    hf.load_state_dict({name: torch.from_numpy(array)
-                        for name, array in hf_convert.to_hf_state_dict(state, config).items()})
+    hf.load_state_dict(
+        {
+            name: torch.from_numpy(array)
+            for name, array in hf_convert.to_hf_state_dict(state, config).items()
+        }
+    )
     return hf
 
 
@@ -173,32 +190,41 @@ def hf_layer0_mlp_output(hf, ids, mask) -> np.ndarray:
     """HF's layer-0 MLP output [B, L, D] (a forward hook)."""
     captured = []
     handle = hf.model.layers[0].mlp.register_forward_hook(
-        lambda module, inputs, output: captured.append(output.numpy()))
+        lambda module, inputs, output: captured.append(output.numpy())
+    )
     with torch.no_grad():
-        hf(input_ids=torch.from_numpy(np.asarray(ids, np.int64)),
-           attention_mask=torch.from_numpy(np.asarray(mask, np.int64)),
-           position_ids=torch.from_numpy(np.asarray(model.positions_from_mask(mask), np.int64)))
+        hf(
+            input_ids=torch.from_numpy(np.asarray(ids, np.int64)),
+            attention_mask=torch.from_numpy(np.asarray(mask, np.int64)),
+            position_ids=torch.from_numpy(np.asarray(model.positions_from_mask(mask), np.int64)),
+        )
     handle.remove()
     return captured[0]
 
 
-@pytest.mark.parametrize("heads_keep, head_units", [(None, "query_heads"), (0.5, "query_heads"),
-                                                    (0.5, "kv_groups")])
+@pytest.mark.parametrize(
+    "heads_keep, head_units", [(None, "query_heads"), (0.5, "query_heads"), (0.5, "kv_groups")]
+)
 def test_pruned_model_exports_to_hf_and_matches_its_logits(heads_keep, head_units):
     config, graphdef, state, batch = small_model()
-    result = prune.prune_params(config, graphdef, state, batch, mlp_keep=0.5,
-                                heads_keep=heads_keep, head_units=head_units)
+    result = prune.prune_params(
+        config, graphdef, state, batch, mlp_keep=0.5, heads_keep=heads_keep, head_units=head_units
+    )
     kv = config.num_key_value_heads // (2 if head_units == "kv_groups" and heads_keep else 1)
     assert result.config == dataclasses.replace(
-        config, intermediate_size=32, num_attention_heads=8 if heads_keep is None else 4,
-        num_key_value_heads=kv)
+        config,
+        intermediate_size=32,
+        num_attention_heads=8 if heads_keep is None else 4,
+        num_key_value_heads=kv,
+    )
     hf = hf_model(result.config, result.state)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
-        theirs = hf(input_ids=torch.from_numpy(np.asarray(ids, np.int64)),
-                    attention_mask=torch.from_numpy(np.asarray(mask, np.int64)),
-                    position_ids=torch.from_numpy(np.asarray(model.positions_from_mask(mask),
-                                                             np.int64))).logits.numpy()
+        theirs = hf(
+            input_ids=torch.from_numpy(np.asarray(ids, np.int64)),
+            attention_mask=torch.from_numpy(np.asarray(mask, np.int64)),
+            position_ids=torch.from_numpy(np.asarray(model.positions_from_mask(mask), np.int64)),
+        ).logits.numpy()
     ours = np.asarray(forward(result.graphdef, result.state, ids, mask))
     real = np.asarray(mask)
     assert np.abs(theirs[real]).max() > 1.0
@@ -241,22 +267,37 @@ def test_prune_run_writes_an_hf_dir_the_lab_evaluates(tiny_run, tmp_path):
 def test_prune_cli_rejects_a_bad_fraction_in_one_line(tiny_run, tmp_path):
     _, workdir = tiny_run
     result = subprocess.run(
-        [sys.executable, "-m", "cotlab_jax.prune", f"--workdir={workdir}",
-         f"--out={tmp_path / 'x'}", "--mlp_keep=0"], cwd=ROOT, capture_output=True, text=True,
-        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        [
+            sys.executable,
+            "-m",
+            "cotlab_jax.prune",
+            f"--workdir={workdir}",
+            f"--out={tmp_path / 'x'}",
+            "--mlp_keep=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "prune mlp_keep=0.0 is invalid: expected a fraction in (0, 1]")
+        "prune mlp_keep=0.0 is invalid: expected a fraction in (0, 1]"
+    )
     assert not os.path.exists(tmp_path / "x")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(mlp_keep=0.0), "mlp_keep=0.0"),
-    (dict(mlp_keep=1.5), "mlp_keep=1.5"),
-    (dict(heads_keep=0.1), "heads_keep"),
-    (dict(head_units="heads"), "head_units='heads'"),
-    (dict(method="random"), "method='random'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(mlp_keep=0.0), "mlp_keep=0.0"),
+        (dict(mlp_keep=1.5), "mlp_keep=1.5"),
+        (dict(heads_keep=0.1), "heads_keep"),
+        (dict(head_units="heads"), "head_units='heads'"),
+        (dict(method="random"), "method='random'"),
+    ],
+)
 def test_bad_arguments_say_which(overrides, message):
     config, graphdef, state, batch = small_model()
     with pytest.raises(ConfigError, match=message):

@@ -16,9 +16,7 @@ from cotlab_jax.config import ConfigError
 
 # Hidden 64 with weights of std 1/sqrt(64): every matmul has about unit gain, so each layer
 # changes the logits as much as the embedding does and its quantization error shows.
-CONFIG = tiny_config(
-    hidden_size=64, intermediate_size=128, head_dim=16, initializer_range=0.125
-)
+CONFIG = tiny_config(hidden_size=64, intermediate_size=128, head_dim=16, initializer_range=0.125)
 SEED = 3
 # The axes each layer weight contracts (the model's einsums), per layer: the scales are per
 # output channel, one for each index of the other axes.
@@ -49,9 +47,7 @@ def layer_weights(state) -> dict[tuple[str, str], np.ndarray | dict]:
     """{(module, name): the stacked weight} for the seven weights of every layer, as stored."""
     pure = nnx.to_pure_dict(state)["layers"]
     return {
-        (module, name): pure[module][name]
-        for module, names in CONTRACTED.items()
-        for name in names
+        (module, name): pure[module][name] for module, names in CONTRACTED.items() for name in names
     }
 
 
@@ -91,8 +87,13 @@ def test_stored_weights_are_round_to_nearest_per_output_channel(scheme):
 def test_the_compute_dtype_does_not_change_the_stored_weights():
     # The layers cast their weights to the compute dtype before use; under bfloat16 every weight
     # is still found and quantized (`quantize` raises if one is not), from the float32 values.
-    config = tiny_config(hidden_size=64, intermediate_size=128, head_dim=16,
-                         initializer_range=0.125, dtype="bfloat16")
+    config = tiny_config(
+        hidden_size=64,
+        intermediate_size=128,
+        head_dim=16,
+        initializer_range=0.125,
+        dtype="bfloat16",
+    )
     graphdef, state = random_state(config, SEED)
     got = layer_weights(quantize.quantize(config, graphdef, state, "w8")[1])
     for key, want in layer_weights(quantized("w8")[1]).items():
@@ -134,8 +135,9 @@ def relative_noise_power(weights: dict, scheme: str) -> float:
         if chosen.weight_qtype == jnp.float8_e4m3fn:
             power = FP8_NOISE**2
         else:
-            step = np.abs(weight).max(axis=axes, keepdims=True) / SYMMETRIC_BOUND[
-                chosen.weight_qtype]
+            step = (
+                np.abs(weight).max(axis=axes, keepdims=True) / SYMMETRIC_BOUND[chosen.weight_qtype]
+            )
             power = np.mean(np.broadcast_to(step, weight.shape) ** 2 / 12) / np.mean(weight**2)
         if chosen.act_qtype == jnp.float8_e4m3fn:
             power += FP8_NOISE**2
@@ -158,9 +160,7 @@ def test_logit_error_follows_the_rounding_step(scheme):
     want = np.asarray(forward(*dense(), ids, mask))
     error = np.asarray(forward(*quantized(scheme), ids, mask)) - want
     centred = lambda x: x - x.mean(-1, keepdims=True)
-    measured = np.sqrt(
-        np.sum(real * centred(error) ** 2) / np.sum(real * centred(want) ** 2)
-    )
+    measured = np.sqrt(np.sum(real * centred(error) ** 2) / np.sum(real * centred(want) ** 2))
     matmuls = 7 * CONFIG.num_hidden_layers
     predicted = np.sqrt(matmuls * relative_noise_power(layer_weights(dense()[1]), scheme))
     assert 0.5 * predicted <= measured <= 1.5 * predicted, (measured, predicted)
@@ -198,11 +198,12 @@ def test_quantized_cache_decoding_equals_one_forward_pass():
     ids, mask = prompts()
     graphdef, state = quantized("w8")
     new_tokens = 5
-    tokens, step_logits, _ = map(np.asarray, decode.greedy_decode(graphdef, state, ids, mask,
-                                                                  new_tokens))
+    tokens, step_logits, _ = map(
+        np.asarray, decode.greedy_decode(graphdef, state, ids, mask, new_tokens)
+    )
     full_ids = np.concatenate([ids, tokens[:, :-1]], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(tokens[:, :-1], bool)], axis=1)
-    logits = np.asarray(forward(graphdef, state, full_ids, full_mask))[:, ids.shape[1] - 1:]
+    logits = np.asarray(forward(graphdef, state, full_ids, full_mask))[:, ids.shape[1] - 1 :]
     np.testing.assert_allclose(step_logits, logits, atol=1e-5 * np.abs(logits).max())
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
 
@@ -227,8 +228,14 @@ def test_evaluate_runs_the_quantized_model():
     _, eval_set = eval_helpers.world_and_eval_set(spec, 8)
     graphdef, state = quantized("w8")
     metrics = evaluate.evaluate(graphdef, state, eval_set, spec, batch_size=8, max_pred_tokens=8)
-    logits = np.asarray(forward(graphdef, state, jnp.asarray(eval_set["input_ids"]),
-                                jnp.asarray(eval_set["attention_mask"])))
+    logits = np.asarray(
+        forward(
+            graphdef,
+            state,
+            jnp.asarray(eval_set["input_ids"]),
+            jnp.asarray(eval_set["attention_mask"]),
+        )
+    )
     total, count = eval_helpers.teacher_forced_loss(logits, eval_set["labels"])
     np.testing.assert_allclose(metrics["loss"], total / count, rtol=1e-5)
     assert 0 <= metrics["answer_acc"] <= 1

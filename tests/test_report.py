@@ -14,15 +14,24 @@ from cotlab_jax import report
 from cotlab_jax.metrics import MetricsWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AXES = [["model.num_hidden_layers", [4, 8]], ["data.prompt_strategy", ["standard", "cot"]],
-        ["data.vocab_size", [64, 256]]]
+AXES = [
+    ["model.num_hidden_layers", [4, 8]],
+    ["data.prompt_strategy", ["standard", "cot"]],
+    ["data.vocab_size", [64, 256]],
+]
 TOTAL = 100  # n_tasks // batch_size
 PNG = b"\x89PNG\r\n\x1a\n"
 # member index -> (status, last step with metrics, has eval_by_k, analysis: None/"once"/"every")
-PLAN = {0: ("finished", 100, True, "once"), 1: ("finished", 100, False, None),
-        2: ("finished", 100, True, "every"), 3: ("finished", 100, False, None),
-        4: ("running", 50, False, "every"), 5: ("failed", 25, False, None),
-        6: ("not started", None, False, None), 7: ("not started", None, False, None)}
+PLAN = {
+    0: ("finished", 100, True, "once"),
+    1: ("finished", 100, False, None),
+    2: ("finished", 100, True, "every"),
+    3: ("finished", 100, False, None),
+    4: ("running", 50, False, "every"),
+    5: ("failed", 25, False, None),
+    6: ("not started", None, False, None),
+    7: ("not started", None, False, None),
+}
 
 
 def _u(rng, lo=0.0, hi=1.0) -> float:
@@ -30,15 +39,22 @@ def _u(rng, lo=0.0, hi=1.0) -> float:
 
 
 def train_record(rng) -> dict:
-    return dict(loss=_u(rng, 0.1, 4), n_cot=int(rng.integers(0, 64)), n_direct=int(rng.integers(
-        0, 64)), grad_norm=_u(rng, 0, 5), tokens_per_s=_u(rng, 1e4, 1e6), step_time_s=_u(rng))
+    return dict(
+        loss=_u(rng, 0.1, 4),
+        n_cot=int(rng.integers(0, 64)),
+        n_direct=int(rng.integers(0, 64)),
+        grad_norm=_u(rng, 0, 5),
+        tokens_per_s=_u(rng, 1e4, 1e6),
+        step_time_s=_u(rng),
+    )
 
 
 def eval_record(rng, special=False) -> dict:
     values = dict(loss=_u(rng, 0.1, 4), answer_acc=_u(rng))
     if special:
-        values.update(format_acc=_u(rng), **{f"gen_len_p{q}": _u(rng, 1, 30)
-                                              for q in (25, 50, 75, 90, 99)})
+        values.update(
+            format_acc=_u(rng), **{f"gen_len_p{q}": _u(rng, 1, 30) for q in (25, 50, 75, 90, 99)}
+        )
     else:
         values.update(answer_loss=_u(rng, 0.1, 4))
         for j in range(4):  # NaN (written as null) where no task reaches the index
@@ -48,12 +64,21 @@ def eval_record(rng, special=False) -> dict:
 
 
 def analysis_record(rng, coverage: bool) -> dict:
-    values = {f"{name}_{side}_L{layer}H{head}": _u(rng)
-              for name in ("parent_mass", "parent_top_m") for side in ("query", "demo")
-              for layer in range(2) for head in range(4)}
+    values = {
+        f"{name}_{side}_L{layer}H{head}": _u(rng)
+        for name in ("parent_mass", "parent_top_m")
+        for side in ("query", "demo")
+        for layer in range(2)
+        for head in range(4)
+    }
     values["parent_mass_query_L1H3"] = math.nan  # a head without data
-    values.update(parent_mass_query_best=_u(rng), parent_top_m_query_best=_u(rng),
-                  parent_mass_demo_best=_u(rng), embed_probe_r2=_u(rng), embed_cka=_u(rng))
+    values.update(
+        parent_mass_query_best=_u(rng),
+        parent_top_m_query_best=_u(rng),
+        parent_mass_demo_best=_u(rng),
+        embed_probe_r2=_u(rng),
+        embed_cka=_u(rng),
+    )
     if coverage:
         values["token_coverage"] = _u(rng)
     return values
@@ -69,13 +94,18 @@ def _json(path, value) -> None:
         json.dump(value, f)
 
 
-def write_run(path, rng, values, last_step, *, by_k=False, analysis=None, special=False,
-              status="finished") -> None:
+def write_run(
+    path, rng, values, last_step, *, by_k=False, analysis=None, special=False, status="finished"
+) -> None:
     """A fake run directory; its metrics go through the real MetricsWriter."""
     os.makedirs(path, exist_ok=True)
-    config = {"seed": 0, "data": {"vocab_size": 64, "prompt_strategy": "cot"},
-              "model": {"num_hidden_layers": 4}, "train": {"n_tasks": 64 * TOTAL, "batch_size": 64},
-              "eval": {}}
+    config = {
+        "seed": 0,
+        "data": {"vocab_size": 64, "prompt_strategy": "cot"},
+        "model": {"num_hidden_layers": 4},
+        "train": {"n_tasks": 64 * TOTAL, "batch_size": 64},
+        "eval": {},
+    }
     for field, value in values.items():
         group, name = field.split(".")
         config[group][name] = value
@@ -92,23 +122,36 @@ def write_run(path, rng, values, last_step, *, by_k=False, analysis=None, specia
         if analysis:
             writer.write(step, "analysis", analysis_record(rng, coverage=analysis == "every"))
     if by_k:
-        writer.write(last_step, "eval_by_k", {f"{m}_k{k}": _u(rng) for m in ("answer_acc", "loss")
-                                               for k in (1, 2, 4, 8)})
+        writer.write(
+            last_step,
+            "eval_by_k",
+            {f"{m}_k{k}": _u(rng) for m in ("answer_acc", "loss") for k in (1, 2, 4, 8)},
+        )
     writer.close()
     if status == "finished":
-        _json(os.path.join(path, "results.json"),
-              {"run_name": "fake", "step": last_step, "n_params": int(rng.integers(1e5, 1e6)),
-               "train": last["train"], "eval": last["eval"]})
+        _json(
+            os.path.join(path, "results.json"),
+            {
+                "run_name": "fake",
+                "step": last_step,
+                "n_params": int(rng.integers(1e5, 1e6)),
+                "train": last["train"],
+                "eval": last["eval"],
+            },
+        )
     elif status == "failed":
-        _json(os.path.join(path, "failed.json"),
-              {"error": "non-finite loss\nTraceback ...", "step": last_step + 3})
+        _json(
+            os.path.join(path, "failed.json"),
+            {"error": "non-finite loss\nTraceback ...", "step": last_step + 3},
+        )
 
 
 def write_sweep(root, seed=0) -> None:
     rng = np.random.default_rng(seed)
     members = []
     for index, (layers, prompt, vocab) in enumerate(
-            (a, b, c) for a in AXES[0][1] for b in AXES[1][1] for c in AXES[2][1]):
+        (a, b, c) for a in AXES[0][1] for b in AXES[1][1] for c in AXES[2][1]
+    ):
         values = {AXES[0][0]: layers, AXES[1][0]: prompt, AXES[2][0]: vocab}
         members.append({"index": index, "dir": f"members/{index:03d}", "values": values})
         status, last_step, by_k, analysis = PLAN[index]
@@ -142,12 +185,16 @@ def expected_row(root, index) -> dict:
 
     results_path = os.path.join(os.path.dirname(path), "results.json")
     n_params = json.loads(_text(results_path))["n_params"] if os.path.exists(results_path) else None
-    return dict(answer_acc=last("eval", "answer_acc"), eval_loss=last("eval", "loss"),
-                chain_acc_0=last("eval", "chain_acc_0"),
-                token_coverage=last(None, "token_coverage"),
-                parent_mass=last("analysis", "parent_mass_query_best"),
-                embed_probe_r2=last("analysis", "embed_probe_r2"),
-                train_loss=last("train", "loss"), n_params=n_params)
+    return dict(
+        answer_acc=last("eval", "answer_acc"),
+        eval_loss=last("eval", "loss"),
+        chain_acc_0=last("eval", "chain_acc_0"),
+        token_coverage=last(None, "token_coverage"),
+        parent_mass=last("analysis", "parent_mass_query_best"),
+        embed_probe_r2=last("analysis", "embed_probe_r2"),
+        train_loss=last("train", "loss"),
+        n_params=n_params,
+    )
 
 
 def read_csv(path) -> list[dict]:
@@ -163,10 +210,23 @@ def test_csv_rows_equal_last_metrics(sweep):
     root, out = sweep
     rows = read_csv(out["csv"])
     assert [int(r["member"]) for r in rows] == list(range(8))
-    assert list(rows[0]) == ["member", "layers", "prompt", "vocab", "status", "step",
-                             "total_steps", "answer_acc", "eval_loss", "chain_acc_0",
-                             "token_coverage", "parent_mass", "embed_probe_r2", "train_loss",
-                             "n_params"]  # format_acc: no member has it
+    assert list(rows[0]) == [
+        "member",
+        "layers",
+        "prompt",
+        "vocab",
+        "status",
+        "step",
+        "total_steps",
+        "answer_acc",
+        "eval_loss",
+        "chain_acc_0",
+        "token_coverage",
+        "parent_mass",
+        "embed_probe_r2",
+        "train_loss",
+        "n_params",
+    ]  # format_acc: no member has it
     for row in rows:
         index = int(row["member"])
         expected = expected_row(root, index)
@@ -175,11 +235,16 @@ def test_csv_rows_equal_last_metrics(sweep):
         assert row["status"] == PLAN[index][0]
         members = json.loads(_text(os.path.join(root, "sweep.json")))["members"]
         assert (int(row["layers"]), row["prompt"], int(row["vocab"])) == tuple(
-            members[index]["values"].values())
+            members[index]["values"].values()
+        )
     assert rows[0]["answer_acc"] != "" and rows[4]["parent_mass"] != ""
     assert rows[0]["token_coverage"] != "" and rows[2]["token_coverage"] != ""
-    assert [(r["step"], r["total_steps"]) for r in rows] == [
-        ("100", "100")] * 4 + [("50", "100"), ("28", "100"), ("0", ""), ("0", "")]
+    assert [(r["step"], r["total_steps"]) for r in rows] == [("100", "100")] * 4 + [
+        ("50", "100"),
+        ("28", "100"),
+        ("0", ""),
+        ("0", ""),
+    ]
 
 
 def test_rows_as_data(sweep):
@@ -201,8 +266,11 @@ def test_markdown_table(sweep):
     for line, row in zip(lines[1:], out["rows"], strict=True):
         cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
         for column, value in row.items():
-            shown = "" if value is None else (f"{value:.4g}" if isinstance(value, float)
-                                              else str(value))
+            shown = (
+                ""
+                if value is None
+                else (f"{value:.4g}" if isinstance(value, float) else str(value))
+            )
             assert cells[column] == shown, (row["member"], column)
 
 
@@ -214,25 +282,49 @@ def assert_png(path) -> None:
 
 def test_plots(sweep):
     root, out = sweep
-    expected = {"accuracy_vs_steps", "final_accuracy", "accuracy_vs_k", "analysis_over_steps",
-                "dag_heatmap_0", "dag_heatmap_2", "dag_heatmap_4"}
+    expected = {
+        "accuracy_vs_steps",
+        "final_accuracy",
+        "accuracy_vs_k",
+        "analysis_over_steps",
+        "dag_heatmap_0",
+        "dag_heatmap_2",
+        "dag_heatmap_4",
+    }
     assert set(out["plots"]) == expected
     for name, path in out["plots"].items():
         assert path == os.path.join(root, "report", name + ".png")
         assert_png(path)
     assert sorted(os.listdir(os.path.join(root, "report"))) == sorted(
-        [n + ".png" for n in expected] + ["summary.csv", "summary.md"])
+        [n + ".png" for n in expected] + ["summary.csv", "summary.md"]
+    )
 
 
 def test_single_run(tmp_path):
     rng = np.random.default_rng(1)
     run = tmp_path / "run"
-    write_run(str(run), rng, {"data.prompt_strategy": "cot_special_token"}, 75, by_k=True,
-              special=True, status="running")
+    write_run(
+        str(run),
+        rng,
+        {"data.prompt_strategy": "cot_special_token"},
+        75,
+        by_k=True,
+        special=True,
+        status="running",
+    )
     out = report.write_report(str(run), str(tmp_path / "out"))
     (row,) = read_csv(out["csv"])
-    assert list(row) == ["member", "status", "step", "total_steps", "answer_acc", "eval_loss",
-                         "format_acc", "train_loss", "n_params"]
+    assert list(row) == [
+        "member",
+        "status",
+        "step",
+        "total_steps",
+        "answer_acc",
+        "eval_loss",
+        "format_acc",
+        "train_loss",
+        "n_params",
+    ]
     records = [json.loads(line) for line in _text(run / "metrics.jsonl").splitlines()]
     last_eval = [r for r in records if r["kind"] == "eval"][-1]
     assert (row["status"], row["step"]) == ("running", "75")
@@ -244,10 +336,14 @@ def test_single_run(tmp_path):
 
 
 def test_sweep_without_data(tmp_path):
-    members = [{"index": i, "dir": f"m{i}", "values": {"data.vocab_size": v}}
-               for i, v in enumerate([64, 128])]
-    _json(tmp_path / "sweep.json", {"name": "empty", "axes": [["data.vocab_size", [64, 128]]],
-                                    "members": members})
+    members = [
+        {"index": i, "dir": f"m{i}", "values": {"data.vocab_size": v}}
+        for i, v in enumerate([64, 128])
+    ]
+    _json(
+        tmp_path / "sweep.json",
+        {"name": "empty", "axes": [["data.vocab_size", [64, 128]]], "members": members},
+    )
     out = report.write_report(str(tmp_path))
     assert [r["status"] for r in out["rows"]] == ["not started"] * 2
     assert set(out["plots"]) == {"accuracy_vs_steps", "final_accuracy"}
@@ -263,8 +359,13 @@ def test_missing_dir_error(tmp_path, capsys):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "cotlab_jax.report", *args], cwd=ROOT,
-                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return subprocess.run(
+        [sys.executable, "-m", "cotlab_jax.report", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
 
 
 def test_cli(sweep, tmp_path):

@@ -18,8 +18,9 @@ GENERATED = ("runs/", "bench_results/")
 
 def tracked_text_files() -> list[str]:
     try:
-        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     return [path for path in out.splitlines() if path.endswith(TEXT_ENDINGS)]

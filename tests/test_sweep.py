@@ -39,15 +39,27 @@ def tiny_sweep_config():
 
 def run_main(workdir, *flags):
     return subprocess.run(
-        [sys.executable, "-m", "cotlab_jax.main", f"--config={TINY_SWEEP}",
-         f"--workdir={workdir}", *flags],
-        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-        timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "cotlab_jax.main",
+            f"--config={TINY_SWEEP}",
+            f"--workdir={workdir}",
+            *flags,
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def records(rundir):
-    return [{k: v for k, v in r.items() if k not in TIMING}
-            for r in read_metrics(os.path.join(rundir, "metrics.jsonl"))]
+    return [
+        {k: v for k, v in r.items() if k not in TIMING}
+        for r in read_metrics(os.path.join(rundir, "metrics.jsonl"))
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(SWEEP_CONFIGS.SWEEPS))
@@ -66,8 +78,9 @@ def test_every_named_sweep_expands_to_the_product_of_its_axes(name, scale):
     first = members[0].values
     assert list(first) == [path for path, _ in axes]
     # The first axis varies slowest.
-    assert [m.values[axes[0][0]] for m in members[::len(members) // len(axes[0][1])]] == \
-        list(sweep._normalise(axes[0][0], v) for v in axes[0][1])
+    assert [m.values[axes[0][0]] for m in members[:: len(members) // len(axes[0][1])]] == list(
+        sweep._normalise(axes[0][0], v) for v in axes[0][1]
+    )
 
 
 def test_paper_sweeps_have_the_papers_values():
@@ -77,25 +90,32 @@ def test_paper_sweeps_have_the_papers_values():
     assert {m.config.data.vocab_size for m in vocab} == {64, 128, 256, 512, 1024}
     parents = sweep.expand(SWEEP_CONFIGS.get_config("parents"))
     assert {m.config.data.n_parent_choices for m in parents} == {(1,), (2,), (3,)}
-    assert all(m.config.data.num_unique_H == 100 and m.config.data.chain_length_choices == (4,)
-               for m in parents)
+    assert all(
+        m.config.data.num_unique_H == 100 and m.config.data.chain_length_choices == (4,)
+        for m in parents
+    )
     alpha = sweep.expand(SWEEP_CONFIGS.get_config("recipe_alpha"))
     assert len(alpha) == 3 * 5
     assert any("alpha_inf" in m.name for m in alpha)
-    assert all(m.config.data.prompt_strategy == "hybrid_special_token"
-               and m.config.train.batch_size == 16 for m in alpha)
+    assert all(
+        m.config.data.prompt_strategy == "hybrid_special_token" and m.config.train.batch_size == 16
+        for m in alpha
+    )
     # A swept field that the run name does not spell out is appended to the directory name.
     lrs = sweep.expand(tiny_sweep_config())
     assert [m.name.rsplit("_lr_", 1)[1] for m in lrs] == ["0.003", "0.001"] * 2
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("axes", (("data.no_such_field", (1, 2)),), "names 'data.no_such_field', which is not"),
-    ("axes", (("data.vocab_size", ()),), "config.sweep.axes=.* is invalid"),
-    ("axes", (("data.vocab_size", (64, 5)),), r"sweep member 1 .*data.vocab_size"),
-    ("packing", "tight", "config.sweep.packing='tight' is invalid"),
-    ("max_pack_size", -1, "config.sweep.max_pack_size=-1 is invalid"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("axes", (("data.no_such_field", (1, 2)),), "names 'data.no_such_field', which is not"),
+        ("axes", (("data.vocab_size", ()),), "config.sweep.axes=.* is invalid"),
+        ("axes", (("data.vocab_size", (64, 5)),), r"sweep member 1 .*data.vocab_size"),
+        ("packing", "tight", "config.sweep.packing='tight' is invalid"),
+        ("max_pack_size", -1, "config.sweep.max_pack_size=-1 is invalid"),
+    ],
+)
 def test_invalid_sweeps_are_rejected_before_compiling(field, value, message):
     config = tiny_sweep_config()
     if field == "axes" and "vocab" in str(value):
@@ -116,8 +136,11 @@ def test_unknown_sweep_name_and_member_index_are_rejected(tmp_path):
 
 def test_plan_packs_members_whose_programs_agree():
     config = tiny_sweep_config()
-    config.sweep.axes = (("data.prompt_strategy", ("cot", "standard")), ("seed", (1, 2, 3)),
-                         ("model.num_hidden_layers", (1, 2)))
+    config.sweep.axes = (
+        ("data.prompt_strategy", ("cot", "standard")),
+        ("seed", (1, 2, 3)),
+        ("model.num_hidden_layers", (1, 2)),
+    )
     members = sweep.expand(config)
     starts = {m.index: 0 for m in members}
 
@@ -151,8 +174,13 @@ def test_padding_a_batch_to_a_longer_pack_changes_no_loss():
     batch = data.sample_batch(world, keys["train"], 0, exp.spec, exp.batch_size)
     groups = ((exp.spec, (0,)),)
     padded = packed.sample_packed_batch(
-        0, [jax.tree.map(lambda x: x[None], world)], [keys["train"][None]], groups,
-        exp.spec.seq_len + 7, exp.batch_size)
+        0,
+        [jax.tree.map(lambda x: x[None], world)],
+        [keys["train"][None]],
+        groups,
+        exp.spec.seq_len + 7,
+        exp.batch_size,
+    )
     assert padded["input_ids"].shape == (1, exp.batch_size, exp.spec.seq_len + 7)
     plain = {k: batch[k] for k in packed.BATCH_FIELDS}
     longer = {k: v[0] for k, v in padded.items()}
@@ -162,7 +190,8 @@ def test_padding_a_batch_to_a_longer_pack_changes_no_loss():
         assert int(windows[0][name]) == int(windows[1][name]), name
     grad = jax.jit(jax.value_and_grad(experiment.batch_loss), static_argnums=2)
     (loss_longer, grads_longer), (loss_plain, grads_plain) = (
-        grad(state["params"], b, graphdef) for b in (longer, plain))
+        grad(state["params"], b, graphdef) for b in (longer, plain)
+    )
     # The padded sums hold the same terms plus exact zeros, in another order: float32 rounding
     # of a mean over ~1e3 tokens (relative 1e-6), and of each gradient element, a sum of terms
     # up to the leaf's largest magnitude, hence an absolute bound scaled by that magnitude (an
@@ -222,25 +251,36 @@ def test_sweep_writes_member_runs_and_the_report(finished_sweep):
         # Every member is a complete run of its own.
         assert rundir.load_run(run_dir).step == 30
     report = os.path.join(finished_sweep, "report")
-    for name in ("summary.md", "summary.csv", "accuracy_vs_steps.png", "final_accuracy.png",
-                 "accuracy_vs_k.png", "analysis_over_steps.png", "dag_heatmap_0.png"):
+    for name in (
+        "summary.md",
+        "summary.csv",
+        "accuracy_vs_steps.png",
+        "final_accuracy.png",
+        "accuracy_vs_k.png",
+        "analysis_over_steps.png",
+        "dag_heatmap_0.png",
+    ):
         assert os.path.getsize(os.path.join(report, name)) > 100, name
 
 
 def test_relaunch_skips_finished_members_and_resumes_the_rest_exactly(finished_sweep, tmp_path):
     workdir = str(tmp_path / "killed")
     process = subprocess.Popen(
-        [sys.executable, "-m", "cotlab_jax.main", f"--config={TINY_SWEEP}",
-         f"--workdir={workdir}"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [sys.executable, "-m", "cotlab_jax.main", f"--config={TINY_SWEEP}", f"--workdir={workdir}"],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
     second_pack = None
     while time.time() < deadline and process.poll() is None:
         if second_pack is None and os.path.exists(os.path.join(workdir, "sweep.json")):
             second_pack = member_dirs(workdir)[2:]
         # Both members saved step 10, so they resume together.
-        if second_pack and all(os.path.isdir(os.path.join(d, "checkpoints", "10"))
-                               for d in second_pack):
+        if second_pack and all(
+            os.path.isdir(os.path.join(d, "checkpoints", "10")) for d in second_pack
+        ):
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)

@@ -16,8 +16,13 @@ from test_train import ROOT
 from cotlab_jax import symbolic
 
 MIXED = symbolic.SymbolicConfig(
-    n_input_choices=(3, 4, 5), n_parent_choices=(1, 2, 3), chain_length_choices=(1, 3, 4),
-    n_example_choices=(2, 6), word_length=7, char_offset=25)
+    n_input_choices=(3, 4, 5),
+    n_parent_choices=(1, 2, 3),
+    chain_length_choices=(1, 3, 4),
+    n_example_choices=(2, 6),
+    word_length=7,
+    char_offset=25,
+)
 
 # The reference's chat format, transcribed from its code (core/data/symbolic/common.py and
 # symbolic_data_module.py: prepare_question, prepare_cot_solution, prepare_direct_solution,
@@ -37,8 +42,11 @@ c. You should not think or explain after providing the final answer.
 
 
 def ref_question(input_words):
-    return ("Given the input words: " + ", ".join(input_words)
-            + ", what is the final answer after the string transformations?")
+    return (
+        "Given the input words: "
+        + ", ".join(input_words)
+        + ", what is the final answer after the string transformations?"
+    )
 
 
 def ref_cot_solution(intermediate_words, answer_word):
@@ -60,8 +68,12 @@ def ref_conversation(raw_examples, examples_per_prompt, cot_flags):
     for i in range(len(examples)):
         cot = ref_cot_solution(examples[i]["intermediate_words"], examples[i]["answer_word"])
         direct = ref_direct_solution(examples[i]["answer_word"])
-        conversation.extend([{"role": "user", "content": ref_question(examples[i]["input_words"])},
-                             {"role": "assistant", "content": cot if cot_flags[i] else direct}])
+        conversation.extend(
+            [
+                {"role": "user", "content": ref_question(examples[i]["input_words"])},
+                {"role": "assistant", "content": cot if cot_flags[i] else direct},
+            ]
+        )
     return conversation
 
 
@@ -85,38 +97,60 @@ QWEN25_TEMPLATE = (
 
 
 def qwen25_text(conversation):
-    return jinja2.Environment().from_string(QWEN25_TEMPLATE).render(
-        messages=conversation, add_generation_prompt=False)
+    return (
+        jinja2.Environment()
+        .from_string(QWEN25_TEMPLATE)
+        .render(messages=conversation, add_generation_prompt=False)
+    )
 
 
 def chain_oracle(input_words, adj_list, offset):
     """Chain words computed letter by letter, without cotlab_jax."""
     words = list(input_words)
     for parents in adj_list:
-        halves = "".join(words[p][len(words[p]) // 2:] for p in sorted(parents))
+        halves = "".join(words[p][len(words[p]) // 2 :] for p in sorted(parents))
         words.append("".join(chr(ord("a") + (ord(ch) - ord("a") + offset) % 26) for ch in halves))
-    return words[len(input_words):]
+    return words[len(input_words) :]
 
 
 # A fixed raw task (word length 4, offset 1), its chain words worked out by hand:
 # y0 = shift(cd + op), y1 = shift(gh + kl) for adj [[0, 3], [1, 2], [0, 4]], y2 = shift(cd + pq).
-FIXED_ROW = {"task_id": 7, "examples": [
-    {"input_words": ["abcd", "efgh", "ijkl", "mnop"], "intermediate_words": ["depq", "hilm"],
-     "answer_word": "deqr", "adj_list": [[0, 3], [1, 2], [0, 4]]},
-    {"input_words": ["zzzz", "yxwv", "qrst", "lmny"], "intermediate_words": ["aaoz", "xwtu"],
-     "answer_word": "aapa", "adj_list": [[0, 3], [1, 2], [0, 4]]},
-    {"input_words": ["kite", "moon", "star", "blue"], "intermediate_words": ["ufvf", "pobs"],
-     "answer_word": "ufwg", "adj_list": [[0, 3], [1, 2], [0, 4]]},
-]}
+FIXED_ROW = {
+    "task_id": 7,
+    "examples": [
+        {
+            "input_words": ["abcd", "efgh", "ijkl", "mnop"],
+            "intermediate_words": ["depq", "hilm"],
+            "answer_word": "deqr",
+            "adj_list": [[0, 3], [1, 2], [0, 4]],
+        },
+        {
+            "input_words": ["zzzz", "yxwv", "qrst", "lmny"],
+            "intermediate_words": ["aaoz", "xwtu"],
+            "answer_word": "aapa",
+            "adj_list": [[0, 3], [1, 2], [0, 4]],
+        },
+        {
+            "input_words": ["kite", "moon", "star", "blue"],
+            "intermediate_words": ["ufvf", "pobs"],
+            "answer_word": "ufwg",
+            "adj_list": [[0, 3], [1, 2], [0, 4]],
+        },
+    ],
+}
 
 
 def test_fixed_task_renders_as_the_reference():
     task = symbolic.SymbolicTask.from_json(FIXED_ROW)
     for e, example in enumerate(FIXED_ROW["examples"]):
         assert chain_oracle(example["input_words"], example["adj_list"], 1) == [
-            *example["intermediate_words"], example["answer_word"]]
-        assert symbolic.make_example(tuple(example["input_words"]), task.examples[e].adj_list,
-                                     1) == task.examples[e]
+            *example["intermediate_words"],
+            example["answer_word"],
+        ]
+        assert (
+            symbolic.make_example(tuple(example["input_words"]), task.examples[e].adj_list, 1)
+            == task.examples[e]
+        )
     assert symbolic.SYSTEM_PROMPT == REF_SYSTEM_PROMPT
     for cot_flags in [(True, False, True), (False,), (True, True), (False, True, False)]:
         messages = symbolic.chat_messages(task, cot_flags)
@@ -130,14 +164,16 @@ def test_fixed_task_renders_as_the_reference():
         "Step 1: depq\nStep 2: hilm\n<|im_start|>final answer\n\\boxed{deqr}<|im_end|>\n"
         "<|im_start|>user\nGiven the input words: zzzz, yxwv, qrst, lmny, what is the final answer "
         "after the string transformations?<|im_end|>\n<|im_start|>assistant\n"
-        "<|im_start|>final answer\n\\boxed{aapa}<|im_end|>\n")
+        "<|im_start|>final answer\n\\boxed{aapa}<|im_end|>\n"
+    )
     assert text.startswith("<|im_start|>system\nYou are a helpful problem solver")
 
 
 @pytest.mark.parametrize("k", [None, 1, 4])
 def test_generated_rows_render_as_the_reference(k):
-    render = symbolic.RenderConfig(examples_per_prompt=k, initial_prob=0.2, final_prob=0.9,
-                                   alpha=1.0)
+    render = symbolic.RenderConfig(
+        examples_per_prompt=k, initial_prob=0.2, final_prob=0.9, alpha=1.0
+    )
     splits = symbolic.render_splits(5, 8, 4, MIXED, render)
     rows = [row.to_json() for row in splits["train"] + splits["test"]]
     assert 0 < sum(sum(r["is_cot"]) for r in rows) < sum(len(r["is_cot"]) for r in rows)
@@ -163,10 +199,13 @@ def test_every_chain_word_follows_its_parents(config):
         for example in task.examples:
             assert example.adj_list == adj
             assert len(example.input_words) == task.n
-            assert all(re.fullmatch(f"[a-z]{{{config.word_length}}}", w)
-                       for w in example.input_words)
+            assert all(
+                re.fullmatch(f"[a-z]{{{config.word_length}}}", w) for w in example.input_words
+            )
             assert chain_oracle(example.input_words, adj, config.char_offset) == [
-                *example.intermediate_words, example.answer_word]
+                *example.intermediate_words,
+                example.answer_word,
+            ]
         seen[(task.n, task.m, task.c)] += 1
     assert len(seen) > 5 or config == symbolic.SymbolicConfig()
 
@@ -216,10 +255,20 @@ def test_raw_tasks_round_trip_and_render_at_any_k(tmp_path):
     with open(path) as f:
         written = [json.loads(line) for line in f]
     assert written == [row.to_json() for row in rows]
-    assert set(written[0]) == {"task_id", "examples", "messages", "text", "cot_example_prob",
-                               "is_cot"}
-    assert set(written[0]["examples"][0]) == {"input_words", "intermediate_words", "answer_word",
-                                              "adj_list"}
+    assert set(written[0]) == {
+        "task_id",
+        "examples",
+        "messages",
+        "text",
+        "cot_example_prob",
+        "is_cot",
+    }
+    assert set(written[0]["examples"][0]) == {
+        "input_words",
+        "intermediate_words",
+        "answer_word",
+        "adj_list",
+    }
     tasks = symbolic.read_tasks(path)
     assert tasks == symbolic.generate(seed, range(6), config)
     assert all(task.k == 40 for task in tasks)
@@ -235,9 +284,17 @@ def test_raw_tasks_round_trip_and_render_at_any_k(tmp_path):
 
 
 def test_command_line_writes_both_splits_from_one_stream(tmp_path):
-    args = [sys.executable, "-m", "cotlab_jax.symbolic", f"--out_dir={tmp_path}",
-            "--n_train_tasks=3", "--n_test_tasks=2", "--examples_per_prompt=2",
-            "--chain_length=2,3", "--alpha=1"]
+    args = [
+        sys.executable,
+        "-m",
+        "cotlab_jax.symbolic",
+        f"--out_dir={tmp_path}",
+        "--n_train_tasks=3",
+        "--n_test_tasks=2",
+        "--examples_per_prompt=2",
+        "--chain_length=2,3",
+        "--alpha=1",
+    ]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     config = symbolic.SymbolicConfig(chain_length_choices=(2, 3))
@@ -250,18 +307,34 @@ def test_command_line_writes_both_splits_from_one_stream(tmp_path):
 
 
 def test_bad_flags_give_one_line(tmp_path):
-    base = [sys.executable, "-m", "cotlab_jax.symbolic", f"--out_dir={tmp_path}",
-            "--n_train_tasks=2", "--n_test_tasks=1"]
+    base = [
+        sys.executable,
+        "-m",
+        "cotlab_jax.symbolic",
+        f"--out_dir={tmp_path}",
+        "--n_train_tasks=2",
+        "--n_test_tasks=1",
+    ]
     for flag, message in (
-            ("--n_parents=3", "symbolic.n_parent_choices=(3,): expected parents per chain word "
-                              "m <= input words n for every draw (the smallest n choice is 2)"),
-            ("--examples_per_prompt=41", "symbolic.examples_per_prompt=41: expected at most the "
-                                         "examples stored per task (40)"),
-            (f"--tokenizer={tmp_path}/none", f"symbolic.tokenizer='{tmp_path}/none': expected a "
-                                             f"directory holding a saved transformers tokenizer")):
+        (
+            "--n_parents=3",
+            "symbolic.n_parent_choices=(3,): expected parents per chain word "
+            "m <= input words n for every draw (the smallest n choice is 2)",
+        ),
+        (
+            "--examples_per_prompt=41",
+            "symbolic.examples_per_prompt=41: expected at most the examples stored per task (40)",
+        ),
+        (
+            f"--tokenizer={tmp_path}/none",
+            f"symbolic.tokenizer='{tmp_path}/none': expected a "
+            f"directory holding a saved transformers tokenizer",
+        ),
+    ):
         extra = ["--n_inputs=2"] if flag == "--n_parents=3" else []
-        bad = subprocess.run(base + extra + [flag], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
+        bad = subprocess.run(
+            base + extra + [flag], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert (bad.returncode, bad.stderr.strip()) == (1, message)
     assert not list(tmp_path.iterdir())
 
@@ -286,20 +359,23 @@ def test_a_tokenizer_chat_template_renders_the_text(tmp_path):
 
     def save(template, name):
         model = tokenizers.models.WordLevel({"[UNK]": 0, "step": 1}, unk_token="[UNK]")
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer(model),
-                                            unk_token="[UNK]")
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=tokenizers.Tokenizer(model), unk_token="[UNK]"
+        )
         tokenizer.chat_template = template
         tokenizer.save_pretrained(tmp_path / name)
         return str(tmp_path / name)
 
     rows = symbolic.render_splits(1, 3, 1, MIXED, symbolic.RenderConfig(alpha=1.0))["train"]
     qwen = symbolic.tokenizer_chat_text(save(QWEN25_TEMPLATE, "qwen"))
-    plain = symbolic.tokenizer_chat_text(save(
-        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}", "plain"))
+    plain = symbolic.tokenizer_chat_text(
+        save("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}", "plain")
+    )
     for row in rows:
         assert qwen(row.messages) == row.text == qwen25_text(row.messages)
-        assert plain(row.messages) == "".join(f"[{m['role']}] {m['content']}\n"
-                                              for m in row.messages)
+        assert plain(row.messages) == "".join(
+            f"[{m['role']}] {m['content']}\n" for m in row.messages
+        )
     rendered = symbolic.render_split([r.task for r in rows], 1, symbolic.RenderConfig(), plain)
     assert rendered[0].text.startswith("[system] You are a helpful problem solver")
     with pytest.raises(ValueError, match="expected a tokenizer with a chat_template"):

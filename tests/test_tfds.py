@@ -24,8 +24,10 @@ def sampled(config, n_train):
     keys = data.root_keys(config.seed)
     world = data.make_world(keys["world"], spec)
     batch_size = config.train.batch_size
-    steps = [data.sample_batch(world, keys["train"], s, spec, batch_size)
-             for s in range(n_train // batch_size)]
+    steps = [
+        data.sample_batch(world, keys["train"], s, spec, batch_size)
+        for s in range(n_train // batch_size)
+    ]
     train = {name: np.concatenate([np.asarray(b[name]) for b in steps]) for name in steps[0]}
     return spec, train, data.build_eval_set(world, keys["eval"], spec, config.eval.n_eval_tasks)
 
@@ -67,8 +69,11 @@ def test_features_are_documented_and_invalid_sizes_refused(built):
     features = tfds.builder_from_directory(path).info.features
     assert all(features[name].doc.desc for name in features)
     assert str(tfds.builder_from_directory(path).info.version) == "1.0.0"
-    with pytest.raises(ValueError, match=r"n_train_tasks=12: expected a positive multiple of "
-                                         r"train.batch_size=8"):
+    with pytest.raises(
+        ValueError,
+        match=r"n_train_tasks=12: expected a positive multiple of "
+        r"train.batch_size=8",
+    ):
         tfds_builder.CotIclConfig.from_run_config(tiny_config(), 12)
 
 
@@ -82,17 +87,20 @@ def symbolic_configs():
 
     # Varying n, c and k with a recipe: padding and both answer forms are exercised, and some
     # tasks store fewer examples (2) than a chat shows (3).
-    config = symbolic.SymbolicConfig(n_input_choices=(3, 4), chain_length_choices=(1, 3),
-                                     n_example_choices=(2, 5))
-    render = symbolic.RenderConfig(examples_per_prompt=3, initial_prob=0.3, final_prob=0.8,
-                                   alpha=1.0)
+    config = symbolic.SymbolicConfig(
+        n_input_choices=(3, 4), chain_length_choices=(1, 3), n_example_choices=(2, 5)
+    )
+    render = symbolic.RenderConfig(
+        examples_per_prompt=3, initial_prob=0.3, final_prob=0.8, alpha=1.0
+    )
     return config, render
 
 
 @pytest.fixture(scope="module")
 def built_symbolic(tmp_path_factory):
-    return tfds_builder.build_symbolic(*symbolic_configs(),
-                                       str(tmp_path_factory.mktemp("sym")), **SYMBOLIC)
+    return tfds_builder.build_symbolic(
+        *symbolic_configs(), str(tmp_path_factory.mktemp("sym")), **SYMBOLIC
+    )
 
 
 def test_symbolic_splits_equal_the_jsonl_rows(built_symbolic, tmp_path):
@@ -109,7 +117,8 @@ def test_symbolic_splits_equal_the_jsonl_rows(built_symbolic, tmp_path):
         records = tfds_builder.read_symbolic_split(built_symbolic, split)
         assert sorted(r["task_id"] for r in records) == list(ids)
         assert [r["cot_example_prob"] for r in records] == pytest.approx(
-            [r["cot_example_prob"] for r in expected], rel=1e-6)
+            [r["cot_example_prob"] for r in expected], rel=1e-6
+        )
         strip = lambda row: {k: v for k, v in row.items() if k != "cot_example_prob"}
         assert [strip(r) for r in records] == [strip(r) for r in expected]
     fields = tfds_builder.read_split(built_symbolic, "train")
@@ -124,22 +133,25 @@ def test_symbolic_splits_equal_the_jsonl_rows(built_symbolic, tmp_path):
         assert fields["answer"][i] == last["answer_word"]
         assert row["messages"][-1]["content"].endswith(f"\\boxed{{{last['answer_word']}}}")
         assert fields["n_rendered"][i] == min(3, fields["k"][i])
-        assert (fields["input_words"][i, fields["k"][i]:] == "").all()
-        assert (fields["adj_list"][i, :, fields["c"][i]:] == -1).all()
+        assert (fields["input_words"][i, fields["k"][i] :] == "").all()
+        assert (fields["adj_list"][i, :, fields["c"][i] :] == -1).all()
 
 
 def test_symbolic_two_builds_are_identical(built_symbolic, tmp_path):
     again = tfds_builder.build_symbolic(*symbolic_configs(), str(tmp_path), **SYMBOLIC)
     assert os.path.basename(os.path.dirname(again)) == os.path.basename(
-        os.path.dirname(built_symbolic))
+        os.path.dirname(built_symbolic)
+    )
     records = sorted(name for name in os.listdir(built_symbolic) if "array_record" in name)
     assert records == sorted(name for name in os.listdir(again) if "array_record" in name)
     assert len(records) == 2
-    _, mismatch, errors = filecmp.cmpfiles(built_symbolic, again, [*records, "features.json"],
-                                           shallow=False)
+    _, mismatch, errors = filecmp.cmpfiles(
+        built_symbolic, again, [*records, "features.json"], shallow=False
+    )
     assert mismatch == errors == []
-    other = tfds_builder.build_symbolic(*symbolic_configs(), str(tmp_path),
-                                        **dict(SYMBOLIC, seed=4))
+    other = tfds_builder.build_symbolic(
+        *symbolic_configs(), str(tmp_path), **dict(SYMBOLIC, seed=4)
+    )
     assert other != again  # another seed is another config (and other records)
 
 
@@ -151,9 +163,24 @@ def test_symbolic_features_are_documented_and_invalid_configs_refused(built_symb
     from cotlab_jax import symbolic
 
     info = tfds.builder_from_directory(built_symbolic).info
-    expected = {"task_id", "input_words", "intermediate_words", "answer_word", "adj_list", "n",
-                "m", "c", "k", "messages", "text", "answer", "n_rendered", "is_cot", "n_cot",
-                "cot_example_prob"}
+    expected = {
+        "task_id",
+        "input_words",
+        "intermediate_words",
+        "answer_word",
+        "adj_list",
+        "n",
+        "m",
+        "c",
+        "k",
+        "messages",
+        "text",
+        "answer",
+        "n_rendered",
+        "is_cot",
+        "n_cot",
+        "cot_example_prob",
+    }
     assert set(info.features) == expected
     assert all(info.features[name].doc.desc for name in info.features)
     assert str(info.version) == "2.0.0"
@@ -170,7 +197,8 @@ def test_symbolic_features_are_documented_and_invalid_configs_refused(built_symb
         tfds_builder.SymbolicChatsConfig.create(dict(), render, 6, 4)
     with pytest.raises(ValueError, match=r"examples_per_prompt=6: expected at most the examples"):
         tfds_builder.SymbolicChatsConfig.create(
-            config, symbolic.RenderConfig(examples_per_prompt=6), 6, 4)
+            config, symbolic.RenderConfig(examples_per_prompt=6), 6, 4
+        )
 
 
 def test_symbolic_command_line_refuses_bad_flags_in_one_line(tmp_path):
@@ -179,11 +207,24 @@ def test_symbolic_command_line_refuses_bad_flags_in_one_line(tmp_path):
 
     from test_train import ROOT
 
-    args = [sys.executable, "-m", "cotlab_jax.tfds_builder", "--symbolic",
-            f"--data_dir={tmp_path}", "--n_train_tasks=2", "--n_test_tasks=1", "--n_inputs=3,5",
-            "--n_parents=4"]
+    args = [
+        sys.executable,
+        "-m",
+        "cotlab_jax.tfds_builder",
+        "--symbolic",
+        f"--data_dir={tmp_path}",
+        "--n_train_tasks=2",
+        "--n_test_tasks=1",
+        "--n_inputs=3,5",
+        "--n_parents=4",
+    ]
     bad = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert (bad.returncode, bad.stderr.strip()) == (1, (
-        "symbolic.n_parent_choices=(4,): expected parents per chain word m <= input words n for "
-        "every draw (the smallest n choice is 3)"))
+    assert (bad.returncode, bad.stderr.strip()) == (
+        1,
+        (
+            "symbolic.n_parent_choices=(4,): expected parents per chain word m <= "
+            "input words n for "
+            "every draw (the smallest n choice is 3)"
+        ),
+    )
     assert not list(tmp_path.iterdir())

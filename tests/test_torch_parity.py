@@ -39,12 +39,28 @@ def parity_config(steps: int):
     """A tiny fixed-shape CoT task (no padding) and a float32 model that trains visibly in 30
     steps of 16 tasks."""
     config = config_lib.get_base_config()
-    config.data.update(dict(
-        vocab_size=32, n_dims=8, n_input_choices=(3,), n_parent_choices=(2,),
-        chain_length_choices=(2,), n_example_choices=(4,), prompt_strategy="cot"))
-    config.model.update(dict(
-        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, dtype="float32"))
+    config.data.update(
+        dict(
+            vocab_size=32,
+            n_dims=8,
+            n_input_choices=(3,),
+            n_parent_choices=(2,),
+            chain_length_choices=(2,),
+            n_example_choices=(4,),
+            prompt_strategy="cot",
+        )
+    )
+    config.model.update(
+        dict(
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            dtype="float32",
+        )
+    )
     config.train.update(dict(n_tasks=16 * steps, batch_size=16, lr=3e-3, log_every_n_steps=1))
     return config
 
@@ -52,15 +68,22 @@ def parity_config(steps: int):
 def train_both(schedule: str, warmup_steps: int, clip_norm: float, weight_decay: float):
     """Per-step (loss, gradient norm before clipping), [STEPS, 2]: ours, then the twin's."""
     config = parity_config(STEPS)
-    config.train.update(dict(lr_schedule=schedule, warmup_steps=warmup_steps,
-                             grad_clip_norm=clip_norm, weight_decay=weight_decay))
+    config.train.update(
+        dict(
+            lr_schedule=schedule,
+            warmup_steps=warmup_steps,
+            grad_clip_norm=clip_norm,
+            weight_decay=weight_decay,
+        )
+    )
     exp = experiment.setup(config)
     keys = data.root_keys(config.seed)
     world = data.make_world(keys["world"], exp.spec)
     with jax.set_mesh(exp.mesh):
         graphdef, state = experiment.init_state(exp)
-        twin = torch_twin.TorchTwin(state["params"], exp.model_config, config.train,
-                                    exp.total_steps)
+        twin = torch_twin.TorchTwin(
+            state["params"], exp.model_config, config.train, exp.total_steps
+        )
         step_fn = experiment.compile_train_step(exp, graphdef, state)
         ours, theirs = [], []
         for step in range(STEPS):
@@ -72,12 +95,15 @@ def train_both(schedule: str, warmup_steps: int, clip_norm: float, weight_decay:
     return np.array(ours), np.array(theirs)
 
 
-@pytest.mark.parametrize("schedule, warmup_steps, clip_norm, weight_decay", [
-    ("constant", 0, 0.0, 0.01),  # the reference's recipe: plain AdamW, torch's default decay
-    # Decay 0.1, because 0.01 against none moves these losses by only 6e-5 in 30 steps. An
-    # off-by-one in the warmup or the decay's length, or no clipping, moves them by 2e-3 - 5e-3.
-    ("cosine", 6, 0.5, 0.1),
-])
+@pytest.mark.parametrize(
+    "schedule, warmup_steps, clip_norm, weight_decay",
+    [
+        ("constant", 0, 0.0, 0.01),  # the reference's recipe: plain AdamW, torch's default decay
+        # Decay 0.1, because 0.01 against none moves these losses by only 6e-5 in 30 steps. An
+        # off-by-one in the warmup or the decay's length, or no clipping, moves them by 2e-3 - 5e-3.
+        ("cosine", 6, 0.5, 0.1),
+    ],
+)
 def test_losses_match_torch_adamw_step_by_step(schedule, warmup_steps, clip_norm, weight_decay):
     ours, theirs = train_both(schedule, warmup_steps, clip_norm, weight_decay)
     assert ours[-1, 0] < 0.9 * ours[0, 0]  # it trains: the comparison covers real updates

@@ -32,22 +32,36 @@ def tiny_config(strategy="cot"):
 
 def main_command(workdir, *overrides, strategy=None):
     config = TINY + (f":{strategy}" if strategy else "")
-    return [sys.executable, "-m", "cotlab_jax.main", f"--config={config}", f"--workdir={workdir}",
-            *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "cotlab_jax.main",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
 
 
 def run_main(workdir, *overrides, strategy=None, check=True):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = subprocess.run(main_command(workdir, *overrides, strategy=strategy), cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        main_command(workdir, *overrides, strategy=strategy),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def records(workdir):
-    return [{k: v for k, v in r.items() if k not in TIMING}
-            for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+    return [
+        {k: v for k, v in r.items() if k not in TIMING}
+        for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +73,14 @@ def finished_run(tmp_path_factory):
 
 
 def test_run_directory_and_metrics(finished_run):
-    for name in ("config.json", "metrics.jsonl", "eval_set.npz", "results.json", "checkpoints",
-                 "tb"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "eval_set.npz",
+        "results.json",
+        "checkpoints",
+        "tb",
+    ):
         assert os.path.exists(os.path.join(finished_run, name)), name
     recs = records(finished_run)
     train_recs = [r for r in recs if r["kind"] == "train"]
@@ -81,9 +101,14 @@ def test_final_eval_matches_the_checkpoint(finished_run):
     run = rundir.load_run(finished_run)
     assert run.step == 40
     eval_set = data.load_eval_set(os.path.join(finished_run, "eval_set.npz"), run.spec)
-    again = evaluate.evaluate(run.graphdef, run.params, eval_set, run.spec,
-                              batch_size=run.config.eval.batch_size,
-                              max_pred_tokens=run.config.eval.max_pred_tokens)
+    again = evaluate.evaluate(
+        run.graphdef,
+        run.params,
+        eval_set,
+        run.spec,
+        batch_size=run.config.eval.batch_size,
+        max_pred_tokens=run.config.eval.max_pred_tokens,
+    )
     with open(os.path.join(finished_run, "results.json")) as f:
         logged = json.load(f)["eval"]
     assert again.keys() == logged.keys()
@@ -94,8 +119,13 @@ def test_final_eval_matches_the_checkpoint(finished_run):
 def test_resume_after_kill_reproduces_the_uninterrupted_run(finished_run, tmp_path):
     workdir = str(tmp_path / "killed")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    process = subprocess.Popen(main_command(workdir), cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        main_command(workdir),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     checkpoints = os.path.join(workdir, "checkpoints")
     while time.time() < deadline and process.poll() is None:
@@ -115,20 +145,23 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(finished_run, tmp_pa
 def test_sigterm_saves_and_exits_cleanly(finished_run, tmp_path):
     workdir = str(tmp_path / "preempted")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    process = subprocess.Popen(main_command(workdir, "--config.train.n_tasks=8000"), cwd=ROOT,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        main_command(workdir, "--config.train.n_tasks=8000"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
-    while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints",
-                                                                     "10")):
+    while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints", "10")):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-2000:]
     assert "Preempted (SIGTERM) at step" in out
     step = int(out.split("Preempted (SIGTERM) at step ")[1].split(";")[0])
-    saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-                   if s.isdigit())
+    saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert saved[-1] == step > 10
     assert max(r["step"] for r in records(workdir)) <= step
 
@@ -153,12 +186,14 @@ def test_train_step_freezes_the_state_after_a_non_finite_loss():
     world = data.make_world(keys["world"], exp.spec)
     state["params"] = jax.tree.map(lambda x: x * np.nan, state["params"])
     before = jax.tree.map(np.asarray, state)
-    step = jax.jit(lambda s: experiment.sampled_train_step(s, world, keys["train"],
-                                                           graphdef=graphdef, exp=exp))
+    step = jax.jit(
+        lambda s: experiment.sampled_train_step(s, world, keys["train"], graphdef=graphdef, exp=exp)
+    )
     after = jax.device_get(step(state))
     assert int(after["nonfinite_step"]) == 0 and int(after["step"]) == 1
-    for x, y in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"]),
-                    strict=True):
+    for x, y in zip(
+        jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"]), strict=True
+    ):
         np.testing.assert_array_equal(x, y)
 
 
@@ -166,36 +201,73 @@ def test_resume_with_other_shapes_is_refused(finished_run):
     config = tiny_config()
     config.model.hidden_size = 64
     config.data.vocab_size = 40
-    with pytest.raises(rundir.RunError, match=r"model\.hidden_size .*data\.vocab_size|"
-                                             r"data\.vocab_size .*model\.hidden_size"):
+    with pytest.raises(
+        rundir.RunError,
+        match=r"model\.hidden_size .*data\.vocab_size|"
+        r"data\.vocab_size .*model\.hidden_size",
+    ):
         train.train_and_evaluate(config, finished_run)
 
 
-@pytest.mark.parametrize("group, field, value, message", [
-    ("train", "lr", -1.0, "config.train.lr=-1.0 is invalid: expected a positive number"),
-    ("train", "batch_size", 0, "config.train.batch_size=0 is invalid"),
-    ("train", "lr_schedule", "step", "config.train.lr_schedule='step' is invalid"),
-    ("train", "b2", 1.0, r"config.train.b2=1.0 is invalid: expected a number in \[0, 1\)"),
-    ("eval", "n_eval_tasks", 0, "config.eval.n_eval_tasks=0 is invalid"),
-    ("model", "num_key_value_heads", 3, "num_key_value_heads"),
-    ("data", "activation", "tanh", "config.data.activation='tanh' is invalid"),
-    ("train", "lr", float("inf"), "config.train.lr=inf is invalid: expected a positive number"),
-    ("train", "eps", float("nan"), "config.train.eps=nan is invalid: expected a positive number"),
-    ("train", "batch_size", True, "config.train.batch_size=True is invalid: expected a positive "
-                                  "integer"),
-    ("train", "warmup_steps", -1, "config.train.warmup_steps=-1 is invalid: expected an integer "
-                                  ">= 0"),
-    ("data", "data_initializer_range", float("inf"),
-     r"config.data.data_initializer_range=inf is invalid: expected a positive number \(finite\)"),
-    ("eval", "example_counts", "1,9", r"config.eval.example_counts='1,9' is invalid: 9 is not an "
-                                      r"integer in \[1, 4\]"),
-    ("eval", "example_counts", "1,1", "config.eval.example_counts='1,1' is invalid: every count "
-                                      "may appear once"),
-    ("eval", "example_counts", "some", "config.eval.example_counts='some' is invalid: expected "
-                                       "'', 'all' or comma-separated"),
-    ("mesh", "tensor", 3, r"config.mesh=\{.*\} is invalid: .*do not multiply to the"),
-    ("mesh", "data", 0, r"config.mesh=\{.*\} is invalid: .*expected positive sizes"),
-])
+@pytest.mark.parametrize(
+    "group, field, value, message",
+    [
+        ("train", "lr", -1.0, "config.train.lr=-1.0 is invalid: expected a positive number"),
+        ("train", "batch_size", 0, "config.train.batch_size=0 is invalid"),
+        ("train", "lr_schedule", "step", "config.train.lr_schedule='step' is invalid"),
+        ("train", "b2", 1.0, r"config.train.b2=1.0 is invalid: expected a number in \[0, 1\)"),
+        ("eval", "n_eval_tasks", 0, "config.eval.n_eval_tasks=0 is invalid"),
+        ("model", "num_key_value_heads", 3, "num_key_value_heads"),
+        ("data", "activation", "tanh", "config.data.activation='tanh' is invalid"),
+        ("train", "lr", float("inf"), "config.train.lr=inf is invalid: expected a positive number"),
+        (
+            "train",
+            "eps",
+            float("nan"),
+            "config.train.eps=nan is invalid: expected a positive number",
+        ),
+        (
+            "train",
+            "batch_size",
+            True,
+            "config.train.batch_size=True is invalid: expected a positive integer",
+        ),
+        (
+            "train",
+            "warmup_steps",
+            -1,
+            "config.train.warmup_steps=-1 is invalid: expected an integer >= 0",
+        ),
+        (
+            "data",
+            "data_initializer_range",
+            float("inf"),
+            r"config.data.data_initializer_range=inf is invalid: "
+            r"expected a positive number \(finite\)",
+        ),
+        (
+            "eval",
+            "example_counts",
+            "1,9",
+            r"config.eval.example_counts='1,9' is invalid: 9 is not an "
+            r"integer in \[1, 4\]",
+        ),
+        (
+            "eval",
+            "example_counts",
+            "1,1",
+            "config.eval.example_counts='1,1' is invalid: every count may appear once",
+        ),
+        (
+            "eval",
+            "example_counts",
+            "some",
+            "config.eval.example_counts='some' is invalid: expected '', 'all' or comma-separated",
+        ),
+        ("mesh", "tensor", 3, r"config.mesh=\{.*\} is invalid: .*do not multiply to the"),
+        ("mesh", "data", 0, r"config.mesh=\{.*\} is invalid: .*expected positive sizes"),
+    ],
+)
 def test_invalid_config_is_rejected_before_compiling(group, field, value, message, tmp_path):
     config = tiny_config()
     config[group][field] = value
@@ -209,14 +281,18 @@ def test_batch_must_divide_over_the_mesh(tmp_path):
     config.mesh.update(dict(data=4, fsdp=2))  # 8 devices in the tests; batch 8 fits
     experiment.setup(config)
     config.eval.batch_size = 12
-    with pytest.raises(config_lib.ConfigError,
-                       match=r"config.eval.batch_size=12 is invalid: .*multiple of .* 8"):
+    with pytest.raises(
+        config_lib.ConfigError, match=r"config.eval.batch_size=12 is invalid: .*multiple of .* 8"
+    ):
         experiment.setup(config)
     config = tiny_config()  # 2 heads, 1 KV head
     config.mesh.update(dict(data=4, tensor=2))
-    with pytest.raises(config_lib.ConfigError, match=r"config.model.num_key_value_heads=1 is "
-                                                     r"invalid: expected a multiple of the "
-                                                     r"mesh's tensor size, 2"):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"config.model.num_key_value_heads=1 is "
+        r"invalid: expected a multiple of the "
+        r"mesh's tensor size, 2",
+    ):
         experiment.setup(config)
 
 
@@ -225,16 +301,22 @@ def test_recipe_numbers_decide_infinity_per_field():
     config.data.cot_example_prob_recipe_info["alpha"] = float("inf")  # the "no CoT" end
     experiment.setup(config)
     for key, value, message in [
-            ("alpha", float("nan"), r"alpha=nan is invalid: expected alpha >= 0 \(inf means "
-                                    r"no CoT\)"),
-            ("alpha", -1.0, "alpha=-1.0 is invalid"),
-            ("scale", float("inf"), "scale=inf is invalid: expected a finite number"),
-            ("final_prob", 1.5, r"final_prob=1.5 is invalid: expected a probability in \[0, 1\]"),
-            ("initial_prob", "0", "initial_prob='0' is invalid")]:
+        (
+            "alpha",
+            float("nan"),
+            r"alpha=nan is invalid: expected alpha >= 0 \(inf means "
+            r"no CoT\)",
+        ),
+        ("alpha", -1.0, "alpha=-1.0 is invalid"),
+        ("scale", float("inf"), "scale=inf is invalid: expected a finite number"),
+        ("final_prob", 1.5, r"final_prob=1.5 is invalid: expected a probability in \[0, 1\]"),
+        ("initial_prob", "0", "initial_prob='0' is invalid"),
+    ]:
         config = tiny_config("hybrid_special_token")
         config.data.cot_example_prob_recipe_info[key] = value
-        with pytest.raises(config_lib.ConfigError,
-                           match=r"config\.data\.cot_example_prob_recipe_info\." + message):
+        with pytest.raises(
+            config_lib.ConfigError, match=r"config\.data\.cot_example_prob_recipe_info\." + message
+        ):
             experiment.setup(config)
 
 
@@ -243,12 +325,22 @@ def test_one_mesh_check_for_heads_batches_and_packs():
     mesh = dict(replica=1, data=1, fsdp=1, tensor=1)
     config_lib.check_mesh(config, mesh)
     for axes, message in [
-            (dict(tensor=2), r"config.model.num_key_value_heads=1 is invalid: expected a "
-                             r"multiple of the mesh's tensor size, 2"),
-            (dict(data=2, fsdp=8), r"config.train.batch_size=8 is invalid: expected a multiple of "
-                                   r"the mesh's data x fsdp size, 16"),
-            (dict(replica=2), r"config.mesh.replica=2 is invalid: expected a divisor of the pack "
-                              r"size, 3")]:
+        (
+            dict(tensor=2),
+            r"config.model.num_key_value_heads=1 is invalid: expected a "
+            r"multiple of the mesh's tensor size, 2",
+        ),
+        (
+            dict(data=2, fsdp=8),
+            r"config.train.batch_size=8 is invalid: expected a multiple of "
+            r"the mesh's data x fsdp size, 16",
+        ),
+        (
+            dict(replica=2),
+            r"config.mesh.replica=2 is invalid: expected a divisor of the pack "
+            r"size, 3",
+        ),
+    ]:
         with pytest.raises(config_lib.ConfigError, match=message):
             config_lib.check_mesh(config, {**mesh, **axes}, n_members=3)
     config_lib.check_mesh(config, {**mesh, "replica": 2})  # a single run: no pack to divide
@@ -258,7 +350,8 @@ def test_main_command_errors_are_one_line(tmp_path):
     result = run_main(str(tmp_path / "x"), "--config.train.lr=-1.0", check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: config.train.lr=-1.0 is invalid: expected a positive number.")
+        "error: config.train.lr=-1.0 is invalid: expected a positive number."
+    )
     assert "Traceback" not in result.stderr
     blocked = tmp_path / "file"
     blocked.write_text("")
@@ -292,19 +385,36 @@ def test_standalone_evaluation_variants(special_token_run, tmp_path):
 
     out = tmp_path / "variant.json"
     result = subprocess.run(
-        [sys.executable, "-m", "cotlab_jax.evaluate", f"--workdir={special_token_run}",
-         "--drop_think=last", "--drop_k=2", "--force=think", "--n_examples=5", f"--out={out}"],
-        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-        timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "cotlab_jax.evaluate",
+            f"--workdir={special_token_run}",
+            "--drop_think=last",
+            "--drop_k=2",
+            "--force=think",
+            "--n_examples=5",
+            f"--out={out}",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     written = json.loads(out.read_text())
     assert written["step"] == 10 and written["variant"]["force"] == "think"
     assert written["variant"]["n_examples"] == 5
     assert {"answer_acc", "format_acc", "gen_len_p50"} <= written["metrics"].keys()
     missing = subprocess.run(
-        [sys.executable, "-m", "cotlab_jax.evaluate", f"--workdir={special_token_run}",
-         "--step=7"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-        text=True, timeout=600)
+        [sys.executable, "-m", "cotlab_jax.evaluate", f"--workdir={special_token_run}", "--step=7"],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "no checkpoint at step 7" in missing.stderr.strip().splitlines()[-1]
 
@@ -314,8 +424,9 @@ def test_standalone_evaluation_on_a_tfds_dataset(special_token_run, tmp_path):
     from cotlab_jax import tfds_builder
 
     run = rundir.load_run(special_token_run)
-    dataset = tfds_builder.build(run.config, str(tmp_path / "tfds"),
-                                 n_train_tasks=run.config.train.batch_size)
+    dataset = tfds_builder.build(
+        run.config, str(tmp_path / "tfds"), n_train_tasks=run.config.train.batch_size
+    )
     result = evaluate_cli.run_cli(special_token_run, "latest", eval_dataset=dataset)
     with open(os.path.join(special_token_run, "results.json")) as f:
         logged = json.load(f)["eval"]

@@ -33,23 +33,28 @@ PLANS = {
         "model": ("model", ["--shapes=cpu,depth4,depth12"]),
         "train_quickstart": ("train", ["--config=configs/quickstart.py"]),
         "sweep_8x_hidden64": ("sweep", ["--members=8", "--hidden_size=64", "--repeats=3"]),
-        "sweep_16x_depth4_hidden256": ("sweep", ["--members=16", "--hidden_size=256",
-                                                 "--num_hidden_layers=4", "--repeats=3"]),
+        "sweep_16x_depth4_hidden256": (
+            "sweep",
+            ["--members=16", "--hidden_size=256", "--num_hidden_layers=4", "--repeats=3"],
+        ),
         "quantize": ("quantize", ["--shape=depth4"]),
     },
 }
 
 
-PROBE = ("import json, jax; d = jax.devices()[0]; print(json.dumps(dict(backend="
-         "jax.default_backend(), device_kind=d.device_kind, device_count=jax.device_count(), "
-         "jax_version=jax.__version__)))")
+PROBE = (
+    "import json, jax; d = jax.devices()[0]; print(json.dumps(dict(backend="
+    "jax.default_backend(), device_kind=d.device_kind, device_count=jax.device_count(), "
+    "jax_version=jax.__version__)))"
+)
 
 
 def probe_devices() -> dict:
     """The backend and devices, asked in a child process: a JAX client in this process would
     hold accelerator memory (preallocation) while the benchmarks run."""
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -57,39 +62,64 @@ def summary_rows(label: str, result: dict) -> list[tuple[str, str, str]]:
     """(benchmark, case, headline numbers) rows for one benchmark's JSON."""
     name = result["benchmark"]
     if name == "sampler":
-        return [(label, r["case"], f"{r['jax_tasks_per_s']:,.0f} tasks/s "
-                 f"({r['speedup']:,.0f}x NumPy)") for r in result["rows"]]
+        return [
+            (label, r["case"], f"{r['jax_tasks_per_s']:,.0f} tasks/s ({r['speedup']:,.0f}x NumPy)")
+            for r in result["rows"]
+        ]
     if name == "model":
         rows = []
         for r in result["results"]:
             mfu = "" if r["mfu"] is None else f", MFU {100 * r['mfu']:.1f}%"
-            rows.append((label, f"{r['shape']} ({r['params'] / 1e6:.1f}M params)",
-                         f"train {r['train_step_ms']:.1f} ms/step, "
-                         f"{r['train_tokens_per_s']:,.0f} tokens/s{mfu}; decode "
-                         f"{r['decode_tasks_per_s']:,.1f} tasks/s"))
+            rows.append(
+                (
+                    label,
+                    f"{r['shape']} ({r['params'] / 1e6:.1f}M params)",
+                    f"train {r['train_step_ms']:.1f} ms/step, "
+                    f"{r['train_tokens_per_s']:,.0f} tokens/s{mfu}; decode "
+                    f"{r['decode_tasks_per_s']:,.1f} tasks/s",
+                )
+            )
         return rows
     if name == "train":
         ms = result["seconds_per_step"]
-        return [(label, f"batch {result['batch_size']} x {result['seq_len']}",
-                 f"loop step {1e3 * ms['sampled']:.1f} ms, presampled "
-                 f"{1e3 * ms['presampled']:.1f} ms (sampling {100 * result['overhead']:+.1f}%)")]
+        return [
+            (
+                label,
+                f"batch {result['batch_size']} x {result['seq_len']}",
+                f"loop step {1e3 * ms['sampled']:.1f} ms, presampled "
+                f"{1e3 * ms['presampled']:.1f} ms (sampling {100 * result['overhead']:+.1f}%)",
+            )
+        ]
     if name == "sweep":
         ms = result["seconds_per_step"]
-        return [(label, f"{result['members']} members, depth {result['num_hidden_layers']}, "
-                 f"hidden {result['hidden_size']}",
-                 f"packed {1e3 * ms['packed']:.1f} ms vs one by one "
-                 f"{1e3 * ms['one_by_one']:.1f} ms per step of all ({result['speedup']:.2f}x)")]
+        return [
+            (
+                label,
+                f"{result['members']} members, depth {result['num_hidden_layers']}, "
+                f"hidden {result['hidden_size']}",
+                f"packed {1e3 * ms['packed']:.1f} ms vs one by one "
+                f"{1e3 * ms['one_by_one']:.1f} ms per step of all ({result['speedup']:.2f}x)",
+            )
+        ]
     if name == "quantize":
-        return [(label, f"{result['shape']} {r['scheme']}",
-                 f"{r['bytes']:,d} bytes ({r['bytes_vs_dense']:.2f} of dense), decode "
-                 f"{r['decode_tasks_per_s']:,.1f} tasks/s ({r['speed_vs_dense']:.2f}x dense)")
-                for r in result["results"]]
+        return [
+            (
+                label,
+                f"{result['shape']} {r['scheme']}",
+                f"{r['bytes']:,d} bytes ({r['bytes_vs_dense']:.2f} of dense), decode "
+                f"{r['decode_tasks_per_s']:,.1f} tasks/s ({r['speed_vs_dense']:.2f}x dense)",
+            )
+            for r in result["results"]
+        ]
     return [(label, "", "(no summary)")]
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m cotlab_jax.bench all", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cotlab_jax.bench all",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--size", default="auto", choices=("auto", *PLANS))
     parser.add_argument("--only", default="", help="comma-separated labels of the plan to run")
     parser.add_argument("--timeout_s", type=int, default=900, help="per benchmark")
@@ -128,14 +158,23 @@ def main(argv):
 
     rows = [row for label, result in results.items() for row in summary_rows(label, result)]
     rows += [(label, "FAILED", error) for label, error in errors.items()]
-    print(f"\n{devices['device_kind']} x{devices['device_count']} ({devices['backend']}), jax "
-          f"{devices['jax_version']}, plan '{size}', {time.perf_counter() - start_all:.0f} s "
-          "in all")
+    print(
+        f"\n{devices['device_kind']} x{devices['device_count']} ({devices['backend']}), jax "
+        f"{devices['jax_version']}, plan '{size}', {time.perf_counter() - start_all:.0f} s "
+        "in all"
+    )
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     for label, case, numbers in rows:
         print(f"{label:{widths[0]}s}  {case:{widths[1]}s}  {numbers}")
-    summary = dict(benchmark="all", size=size, **devices, host=platform.node(), seconds=seconds,
-                   errors=errors, results=results)
+    summary = dict(
+        benchmark="all",
+        size=size,
+        **devices,
+        host=platform.node(),
+        seconds=seconds,
+        errors=errors,
+        results=results,
+    )
     path = os.path.join(args.out_dir, "all.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=2)

@@ -30,15 +30,25 @@ from cotlab_jax.bench.train import load_config
 
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m cotlab_jax.bench fidelity")
-    parser.add_argument("--config", default="configs/quickstart.py",
-                        help="a config file; its sweep axes are ignored (the quickstart's base is "
-                        "its CoT member)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="train steps (default: the config's); the schedule spans them")
+    parser.add_argument(
+        "--config",
+        default="configs/quickstart.py",
+        help="a config file; its sweep axes are ignored (the quickstart's base is its CoT member)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train steps (default: the config's); the schedule spans them",
+    )
     parser.add_argument("--evals", type=int, default=4, help="evaluations after step 0")
     parser.add_argument("--n_eval_tasks", type=int, default=None, help="overrides the config's")
-    parser.add_argument("--torch_threads", type=int, default=1,
-                        help="torch's intra-op threads (more spin against JAX's on a busy CPU)")
+    parser.add_argument(
+        "--torch_threads",
+        type=int,
+        default=1,
+        help="torch's intra-op threads (more spin against JAX's on a busy CPU)",
+    )
     parser.add_argument("--out", default="bench_results/fidelity.json")
     args = parser.parse_args(argv[1:])
 
@@ -56,17 +66,23 @@ def main(argv):
     eval_at = sorted({round(exp.total_steps * (i + 1) / args.evals) for i in range(args.evals)})
 
     def accuracy(graphdef, params) -> float:
-        return evaluate.evaluate(graphdef, params, eval_set, exp.spec,
-                                 batch_size=config.eval.batch_size,
-                                 max_pred_tokens=config.eval.max_pred_tokens)["answer_acc"]
+        return evaluate.evaluate(
+            graphdef,
+            params,
+            eval_set,
+            exp.spec,
+            batch_size=config.eval.batch_size,
+            max_pred_tokens=config.eval.max_pred_tokens,
+        )["answer_acc"]
 
     losses = {"lab": [], "torch": []}
     accuracies = {"lab": [], "torch": []}
     seconds = {"lab": [], "torch": []}  # per step, one entry per segment
     with jax.set_mesh(exp.mesh), jax.default_matmul_precision("highest"):
         graphdef, state = experiment.init_state(exp)
-        twin = torch_twin.TorchTwin(state["params"], exp.model_config, config.train,
-                                    exp.total_steps)
+        twin = torch_twin.TorchTwin(
+            state["params"], exp.model_config, config.train, exp.total_steps
+        )
         step_fn = experiment.compile_train_step(exp, graphdef, state)
         start = time.perf_counter()
         step_fn = step_fn.lower(state, world, keys["train"]).compile()
@@ -80,9 +96,12 @@ def main(argv):
                 state = step_fn(state, world, keys["train"])
                 losses["lab"].append(float(state["window"]["loss_sum"]))
             seconds["lab"].append((time.perf_counter() - start) / (stop - done))
-            batches = [jax.device_get(data.sample_batch(world, keys["train"], step, exp.spec,
-                                                        exp.batch_size))
-                       for step in range(done, stop)]
+            batches = [
+                jax.device_get(
+                    data.sample_batch(world, keys["train"], step, exp.spec, exp.batch_size)
+                )
+                for step in range(done, stop)
+            ]
             start = time.perf_counter()
             for batch in batches:
                 losses["torch"].append(twin.step(batch)[0])
@@ -96,35 +115,57 @@ def main(argv):
     ratios = np.array(seconds["torch"]) / np.array(seconds["lab"])
     median = {name: float(np.median(s)) for name, s in seconds.items()}
     device = jax.devices()[0]
-    print(f"fidelity: {args.config} ({exp.spec.prompt_strategy}), {exp.total_steps} steps x "
-          f"{exp.batch_size} tasks x {exp.spec.seq_len} tokens, float32 (highest); lab on "
-          f"{device.device_kind} ({jax.default_backend()}), torch {torch.__version__} on the CPU "
-          f"with {args.torch_threads} thread(s); answer accuracy on {config.eval.n_eval_tasks} "
-          f"frozen eval tasks")
-    print(f"{'step':>6s} {'loss lab':>10s} {'loss torch':>11s} {'rel diff':>9s} "
-          f"{'acc lab':>8s} {'acc torch':>10s}")
+    print(
+        f"fidelity: {args.config} ({exp.spec.prompt_strategy}), {exp.total_steps} steps x "
+        f"{exp.batch_size} tasks x {exp.spec.seq_len} tokens, float32 (highest); lab on "
+        f"{device.device_kind} ({jax.default_backend()}), torch {torch.__version__} on the CPU "
+        f"with {args.torch_threads} thread(s); answer accuracy on {config.eval.n_eval_tasks} "
+        f"frozen eval tasks"
+    )
+    print(
+        f"{'step':>6s} {'loss lab':>10s} {'loss torch':>11s} {'rel diff':>9s} "
+        f"{'acc lab':>8s} {'acc torch':>10s}"
+    )
     for i, step in enumerate([0] + eval_at):
         if step:
-            row = (f"{lab_loss[step - 1]:10.4f} {torch_loss[step - 1]:11.4f} "
-                   f"{rel[step - 1]:9.1e}")
+            row = f"{lab_loss[step - 1]:10.4f} {torch_loss[step - 1]:11.4f} {rel[step - 1]:9.1e}"
         else:
             row = f"{'':10s} {'':11s} {'':9s}"
         print(f"{step:6d} {row} {accuracies['lab'][i]:8.3f} {accuracies['torch'][i]:10.3f}")
-    print(f"loss at step s is the loss of step s's batch before its update; largest relative "
-          f"difference over all {exp.total_steps} steps: {rel.max():.1e}")
-    print(f"wall time per step (median of {len(ratios)} segments): lab "
-          f"{median['lab'] * 1e3:.1f} ms, torch {median['torch'] * 1e3:.1f} ms; torch / lab "
-          f"{float(np.median(ratios)):.2f}x (lab's compilation {compile_s:.1f} s, not counted)")
+    print(
+        f"loss at step s is the loss of step s's batch before its update; largest relative "
+        f"difference over all {exp.total_steps} steps: {rel.max():.1e}"
+    )
+    print(
+        f"wall time per step (median of {len(ratios)} segments): lab "
+        f"{median['lab'] * 1e3:.1f} ms, torch {median['torch'] * 1e3:.1f} ms; torch / lab "
+        f"{float(np.median(ratios)):.2f}x (lab's compilation {compile_s:.1f} s, not counted)"
+    )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(
-            benchmark="fidelity", config=args.config, steps=exp.total_steps,
-            batch_size=exp.batch_size, seq_len=exp.spec.seq_len,
-            backend=jax.default_backend(), device_kind=device.device_kind,
-            machine=platform.machine(), torch_version=torch.__version__,
-            torch_threads=args.torch_threads, n_eval_tasks=config.eval.n_eval_tasks,
-            eval_steps=[0] + eval_at, answer_acc=accuracies, loss=losses,
-            max_rel_loss_diff=float(rel.max()), seconds_per_step=seconds,
-            median_seconds_per_step=median, torch_over_lab=float(np.median(ratios)),
-            lab_compile_s=compile_s), f, indent=2)
+        json.dump(
+            dict(
+                benchmark="fidelity",
+                config=args.config,
+                steps=exp.total_steps,
+                batch_size=exp.batch_size,
+                seq_len=exp.spec.seq_len,
+                backend=jax.default_backend(),
+                device_kind=device.device_kind,
+                machine=platform.machine(),
+                torch_version=torch.__version__,
+                torch_threads=args.torch_threads,
+                n_eval_tasks=config.eval.n_eval_tasks,
+                eval_steps=[0] + eval_at,
+                answer_acc=accuracies,
+                loss=losses,
+                max_rel_loss_diff=float(rel.max()),
+                seconds_per_step=seconds,
+                median_seconds_per_step=median,
+                torch_over_lab=float(np.median(ratios)),
+                lab_compile_s=compile_s,
+            ),
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")

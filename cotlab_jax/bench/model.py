@@ -193,15 +193,18 @@ def bench_vs_torch(name: str, shape: Shape, args, mesh, torch_twin) -> dict:
     config = _llama_config(shape, args)
     graphdef, state, opt_state, train_step, ids, mask, rng = _jax_train_step(config, shape, mesh)
     # The same initial weights, optimizer numbers and a constant rate.
-    train_cfg = ml_collections.ConfigDict(dict(**ADAMW, lr_schedule="constant", warmup_steps=0,
-                                               grad_clip_norm=0.0))
-    twin = torch_twin.TorchTwin(state, config, train_cfg, total_steps=1,
-                                attn_implementation="sdpa")
+    train_cfg = ml_collections.ConfigDict(
+        dict(**ADAMW, lr_schedule="constant", warmup_steps=0, grad_clip_norm=0.0)
+    )
+    twin = torch_twin.TorchTwin(state, config, train_cfg, total_steps=1, attn_implementation="sdpa")
     ids_np, mask_np = np.asarray(ids), np.asarray(mask)
     # The JAX step's loss: next-token cross-entropy over real target tokens.
-    torch_batch = dict(input_ids=ids_np, attention_mask=mask_np,
-                       positions=np.maximum(np.cumsum(mask_np, -1) - 1, 0),
-                       labels=np.where(mask_np, ids_np, data.IGNORE_INDEX))
+    torch_batch = dict(
+        input_ids=ids_np,
+        attention_mask=mask_np,
+        positions=np.maximum(np.cumsum(mask_np, -1) - 1, 0),
+        labels=np.where(mask_np, ids_np, data.IGNORE_INDEX),
+    )
     prompts = rng.integers(0, shape.vocab, (shape.decode_batch, shape.prompt_len))
     prompt_mask = np.ones(prompts.shape, bool)
     carry = [state, opt_state]

@@ -28,8 +28,7 @@ from cotlab_jax import model, prune
 def random_model(config: model.LlamaConfig, seed: int):
     """(graphdef, state) with NumPy-random weights (the lab's init distribution, without an XLA
     compilation per parameter shape)."""
-    graphdef, abstract = jax.eval_shape(functools.partial(model.init, config),
-                                        jax.random.key(0))
+    graphdef, abstract = jax.eval_shape(functools.partial(model.init, config), jax.random.key(0))
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -41,36 +40,56 @@ def random_model(config: model.LlamaConfig, seed: int):
 
 
 def bench_width(width: int, batch, args) -> dict:
-    config = model.LlamaConfig(vocab_size=1024, num_hidden_layers=args.layers, hidden_size=2048,
-                               intermediate_size=width, dtype=args.dtype)
+    config = model.LlamaConfig(
+        vocab_size=1024,
+        num_hidden_layers=args.layers,
+        hidden_size=2048,
+        intermediate_size=width,
+        dtype=args.dtype,
+    )
     graphdef, state = random_model(config, 0)
     start = time.perf_counter()
-    result = prune.prune_params(config, graphdef, state, batch, mlp_keep=args.mlp_keep,
-                                method=args.method, chunk_size=args.chunk_size)
+    result = prune.prune_params(
+        config,
+        graphdef,
+        state,
+        batch,
+        mlp_keep=args.mlp_keep,
+        method=args.method,
+        chunk_size=args.chunk_size,
+    )
     total = time.perf_counter() - start
-    layers = [layer["mlp"] | {"calibration_seconds": layer["mlp_calibration_seconds"]}
-              for layer in result.report["layers"]]
+    layers = [
+        layer["mlp"] | {"calibration_seconds": layer["mlp_calibration_seconds"]}
+        for layer in result.report["layers"]
+    ]
 
     def per_layer(name):
         return float(np.median([layer.get(name, 0.0) for layer in layers]))
 
-    return dict(width=width, layers=args.layers, total_seconds=total,
-                calibration_seconds=per_layer("calibration_seconds"),
-                solve_seconds=per_layer("solve_seconds"),
-                inverse_seconds=per_layer("inverse_seconds"),
-                backward_seconds=per_layer("backward_seconds"),
-                local_search_seconds=per_layer("local_search_seconds"),
-                local_search_iters=per_layer("local_search_iters"),
-                swaps_accepted=per_layer("swaps_accepted"),
-                relative_error=per_layer("relative_error"),
-                params=result.report["params"])
+    return dict(
+        width=width,
+        layers=args.layers,
+        total_seconds=total,
+        calibration_seconds=per_layer("calibration_seconds"),
+        solve_seconds=per_layer("solve_seconds"),
+        inverse_seconds=per_layer("inverse_seconds"),
+        backward_seconds=per_layer("backward_seconds"),
+        local_search_seconds=per_layer("local_search_seconds"),
+        local_search_iters=per_layer("local_search_iters"),
+        swaps_accepted=per_layer("swaps_accepted"),
+        relative_error=per_layer("relative_error"),
+        params=result.report["params"],
+    )
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m cotlab_jax.bench prune",
-                                     description=__doc__)
-    parser.add_argument("--widths", default="1024,2048,4096,8192",
-                        help="comma-separated MLP widths (intermediate_size)")
+    parser = argparse.ArgumentParser(prog="python -m cotlab_jax.bench prune", description=__doc__)
+    parser.add_argument(
+        "--widths",
+        default="1024,2048,4096,8192",
+        help="comma-separated MLP widths (intermediate_size)",
+    )
     parser.add_argument("--layers", type=int, default=1, help="model depth (4: the 245M model)")
     parser.add_argument("--tasks", type=int, default=128, help="calibration tasks")
     parser.add_argument("--mlp_keep", type=float, default=0.5)
@@ -90,32 +109,53 @@ def main(argv):
     for previous, row in zip(rows, rows[1:], strict=False):
         ratio = np.log(row["width"] / previous["width"])
         row["calibration_exponent"] = float(
-            np.log(row["calibration_seconds"] / previous["calibration_seconds"]) / ratio)
+            np.log(row["calibration_seconds"] / previous["calibration_seconds"]) / ratio
+        )
         row["solve_exponent"] = float(
-            np.log(row["solve_seconds"] / previous["solve_seconds"]) / ratio)
+            np.log(row["solve_seconds"] / previous["solve_seconds"]) / ratio
+        )
 
     device = jax.devices()[0]
-    print(f"{device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs; "
-          f"{args.tasks} tasks = {tokens} tokens, depth {args.layers}, hidden 2048, "
-          f"{args.method} keeping {args.mlp_keep} of the MLP neurons; seconds per layer")
-    header = (f"{'width':>6} {'calib s':>8} {'solve s':>8} {'(inverse':>9} {'backward':>9} "
-              f"{'local)':>7} {'swaps':>7} {'rel err':>8} {'total s':>8} "
-              f"{'calib ~m^':>9} {'solve ~m^':>9}")
+    print(
+        f"{device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs; "
+        f"{args.tasks} tasks = {tokens} tokens, depth {args.layers}, hidden 2048, "
+        f"{args.method} keeping {args.mlp_keep} of the MLP neurons; seconds per layer"
+    )
+    header = (
+        f"{'width':>6} {'calib s':>8} {'solve s':>8} {'(inverse':>9} {'backward':>9} "
+        f"{'local)':>7} {'swaps':>7} {'rel err':>8} {'total s':>8} "
+        f"{'calib ~m^':>9} {'solve ~m^':>9}"
+    )
     print(header)
     for r in rows:
-        exponents = (f"{r['calibration_exponent']:9.2f} {r['solve_exponent']:9.2f}"
-                     if "solve_exponent" in r else f"{'-':>9} {'-':>9}")
-        print(f"{r['width']:6d} {r['calibration_seconds']:8.1f} {r['solve_seconds']:8.1f} "
-              f"{r['inverse_seconds']:9.1f} {r['backward_seconds']:9.1f} "
-              f"{r['local_search_seconds']:7.1f} "
-              f"{r['swaps_accepted']:3.0f}/{r['local_search_iters']:<3.0f} "
-              f"{r['relative_error']:8.4f} {r['total_seconds']:8.1f} {exponents}")
+        exponents = (
+            f"{r['calibration_exponent']:9.2f} {r['solve_exponent']:9.2f}"
+            if "solve_exponent" in r
+            else f"{'-':>9} {'-':>9}"
+        )
+        print(
+            f"{r['width']:6d} {r['calibration_seconds']:8.1f} {r['solve_seconds']:8.1f} "
+            f"{r['inverse_seconds']:9.1f} {r['backward_seconds']:9.1f} "
+            f"{r['local_search_seconds']:7.1f} "
+            f"{r['swaps_accepted']:3.0f}/{r['local_search_iters']:<3.0f} "
+            f"{r['relative_error']:8.4f} {r['total_seconds']:8.1f} {exponents}"
+        )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(benchmark="prune", backend=jax.default_backend(),
-                       device_kind=device.device_kind, host=platform.node(),
-                       cpu_count=os.cpu_count(), tokens=tokens, flags=vars(args), rows=rows),
-                  f, indent=2)
+        json.dump(
+            dict(
+                benchmark="prune",
+                backend=jax.default_backend(),
+                device_kind=device.device_kind,
+                host=platform.node(),
+                cpu_count=os.cpu_count(),
+                tokens=tokens,
+                flags=vars(args),
+                rows=rows,
+            ),
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")
 
 

@@ -25,12 +25,22 @@ RECIPE = {"type": "power_law", "initial_prob": 0.0, "final_prob": 1.0, "alpha": 
 CASES = {
     "default cot (V=1024 N=M=C=4 K=40)": dict(prompt_strategy="cot", chain_length_choices=(4,)),
     "cot_special_token, variable n/m/c/k": dict(
-        prompt_strategy="cot_special_token", n_input_choices=(3, 4), n_parent_choices=(3, 4),
-        chain_length_choices=(2, 3, 4), n_example_choices=(30, 40)),
+        prompt_strategy="cot_special_token",
+        n_input_choices=(3, 4),
+        n_parent_choices=(3, 4),
+        chain_length_choices=(2, 3, 4),
+        n_example_choices=(30, 40),
+    ),
     "hybrid_special_token, variable n/m/c/k": dict(
-        prompt_strategy="hybrid_special_token", n_input_choices=(3, 4),
-        n_parent_choices=(3, 4), chain_length_choices=(3, 4), n_example_choices=(30, 40),
-        cot_example_prob_recipe_info=RECIPE, ablation_fixed_H=True, num_unique_H=1),
+        prompt_strategy="hybrid_special_token",
+        n_input_choices=(3, 4),
+        n_parent_choices=(3, 4),
+        chain_length_choices=(3, 4),
+        n_example_choices=(30, 40),
+        cot_example_prob_recipe_info=RECIPE,
+        ablation_fixed_H=True,
+        num_unique_H=1,
+    ),
 }
 
 
@@ -81,23 +91,46 @@ def main(argv):
         spec = spec_for(overrides)
         jax_rate, compile_s = time_jax(spec, args.batch_size, args.repeats)
         numpy_rate = time_numpy(spec, args.numpy_tasks, args.numpy_repeats)
-        rows.append(dict(case=name, jax_tasks_per_s=jax_rate, numpy_tasks_per_s=numpy_rate,
-                         speedup=jax_rate / numpy_rate, compile_s=compile_s,
-                         seq_len=spec.seq_len))
+        rows.append(
+            dict(
+                case=name,
+                jax_tasks_per_s=jax_rate,
+                numpy_tasks_per_s=numpy_rate,
+                speedup=jax_rate / numpy_rate,
+                compile_s=compile_s,
+                seq_len=spec.seq_len,
+            )
+        )
 
-    print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-          f"batch {args.batch_size}, median of {args.repeats}")
-    header = f"{'case':42s} {'jax tasks/s':>12s} {'numpy tasks/s':>14s} {'ratio':>8s} " \
-             f"{'compile s':>10s}"
+    print(
+        f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), "
+        f"batch {args.batch_size}, median of {args.repeats}"
+    )
+    header = (
+        f"{'case':42s} {'jax tasks/s':>12s} {'numpy tasks/s':>14s} {'ratio':>8s} {'compile s':>10s}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['case']:42s} {r['jax_tasks_per_s']:12,.0f} {r['numpy_tasks_per_s']:14,.1f} "
-              f"{r['speedup']:7,.0f}x {r['compile_s']:10.1f}")
+        print(
+            f"{r['case']:42s} {r['jax_tasks_per_s']:12,.0f} {r['numpy_tasks_per_s']:14,.1f} "
+            f"{r['speedup']:7,.0f}x {r['compile_s']:10.1f}"
+        )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(benchmark="sampler", backend=jax.default_backend(),
-                       device_kind=device.device_kind, device_count=jax.device_count(),
-                       host=platform.node(), cpu_count=os.cpu_count(),
-                       batch_size=args.batch_size, repeats=args.repeats, rows=rows), f, indent=2)
+        json.dump(
+            dict(
+                benchmark="sampler",
+                backend=jax.default_backend(),
+                device_kind=device.device_kind,
+                device_count=jax.device_count(),
+                host=platform.node(),
+                cpu_count=os.cpu_count(),
+                batch_size=args.batch_size,
+                repeats=args.repeats,
+                rows=rows,
+            ),
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")

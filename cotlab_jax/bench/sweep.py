@@ -31,10 +31,15 @@ def main(argv):
     parser = argparse.ArgumentParser(prog="python -m cotlab_jax.bench sweep")
     parser.add_argument("--config", default="configs/quickstart.py")
     parser.add_argument("--members", type=int, default=8)
-    parser.add_argument("--hidden_size", type=int, default=64,
-                        help="overrides the config's model width (small models gain most)")
-    parser.add_argument("--num_hidden_layers", type=int, default=None,
-                        help="overrides the config's model depth")
+    parser.add_argument(
+        "--hidden_size",
+        type=int,
+        default=64,
+        help="overrides the config's model width (small models gain most)",
+    )
+    parser.add_argument(
+        "--num_hidden_layers", type=int, default=None, help="overrides the config's model depth"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds; medians count")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--out", default="bench_results/sweep.json")
@@ -42,8 +47,13 @@ def main(argv):
 
     base = load_config(args.config)
     base.sweep.axes = ()
-    base.model.update(dict(hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
-                           head_dim=args.hidden_size // base.model.num_attention_heads))
+    base.model.update(
+        dict(
+            hidden_size=args.hidden_size,
+            intermediate_size=4 * args.hidden_size,
+            head_dim=args.hidden_size // base.model.num_attention_heads,
+        )
+    )
     if args.num_hidden_layers:
         base.model.num_hidden_layers = args.num_hidden_layers
     configs = []
@@ -62,8 +72,9 @@ def main(argv):
             keys = data.root_keys(exp.config.seed)
             world = data.make_world(keys["world"], exp.spec)
             step = experiment.compile_train_step(exp, graphdef, state)
-            singles.append((lambda s, step=step, world=world, key=keys["train"]:
-                            step(s, world, key), state))
+            singles.append(
+                (lambda s, step=step, world=world, key=keys["train"]: step(s, world, key), state)
+            )
 
         def run_packed(state):
             return program.step(state)
@@ -85,21 +96,34 @@ def main(argv):
     member_steps = {name: args.members / seconds for name, seconds in median.items()}
     speedup = median["one_by_one"] / median["packed"]
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}); "
-          f"{args.members} members of config {args.config} at depth "
-          f"{base.model.num_hidden_layers}, hidden {args.hidden_size}; "
-          f"batch {base.train.batch_size} x {exps[0].spec.seq_len} tokens; median of "
-          f"{args.repeats} rounds of {args.steps} steps")
+    print(
+        f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}); "
+        f"{args.members} members of config {args.config} at depth "
+        f"{base.model.num_hidden_layers}, hidden {args.hidden_size}; "
+        f"batch {base.train.batch_size} x {exps[0].spec.seq_len} tokens; median of "
+        f"{args.repeats} rounds of {args.steps} steps"
+    )
     print(f"{'members trained':26s} {'ms per step of all':>19s} {'member-steps/s':>15s}")
     for name, label in (("packed", "packed (one program)"), ("one_by_one", "one after another")):
         print(f"{label:26s} {median[name] * 1e3:19.1f} {member_steps[name]:15.1f}")
     print(f"packing speed-up: {speedup:.2f}x")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(benchmark="sweep", config=args.config, members=args.members,
-                       hidden_size=args.hidden_size,
-                       num_hidden_layers=base.model.num_hidden_layers,
-                       backend=jax.default_backend(),
-                       device_kind=device.device_kind, device_count=jax.device_count(),
-                       seconds_per_step=median, samples=times, speedup=speedup), f, indent=2)
+        json.dump(
+            dict(
+                benchmark="sweep",
+                config=args.config,
+                members=args.members,
+                hidden_size=args.hidden_size,
+                num_hidden_layers=base.model.num_hidden_layers,
+                backend=jax.default_backend(),
+                device_kind=device.device_kind,
+                device_count=jax.device_count(),
+                seconds_per_step=median,
+                samples=times,
+                speedup=speedup,
+            ),
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")

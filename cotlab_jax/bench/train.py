@@ -44,10 +44,12 @@ def main(argv):
     with jax.set_mesh(exp.mesh):
         graphdef, state = experiment.init_state(exp)
         sampled = experiment.compile_train_step(exp, graphdef, state)
-        presampled = jax.jit(lambda s, b: experiment.train_step(s, b, graphdef=graphdef, exp=exp),
-                             donate_argnums=0)
-        batch = jax.jit(
-            lambda s: experiment.sample_train_batch(s, world, keys["train"], exp))(state)
+        presampled = jax.jit(
+            lambda s, b: experiment.train_step(s, b, graphdef=graphdef, exp=exp), donate_argnums=0
+        )
+        batch = jax.jit(lambda s: experiment.sample_train_batch(s, world, keys["train"], exp))(
+            state
+        )
 
         def time_steps(fn):
             nonlocal state
@@ -74,18 +76,34 @@ def main(argv):
     tokens = config.train.batch_size * exp.spec.seq_len
     overhead = median["sampled"] / median["presampled"] - 1
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}); "
-          f"config {args.config}; batch {config.train.batch_size} x {exp.spec.seq_len} tokens; "
-          f"median of {args.repeats} rounds of {args.steps} steps")
+    print(
+        f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}); "
+        f"config {args.config}; batch {config.train.batch_size} x {exp.spec.seq_len} tokens; "
+        f"median of {args.repeats} rounds of {args.steps} steps"
+    )
     print(f"{'step':34s} {'ms/step':>9s} {'tokens/s':>11s}")
-    for name, label in (("sampled", "sample on device + train (loop)"),
-                        ("presampled", "train on a presampled batch")):
+    for name, label in (
+        ("sampled", "sample on device + train (loop)"),
+        ("presampled", "train on a presampled batch"),
+    ):
         print(f"{label:34s} {median[name] * 1e3:9.1f} {tokens / median[name]:11,.0f}")
     print(f"sampling overhead: {overhead * 100:+.1f}%")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(benchmark="train", config=args.config, backend=jax.default_backend(),
-                       device_kind=device.device_kind, device_count=jax.device_count(),
-                       batch_size=config.train.batch_size, seq_len=exp.spec.seq_len,
-                       seconds_per_step=median, samples=times, overhead=overhead), f, indent=2)
+        json.dump(
+            dict(
+                benchmark="train",
+                config=args.config,
+                backend=jax.default_backend(),
+                device_kind=device.device_kind,
+                device_count=jax.device_count(),
+                batch_size=config.train.batch_size,
+                seq_len=exp.spec.seq_len,
+                seconds_per_step=median,
+                samples=times,
+                overhead=overhead,
+            ),
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")

@@ -54,8 +54,19 @@ from cotlab_jax import data, decode, losses, model, sampling
 IGNORE_INDEX = data.IGNORE_INDEX
 GEN_LEN_PERCENTILES = (25, 50, 75, 90, 99)
 # The fields of an eval set that `eval_step` and `eval_step_over_k` read.
-EVAL_FIELDS = ("input_ids", "labels", "attention_mask", "positions", "query_ids", "query_mask",
-               "target_ids", "chain", "n", "c", "k")
+EVAL_FIELDS = (
+    "input_ids",
+    "labels",
+    "attention_mask",
+    "positions",
+    "query_ids",
+    "query_mask",
+    "target_ids",
+    "chain",
+    "n",
+    "c",
+    "k",
+)
 DROP_CHOICES = ("first", "last", "random")
 FORCE_TOKENS = {"think": "think_start", "answer": "answer_start"}
 ANSWER_RULES = config_lib.ANSWER_RULES
@@ -66,8 +77,13 @@ INVALID_ANSWER = IGNORE_INDEX  # the reference's pred_id for an output it cannot
 # One batch.
 
 
-def score_generations(last_prompt_token: jax.Array, tokens: jax.Array, lengths: jax.Array,
-                      answers: jax.Array, spec: data.TaskSpec) -> tuple[jax.Array, jax.Array]:
+def score_generations(
+    last_prompt_token: jax.Array,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    answers: jax.Array,
+    spec: data.TaskSpec,
+) -> tuple[jax.Array, jax.Array]:
     """The strict answer rule: (correct [B], format_ok [B]).
 
     The output checked is the prompt's last token followed by the first `lengths` generated
@@ -87,8 +103,13 @@ def _from_end(output: jax.Array, end: jax.Array, offsets: tuple[int, ...]) -> ja
     return jnp.take_along_axis(output, index, axis=1)
 
 
-def extract_answers(last_prompt_token: jax.Array, tokens: jax.Array, lengths: jax.Array,
-                    spec: data.TaskSpec, rule: str) -> tuple[jax.Array, jax.Array]:
+def extract_answers(
+    last_prompt_token: jax.Array,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    spec: data.TaskSpec,
+    rule: str,
+) -> tuple[jax.Array, jax.Array]:
     """(answer int32 [B], valid bool [B]) read from generations by an answer rule.
 
     `tokens` [B, T] are the generated tokens (`pad` after an eos), `lengths` [B] how many were
@@ -121,8 +142,11 @@ def extract_answers(last_prompt_token: jax.Array, tokens: jax.Array, lengths: ja
         order = jnp.argsort(~kept, axis=1, stable=True)  # kept tokens first, in order
         output, end = jnp.take_along_axis(output, order, axis=1), kept.sum(1) - 1
         ending = _from_end(output, end, (-3, -2, -1))
-        valid = ((end >= 3) & (ending[:, 0] == spec.token_id("answer_start"))
-                 & (ending[:, 2] == spec.token_id("answer_end")))
+        valid = (
+            (end >= 3)
+            & (ending[:, 0] == spec.token_id("answer_start"))
+            & (ending[:, 2] == spec.token_id("answer_end"))
+        )
         answer = ending[:, 1]
     elif rule == "vllm":
         ending = _from_end(output, lengths, (-2, -1))  # output[lengths] is the last generated
@@ -131,17 +155,25 @@ def extract_answers(last_prompt_token: jax.Array, tokens: jax.Array, lengths: ja
     else:
         ending = _from_end(output, lengths, (-3, -2, -1, 0))
         answer = ending[:, 1]
-        valid = ((lengths >= 3)
-                 & (ending[:, 0] == spec.token_id("answer_start"))
-                 & (answer >= 0) & (answer < spec.usable_vocab_size)
-                 & (ending[:, 2] == spec.token_id("answer_end"))
-                 & (ending[:, 3] == spec.token_id("eos")))
+        valid = (
+            (lengths >= 3)
+            & (ending[:, 0] == spec.token_id("answer_start"))
+            & (answer >= 0)
+            & (answer < spec.usable_vocab_size)
+            & (ending[:, 2] == spec.token_id("answer_end"))
+            & (ending[:, 3] == spec.token_id("eos"))
+        )
     return jnp.where(valid, answer, INVALID_ANSWER).astype(jnp.int32), valid
 
 
-def _eval_batch(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
-                spec: data.TaskSpec, max_pred_tokens: int | None = None,
-                answer_rule: str = "strict") -> dict[str, jax.Array]:
+def _eval_batch(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    batch: dict[str, jax.Array],
+    spec: data.TaskSpec,
+    max_pred_tokens: int | None = None,
+    answer_rule: str = "strict",
+) -> dict[str, jax.Array]:
     """Per-task evaluation of a batch of eval tasks (the `EVAL_FIELDS` of `data.sample_tasks`).
 
     Returns, each with leading axis B:
@@ -158,8 +190,9 @@ def _eval_batch(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.A
       format_ok bool, gen_len int32        whether `answer_rule` (see `extract_answers`) could
                                            read the output; gen_len counts the eos.
     """
-    logits = model.apply(graphdef, state, batch["input_ids"], batch["positions"],
-                         batch["attention_mask"])
+    logits = model.apply(
+        graphdef, state, batch["input_ids"], batch["positions"], batch["attention_mask"]
+    )
     _, loss_sum, loss_count = losses.teacher_forced_loss(logits, batch["labels"])
     out = dict(loss_sum=loss_sum, loss_count=loss_count)
     pad = spec.token_id("pad")
@@ -168,22 +201,31 @@ def _eval_batch(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.A
         if max_pred_tokens is None:
             raise ValueError("max_pred_tokens is needed with special tokens")
         tokens, _, lengths = decode.greedy_decode(
-            graphdef, state, query_ids, query_mask, max_pred_tokens, spec.token_id("eos"), pad)
+            graphdef, state, query_ids, query_mask, max_pred_tokens, spec.token_id("eos"), pad
+        )
         answer, format_ok = extract_answers(query_ids[:, -1], tokens, lengths, spec, answer_rule)
-        out.update(predictions=tokens, answer_correct=format_ok & (answer == task_answers(batch)),
-                   format_ok=format_ok, gen_len=lengths)
+        out.update(
+            predictions=tokens,
+            answer_correct=format_ok & (answer == task_answers(batch)),
+            format_ok=format_ok,
+            gen_len=lengths,
+        )
     else:
         tokens, step_logits, _ = decode.greedy_decode(
-            graphdef, state, query_ids, query_mask, spec.target_len, None, pad)
+            graphdef, state, query_ids, query_mask, spec.target_len, None, pad
+        )
         targets = batch["target_ids"]
         chain_loss, chain_mask = losses.token_cross_entropy(step_logits, targets)
         chain_correct = tokens == targets  # never true where the target is -100
         # The answer is each task's last target: chain index c-1 (cot) or 0 (standard).
         answer_index = (chain_mask.sum(-1) - 1)[:, None]
         out.update(
-            predictions=tokens, chain_correct=chain_correct, chain_loss=chain_loss,
+            predictions=tokens,
+            chain_correct=chain_correct,
+            chain_loss=chain_loss,
             chain_mask=chain_mask,
-            answer_correct=jnp.take_along_axis(chain_correct, answer_index, axis=1)[:, 0])
+            answer_correct=jnp.take_along_axis(chain_correct, answer_index, axis=1)[:, 0],
+        )
     return out
 
 
@@ -199,8 +241,9 @@ def task_answers(batch: dict[str, jax.Array]) -> jax.Array:
 # Fewer in-context examples.
 
 
-def example_index(ids: jax.Array, mask: jax.Array, n: jax.Array, c: jax.Array,
-                  spec: data.TaskSpec) -> jax.Array:
+def example_index(
+    ids: jax.Array, mask: jax.Array, n: jax.Array, c: jax.Array, spec: data.TaskSpec
+) -> jax.Array:
     """int32 [B, L]: the example (0-based) each real token of left-padded `ids` [B, L] belongs
     to; -1 on padding and on the `<bos>` prefix. `n`, `c` [B] are the tasks' input and chain counts.
 
@@ -225,12 +268,14 @@ def _pack_right(kept: jax.Array, *rows: tuple[jax.Array, int]) -> tuple[jax.Arra
     mask."""
     order = jnp.argsort(kept, axis=-1, stable=True)  # dropped entries first, both in order
     mask = jnp.take_along_axis(kept, order, axis=-1)
-    return mask, [jnp.where(mask, jnp.take_along_axis(values, order, axis=-1), fill)
-                  for values, fill in rows]
+    return mask, [
+        jnp.where(mask, jnp.take_along_axis(values, order, axis=-1), fill) for values, fill in rows
+    ]
 
 
-def keep_last_examples(batch: dict[str, jax.Array], n_examples: jax.Array | int,
-                       spec: data.TaskSpec) -> dict[str, jax.Array]:
+def keep_last_examples(
+    batch: dict[str, jax.Array], n_examples: jax.Array | int, spec: data.TaskSpec
+) -> dict[str, jax.Array]:
     """The batch with only each task's last `n_examples` (a scalar, may be traced) examples in
     the training sequence (`input_ids`, `labels`, `attention_mask`, `positions`) and the query
     (`query_ids`, `query_mask`, and `query_positions` if present); `<bos>` stays.
@@ -251,11 +296,18 @@ def keep_last_examples(batch: dict[str, jax.Array], n_examples: jax.Array | int,
     out = dict(batch)
     mask, (input_ids, labels) = _pack_right(
         kept(batch["input_ids"], batch["attention_mask"]),
-        (batch["input_ids"], pad), (batch["labels"], IGNORE_INDEX))
-    out.update(input_ids=input_ids, labels=labels, attention_mask=mask,
-               positions=model.positions_from_mask(mask))
-    query_mask, (query_ids,) = _pack_right(kept(batch["query_ids"], batch["query_mask"]),
-                                           (batch["query_ids"], pad))
+        (batch["input_ids"], pad),
+        (batch["labels"], IGNORE_INDEX),
+    )
+    out.update(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=mask,
+        positions=model.positions_from_mask(mask),
+    )
+    query_mask, (query_ids,) = _pack_right(
+        kept(batch["query_ids"], batch["query_mask"]), (batch["query_ids"], pad)
+    )
     out.update(query_ids=query_ids, query_mask=query_mask)
     if "query_positions" in batch:
         out["query_positions"] = model.positions_from_mask(query_mask)
@@ -263,16 +315,28 @@ def keep_last_examples(batch: dict[str, jax.Array], n_examples: jax.Array | int,
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "max_pred_tokens", "answer_rule"))
-def eval_step_over_k(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
-                     spec: data.TaskSpec, max_pred_tokens: int | None,
-                     example_counts: jax.Array, answer_rule: str = "strict"
-                     ) -> dict[str, jax.Array]:
+def eval_step_over_k(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    batch: dict[str, jax.Array],
+    spec: data.TaskSpec,
+    max_pred_tokens: int | None,
+    example_counts: jax.Array,
+    answer_rule: str = "strict",
+) -> dict[str, jax.Array]:
     """`eval_step` of the batch with only the last `example_counts[i]` examples of every task
     kept, for each i of example_counts int32 [NK], as one program: every output of `eval_step`
     gains a leading axis NK."""
+
     def one_count(n_examples):
-        return _eval_batch(graphdef, state, keep_last_examples(batch, n_examples, spec), spec,
-                           max_pred_tokens, answer_rule)
+        return _eval_batch(
+            graphdef,
+            state,
+            keep_last_examples(batch, n_examples, spec),
+            spec,
+            max_pred_tokens,
+            answer_rule,
+        )
 
     return jax.vmap(one_count)(example_counts)
 
@@ -291,8 +355,9 @@ def aggregate(per_task: dict[str, np.ndarray], spec: data.TaskSpec) -> dict[str,
     )
     if spec.special_tokens:
         metrics["format_acc"] = f64["format_ok"].mean()
-        for q, value in zip(GEN_LEN_PERCENTILES,
-                            np.percentile(f64["gen_len"], GEN_LEN_PERCENTILES), strict=True):
+        for q, value in zip(
+            GEN_LEN_PERCENTILES, np.percentile(f64["gen_len"], GEN_LEN_PERCENTILES), strict=True
+        ):
             metrics[f"gen_len_p{q}"] = value
     else:
         mask = per_task["chain_mask"]
@@ -305,14 +370,20 @@ def aggregate(per_task: dict[str, np.ndarray], spec: data.TaskSpec) -> dict[str,
             metrics[f"chain_loss_{j}"] = loss[j]
         answer_index = mask.sum(1) - 1
         metrics["answer_loss"] = np.take_along_axis(
-            f64["chain_loss"], answer_index[:, None], axis=1).mean()
+            f64["chain_loss"], answer_index[:, None], axis=1
+        ).mean()
     return {name: float(value) for name, value in metrics.items()}
 
 
-def _per_task_outputs(step, eval_set: dict[str, np.ndarray], spec: data.TaskSpec,
-                      batch_size: int, batch_sharding: jax.sharding.Sharding | None,
-                      task_axis: int = 0, fields: tuple[str, ...] = EVAL_FIELDS
-                      ) -> dict[str, np.ndarray]:
+def _per_task_outputs(
+    step,
+    eval_set: dict[str, np.ndarray],
+    spec: data.TaskSpec,
+    batch_size: int,
+    batch_sharding: jax.sharding.Sharding | None,
+    task_axis: int = 0,
+    fields: tuple[str, ...] = EVAL_FIELDS,
+) -> dict[str, np.ndarray]:
     """`step(batch)`'s arrays for every task of `eval_set`, concatenated along `task_axis`.
 
     The set runs in batches of `batch_size` (the `fields`, placed by `batch_sharding`); the
@@ -323,25 +394,36 @@ def _per_task_outputs(step, eval_set: dict[str, np.ndarray], spec: data.TaskSpec
     if n_tasks == 0:
         raise ValueError("the eval set is empty")
     if eval_set["input_ids"].shape[1] != spec.seq_len:
-        raise ValueError(f"the eval set's sequences have length {eval_set['input_ids'].shape[1]}, "
-                         f"spec {spec.prompt_strategy!r} expects {spec.seq_len}: another spec?")
+        raise ValueError(
+            f"the eval set's sequences have length {eval_set['input_ids'].shape[1]}, "
+            f"spec {spec.prompt_strategy!r} expects {spec.seq_len}: another spec?"
+        )
     outputs = []
     for start in range(0, n_tasks, batch_size):
         rows = np.minimum(np.arange(start, start + batch_size), n_tasks - 1)
-        batch = jax.device_put({name: eval_set[name][rows] for name in fields},
-                               batch_sharding)
+        batch = jax.device_put({name: eval_set[name][rows] for name in fields}, batch_sharding)
         outputs.append(step(batch))
     # Global arrays of a multi-host mesh are gathered to every process (a no-op on one).
     outputs = multihost_utils.process_allgather(outputs, tiled=True)
     first_tasks = (slice(None),) * task_axis + (slice(n_tasks),)
-    return {name: np.concatenate([out[name] for out in outputs], axis=task_axis)[first_tasks]
-            for name in outputs[0]}
+    return {
+        name: np.concatenate([out[name] for out in outputs], axis=task_axis)[first_tasks]
+        for name in outputs[0]
+    }
 
 
-def evaluate(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.ndarray],
-             spec: data.TaskSpec, *, batch_size: int, max_pred_tokens: int,
-             return_predictions: bool = False, batch_sharding: jax.sharding.Sharding | None = None,
-             answer_rule: str = "strict"):
+def evaluate(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    eval_set: dict[str, np.ndarray],
+    spec: data.TaskSpec,
+    *,
+    batch_size: int,
+    max_pred_tokens: int,
+    return_predictions: bool = False,
+    batch_sharding: jax.sharding.Sharding | None = None,
+    answer_rule: str = "strict",
+):
     """Metrics of the model on an eval set (a dict of NumPy arrays, as `data.build_eval_set`).
 
     The set runs in batches of `batch_size`; the last one is filled up with copies of the last task
@@ -356,15 +438,28 @@ def evaluate(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.nd
     max_pred_tokens = max_pred_tokens if spec.special_tokens else None
     per_task = _per_task_outputs(
         lambda batch: eval_step(graphdef, state, batch, spec, max_pred_tokens, answer_rule),
-        eval_set, spec, batch_size, batch_sharding)
+        eval_set,
+        spec,
+        batch_size,
+        batch_sharding,
+    )
     metrics = aggregate(per_task, spec)
     return (metrics, per_task) if return_predictions else metrics
 
 
-def evaluate_over_k(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.ndarray],
-                    spec: data.TaskSpec, *, example_counts=None, batch_size: int,
-                    max_pred_tokens: int, batch_sharding: jax.sharding.Sharding | None = None,
-                    return_predictions: bool = False, answer_rule: str = "strict"):
+def evaluate_over_k(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    eval_set: dict[str, np.ndarray],
+    spec: data.TaskSpec,
+    *,
+    example_counts=None,
+    batch_size: int,
+    max_pred_tokens: int,
+    batch_sharding: jax.sharding.Sharding | None = None,
+    return_predictions: bool = False,
+    answer_rule: str = "strict",
+):
     """`evaluate`'s metrics with only each task's last K' examples kept, for every K' of
     `example_counts` (default 1 .. spec.K), all in one vmapped program per batch.
 
@@ -372,36 +467,58 @@ def evaluate_over_k(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str
     Batching, sharding and aggregation are `evaluate`'s; K' = K is `evaluate` itself.
     """
     counts = config_lib.parse_example_counts(
-        "all" if example_counts is None else example_counts, spec.K, name="example_counts",
-        allow_empty=False)
+        "all" if example_counts is None else example_counts,
+        spec.K,
+        name="example_counts",
+        allow_empty=False,
+    )
     max_pred_tokens = max_pred_tokens if spec.special_tokens else None
     counts_array = np.asarray(counts, np.int32)
     stacked = _per_task_outputs(
-        lambda batch: eval_step_over_k(graphdef, state, batch, spec, max_pred_tokens,
-                                       counts_array, answer_rule),
-        eval_set, spec, batch_size, batch_sharding, task_axis=1)
-    per_task = {count: {name: value[i] for name, value in stacked.items()}
-                for i, count in enumerate(counts)}
+        lambda batch: eval_step_over_k(
+            graphdef, state, batch, spec, max_pred_tokens, counts_array, answer_rule
+        ),
+        eval_set,
+        spec,
+        batch_size,
+        batch_sharding,
+        task_axis=1,
+    )
+    per_task = {
+        count: {name: value[i] for name, value in stacked.items()} for i, count in enumerate(counts)
+    }
     metrics = {count: aggregate(arrays, spec) for count, arrays in per_task.items()}
     return (metrics, per_task) if return_predictions else metrics
 
 
-def flatten_over_k(metrics_by_k: dict[int, dict[str, float]],
-                   names: tuple[str, ...] = ("answer_acc", "loss")) -> dict[str, float]:
+def flatten_over_k(
+    metrics_by_k: dict[int, dict[str, float]], names: tuple[str, ...] = ("answer_acc", "loss")
+) -> dict[str, float]:
     """`{name}_k{K'}` for each of `names` and each K' of `evaluate_over_k`'s result (the trainer
     logs these as the metrics kind "eval_by_k")."""
-    return {f"{name}_k{count}": metrics[name]
-            for count, metrics in sorted(metrics_by_k.items()) for name in names}
+    return {
+        f"{name}_k{count}": metrics[name]
+        for count, metrics in sorted(metrics_by_k.items())
+        for name in names
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Sampling with a majority vote (the reference's vLLM evaluator).
 
 
-def _sampled_eval_batch(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
-                        spec: data.TaskSpec, max_pred_tokens: int | None, n_samples: int,
-                        answer_rule: str, key: jax.Array, temperature: jax.Array,
-                        top_p: jax.Array) -> dict[str, jax.Array]:
+def _sampled_eval_batch(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    batch: dict[str, jax.Array],
+    spec: data.TaskSpec,
+    max_pred_tokens: int | None,
+    n_samples: int,
+    answer_rule: str,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+) -> dict[str, jax.Array]:
     """Per-task evaluation with `n_samples` sampled generations per query and a majority vote.
 
     Sample s of task i (its index in the eval set, `batch["task_index"]`) draws from
@@ -416,36 +533,56 @@ def _sampled_eval_batch(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[st
       sample_correct, sample_valid bool [B, S], predictions int32 [B, S, T], and with special
       tokens gen_len int32 [B, S].
     """
-    logits = model.apply(graphdef, state, batch["input_ids"], batch["positions"],
-                         batch["attention_mask"])
+    logits = model.apply(
+        graphdef, state, batch["input_ids"], batch["positions"], batch["attention_mask"]
+    )
     _, loss_sum, loss_count = losses.teacher_forced_loss(logits, batch["labels"])
     task_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, batch["task_index"])
     keys = jax.vmap(lambda s: jax.vmap(jax.random.fold_in, (0, None))(task_keys, s))(
-        jnp.arange(n_samples))  # [S, B]
+        jnp.arange(n_samples)
+    )  # [S, B]
     query_ids, query_mask = batch["query_ids"], batch["query_mask"]
     eos = spec.token_id("eos") if spec.special_tokens else None
     length = max_pred_tokens if spec.special_tokens else spec.target_len
-    tokens, lengths = sampling.sample_many(graphdef, state, query_ids, query_mask, length, eos,
-                                           spec.token_id("pad"), keys, temperature, top_p)
+    tokens, lengths = sampling.sample_many(
+        graphdef,
+        state,
+        query_ids,
+        query_mask,
+        length,
+        eos,
+        spec.token_id("pad"),
+        keys,
+        temperature,
+        top_p,
+    )
     if spec.special_tokens:
         answers, valid = jax.vmap(extract_answers, (None, 0, 0, None, None))(
-            query_ids[:, -1], tokens, lengths, spec, answer_rule)
+            query_ids[:, -1], tokens, lengths, spec, answer_rule
+        )
     else:
         answer_index = (batch["target_ids"] != IGNORE_INDEX).sum(-1) - 1
         answers = jnp.take_along_axis(tokens, answer_index[None, :, None], axis=2)[..., 0]
         valid = jnp.ones(answers.shape, bool)
     vote = sampling.majority_vote(answers)
     truth = task_answers(batch)
-    out = dict(loss_sum=loss_sum, loss_count=loss_count, vote=vote, answer_correct=vote == truth,
-               sample_correct=(answers == truth[None, :]).T, sample_valid=valid.T,
-               predictions=tokens.transpose(1, 0, 2))
+    out = dict(
+        loss_sum=loss_sum,
+        loss_count=loss_count,
+        vote=vote,
+        answer_correct=vote == truth,
+        sample_correct=(answers == truth[None, :]).T,
+        sample_valid=valid.T,
+        predictions=tokens.transpose(1, 0, 2),
+    )
     if spec.special_tokens:
         out["gen_len"] = lengths.T
     return out
 
 
-sampled_eval_step = jax.jit(_sampled_eval_batch,
-                            static_argnames=("spec", "max_pred_tokens", "n_samples", "answer_rule"))
+sampled_eval_step = jax.jit(
+    _sampled_eval_batch, static_argnames=("spec", "max_pred_tokens", "n_samples", "answer_rule")
+)
 
 
 def aggregate_sampled(per_task: dict[str, np.ndarray], spec: data.TaskSpec) -> dict[str, float]:
@@ -459,8 +596,9 @@ def aggregate_sampled(per_task: dict[str, np.ndarray], spec: data.TaskSpec) -> d
     if spec.special_tokens:
         metrics["format_acc"] = f64["sample_valid"].mean()
         metrics["vote_invalid"] = (per_task["vote"] == INVALID_ANSWER).mean()
-        for q, value in zip(GEN_LEN_PERCENTILES,
-                            np.percentile(f64["gen_len"], GEN_LEN_PERCENTILES), strict=True):
+        for q, value in zip(
+            GEN_LEN_PERCENTILES, np.percentile(f64["gen_len"], GEN_LEN_PERCENTILES), strict=True
+        ):
             metrics[f"gen_len_p{q}"] = value
     return {name: float(value) for name, value in metrics.items()}
 
@@ -474,15 +612,27 @@ def check_sampling(n_samples: int, temperature: float, top_p: float) -> None:
     if not (0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1]")
     if n_samples > 1 and temperature == 0:
-        raise ValueError(f"n_samples={n_samples} needs temperature > 0: greedy samples are all "
-                         "the same")
+        raise ValueError(
+            f"n_samples={n_samples} needs temperature > 0: greedy samples are all the same"
+        )
 
 
-def evaluate_sampled(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[str, np.ndarray],
-                     spec: data.TaskSpec, *, batch_size: int, max_pred_tokens: int,
-                     n_samples: int, temperature: float, top_p: float = 1.0, seed: int = 0,
-                     answer_rule: str = "reference", return_predictions: bool = False,
-                     batch_sharding: jax.sharding.Sharding | None = None):
+def evaluate_sampled(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    eval_set: dict[str, np.ndarray],
+    spec: data.TaskSpec,
+    *,
+    batch_size: int,
+    max_pred_tokens: int,
+    n_samples: int,
+    temperature: float,
+    top_p: float = 1.0,
+    seed: int = 0,
+    answer_rule: str = "reference",
+    return_predictions: bool = False,
+    batch_sharding: jax.sharding.Sharding | None = None,
+):
     """Metrics with `n_samples` generations per query at `temperature` / `top_p`, the answer
     taken by majority vote, as the reference's vLLM evaluator (inference/vllm/
     evaluator_special_token.py) scores a model.
@@ -510,9 +660,24 @@ def evaluate_sampled(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[st
     key = jax.random.key(seed)
     temperature, top_p = np.float32(temperature), np.float32(top_p)
     per_task = _per_task_outputs(
-        lambda batch: sampled_eval_step(graphdef, state, batch, spec, max_pred_tokens, n_samples,
-                                        answer_rule, key, temperature, top_p),
-        indexed, spec, batch_size, batch_sharding, fields=(*EVAL_FIELDS, "task_index"))
+        lambda batch: sampled_eval_step(
+            graphdef,
+            state,
+            batch,
+            spec,
+            max_pred_tokens,
+            n_samples,
+            answer_rule,
+            key,
+            temperature,
+            top_p,
+        ),
+        indexed,
+        spec,
+        batch_size,
+        batch_sharding,
+        fields=(*EVAL_FIELDS, "task_index"),
+    )
     metrics = aggregate_sampled(per_task, spec)
     return (metrics, per_task) if return_predictions else metrics
 
@@ -521,9 +686,15 @@ def evaluate_sampled(graphdef: nnx.GraphDef, state: nnx.State, eval_set: dict[st
 # Variants (the second paper).
 
 
-def variant_spec(spec: data.TaskSpec, *, prompt_strategy: str | None = None,
-                 n_inputs: int | None = None, n_parents: int | None = None,
-                 chain_length: int | None = None, n_examples: int | None = None) -> data.TaskSpec:
+def variant_spec(
+    spec: data.TaskSpec,
+    *,
+    prompt_strategy: str | None = None,
+    n_inputs: int | None = None,
+    n_parents: int | None = None,
+    chain_length: int | None = None,
+    n_examples: int | None = None,
+) -> data.TaskSpec:
     """The run's spec with another prompt strategy and/or one fixed task shape (N, M, C, K), for
     a fresh eval set made from the run's world (embeddings, processor pool) and eval key.
 
@@ -544,43 +715,60 @@ def variant_spec(spec: data.TaskSpec, *, prompt_strategy: str | None = None,
     changes = {}
     if prompt_strategy is not None and prompt_strategy != spec.prompt_strategy:
         if prompt_strategy not in config_lib.PROMPT_STRATEGIES:
-            raise ValueError(f"prompt_strategy={prompt_strategy!r}: expected one of "
-                             f"{config_lib.PROMPT_STRATEGIES}")
-        same_family = tuple(s for s in config_lib.PROMPT_STRATEGIES
-                            if config_lib.uses_special_tokens(s) == spec.special_tokens)
+            raise ValueError(
+                f"prompt_strategy={prompt_strategy!r}: expected one of "
+                f"{config_lib.PROMPT_STRATEGIES}"
+            )
+        same_family = tuple(
+            s
+            for s in config_lib.PROMPT_STRATEGIES
+            if config_lib.uses_special_tokens(s) == spec.special_tokens
+        )
         if config_lib.uses_special_tokens(prompt_strategy) != spec.special_tokens:
-            why = ("has no special tokens in its vocabulary" if not spec.special_tokens else
-                   f"reserves its top {config_lib.NUM_RESERVED_TOKENS} ids for special tokens")
-            raise ValueError(f"prompt_strategy={prompt_strategy!r}: the run was trained with "
-                             f"{spec.prompt_strategy!r}, which {why}; expected one of "
-                             f"{same_family}")
+            why = (
+                "has no special tokens in its vocabulary"
+                if not spec.special_tokens
+                else f"reserves its top {config_lib.NUM_RESERVED_TOKENS} ids for special tokens"
+            )
+            raise ValueError(
+                f"prompt_strategy={prompt_strategy!r}: the run was trained with "
+                f"{spec.prompt_strategy!r}, which {why}; expected one of "
+                f"{same_family}"
+            )
         if prompt_strategy == "hybrid_special_token" and spec.recipe is None:
-            raise ValueError("prompt_strategy='hybrid_special_token': the run has no CoT-example "
-                             "probability recipe (data.cot_example_prob_recipe_info) to draw with")
+            raise ValueError(
+                "prompt_strategy='hybrid_special_token': the run has no CoT-example "
+                "probability recipe (data.cot_example_prob_recipe_info) to draw with"
+            )
         changes["prompt_strategy"] = prompt_strategy
-    shape = (("n_inputs", n_inputs, "n_input_choices", spec.N),
-             ("n_parents", n_parents, "n_parent_choices", spec.M),
-             ("chain_length", chain_length, "chain_length_choices", spec.C),
-             ("n_examples", n_examples, "n_example_choices", None))
+    shape = (
+        ("n_inputs", n_inputs, "n_input_choices", spec.N),
+        ("n_parents", n_parents, "n_parent_choices", spec.M),
+        ("chain_length", chain_length, "chain_length_choices", spec.C),
+        ("n_examples", n_examples, "n_example_choices", None),
+    )
     for name, value, field, fixed_by_dag in shape:
         if value is None:
             continue
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name}={value!r}: expected an integer >= 1")
         if spec.ablation_fixed_dag and fixed_by_dag is not None and value != fixed_by_dag:
-            raise ValueError(f"{name}={value}: the run's single fixed DAG "
-                             f"(data.ablation_fixed_dag) has {name} {fixed_by_dag}")
+            raise ValueError(
+                f"{name}={value}: the run's single fixed DAG "
+                f"(data.ablation_fixed_dag) has {name} {fixed_by_dag}"
+            )
         changes[field] = (value,)
     return spec.with_changes(**changes)
 
 
-
-
 def _replace_queries(eval_set, query_ids, query_mask, **extra) -> dict[str, np.ndarray]:
     out = dict(eval_set)
-    out.update(query_ids=np.asarray(query_ids), query_mask=np.asarray(query_mask),
-               query_positions=np.asarray(model.positions_from_mask(query_mask)),
-               **{name: np.asarray(value) for name, value in extra.items()})
+    out.update(
+        query_ids=np.asarray(query_ids),
+        query_mask=np.asarray(query_mask),
+        query_positions=np.asarray(model.positions_from_mask(query_mask)),
+        **{name: np.asarray(value) for name, value in extra.items()},
+    )
     return out
 
 
@@ -591,18 +779,25 @@ def _drop_think_queries(inputs, chain, n, c, k, is_cot, n_drop, key, spec, which
     if which == "random":
         # Keyed by the task's index in the set, so a task's choice does not depend on the others.
         score = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (K,)))(
-            jnp.arange(is_cot.shape[0]))
+            jnp.arange(is_cot.shape[0])
+        )
     else:
         score = jnp.broadcast_to(jnp.arange(K) * (1.0 if which == "first" else -1.0), is_cot.shape)
     rank = jnp.argsort(jnp.argsort(jnp.where(cot_demo, score, jnp.inf), axis=1), axis=1)
     dropped = cot_demo & (rank < n_drop)
     tasks = jax.vmap(data.layout_task, (0, 0, 0, 0, 0, 0, None))(
-        inputs, chain, n, c, k, is_cot & ~dropped, spec)
+        inputs, chain, n, c, k, is_cot & ~dropped, spec
+    )
     return tasks["query_ids"], tasks["query_mask"], dropped
 
 
-def drop_think_spans(eval_set: dict[str, np.ndarray], spec: data.TaskSpec, n_drop: int,
-                     which: str, key: jax.Array | None = None) -> dict[str, np.ndarray]:
+def drop_think_spans(
+    eval_set: dict[str, np.ndarray],
+    spec: data.TaskSpec,
+    n_drop: int,
+    which: str,
+    key: jax.Array | None = None,
+) -> dict[str, np.ndarray]:
     """The eval set with `<think_s> .. <think_e>` removed from `n_drop` demonstrations per query.
 
     The demonstrations are chosen among the query's CoT demonstrations (examples before the last
@@ -623,12 +818,14 @@ def drop_think_spans(eval_set: dict[str, np.ndarray], spec: data.TaskSpec, n_dro
         raise ValueError(f"n_drop={n_drop}: expected >= 0")
     fields = (eval_set[name] for name in ("inputs", "chain", "n", "c", "k", "is_cot"))
     query_ids, query_mask, dropped = _drop_think_queries(
-        *fields, n_drop, key if which == "random" else None, spec, which)
+        *fields, n_drop, key if which == "random" else None, spec, which
+    )
     return _replace_queries(eval_set, query_ids, query_mask, think_dropped=dropped)
 
 
-def force_token(eval_set: dict[str, np.ndarray], spec: data.TaskSpec,
-                which: str) -> dict[str, np.ndarray]:
+def force_token(
+    eval_set: dict[str, np.ndarray], spec: data.TaskSpec, which: str
+) -> dict[str, np.ndarray]:
     """The eval set with `<think_s>` (`which="think"`) or `<ans_s>` (`"answer"`) appended to every
     query, which becomes one token longer.
 
@@ -644,5 +841,7 @@ def force_token(eval_set: dict[str, np.ndarray], spec: data.TaskSpec,
     query_ids, query_mask = eval_set["query_ids"], eval_set["query_mask"]
     forced = np.full((len(query_ids), 1), spec.token_id(FORCE_TOKENS[which]), query_ids.dtype)
     return _replace_queries(
-        eval_set, np.concatenate([query_ids, forced], axis=1),
-        np.concatenate([query_mask, np.ones_like(query_mask[:, :1])], axis=1))
+        eval_set,
+        np.concatenate([query_ids, forced], axis=1),
+        np.concatenate([query_mask, np.ones_like(query_mask[:, :1])], axis=1),
+    )

@@ -40,80 +40,144 @@ def define_flags() -> None:
     adds no flags to another program."""
     flags.DEFINE_string("workdir", None, "The run directory (as written by cotlab_jax.main).")
     flags.DEFINE_string("step", "latest", "The checkpoint step to evaluate: `latest` or a number.")
-    flags.DEFINE_enum("drop_think", None, list(evaluate.DROP_CHOICES),
-                      "Drop the think span of --drop_k demonstrations: the first, last or random "
-                      "ones.")
+    flags.DEFINE_enum(
+        "drop_think",
+        None,
+        list(evaluate.DROP_CHOICES),
+        "Drop the think span of --drop_k demonstrations: the first, last or random ones.",
+    )
     flags.DEFINE_integer("drop_k", None, "How many think spans --drop_think drops.", lower_bound=0)
     flags.DEFINE_integer("drop_seed", 0, "The key for --drop_think=random.")
-    flags.DEFINE_enum("force", None, list(evaluate.FORCE_TOKENS),
-                      "Append <think_s> (think) or <ans_s> (answer) to every query.")
-    flags.DEFINE_enum("prompt_strategy", None, list(config_lib.PROMPT_STRATEGIES),
-                      "Evaluate on a fresh eval set with this prompt strategy (special tokens "
-                      "must stay on or off as in training).")
-    flags.DEFINE_integer("n_inputs", None, "Evaluate on a fresh eval set with this many inputs.",
-                         lower_bound=1)
-    flags.DEFINE_integer("n_parents", None,
-                         "Evaluate on a fresh eval set with this many parents.", lower_bound=1)
-    flags.DEFINE_enum("answer_rule", "reference", list(evaluate.ANSWER_RULES),
-                      "How special-token outputs are read: the reference trainer's rule, the "
-                      "reference's vLLM evaluator's, or this lab's strict one.")
-    flags.DEFINE_integer("n_samples", 1, "Sampled generations per query (majority vote).",
-                         lower_bound=1)
-    flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 decodes greedily.",
-                       lower_bound=0.0)
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the most probable tokens up to "
-                       "this probability mass.")
+    flags.DEFINE_enum(
+        "force",
+        None,
+        list(evaluate.FORCE_TOKENS),
+        "Append <think_s> (think) or <ans_s> (answer) to every query.",
+    )
+    flags.DEFINE_enum(
+        "prompt_strategy",
+        None,
+        list(config_lib.PROMPT_STRATEGIES),
+        "Evaluate on a fresh eval set with this prompt strategy (special tokens "
+        "must stay on or off as in training).",
+    )
+    flags.DEFINE_integer(
+        "n_inputs", None, "Evaluate on a fresh eval set with this many inputs.", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "n_parents", None, "Evaluate on a fresh eval set with this many parents.", lower_bound=1
+    )
+    flags.DEFINE_enum(
+        "answer_rule",
+        "reference",
+        list(evaluate.ANSWER_RULES),
+        "How special-token outputs are read: the reference trainer's rule, the "
+        "reference's vLLM evaluator's, or this lab's strict one.",
+    )
+    flags.DEFINE_integer(
+        "n_samples", 1, "Sampled generations per query (majority vote).", lower_bound=1
+    )
+    flags.DEFINE_float(
+        "temperature", 0.0, "Sampling temperature; 0 decodes greedily.", lower_bound=0.0
+    )
+    flags.DEFINE_float(
+        "top_p", 1.0, "Nucleus sampling: keep the most probable tokens up to this probability mass."
+    )
     flags.DEFINE_integer("sample_seed", 0, "The key of the sampled generations.")
-    flags.DEFINE_integer("chain_length", None,
-                         "Evaluate on a fresh eval set with this chain length.", lower_bound=1)
-    flags.DEFINE_integer("n_examples", None,
-                         "Evaluate on a fresh eval set with this example count.", lower_bound=1)
-    flags.DEFINE_integer("n_eval_tasks", None, "Eval tasks (default: the run's config.eval; with "
-                         "the frozen set, its first N tasks).", lower_bound=1)
-    flags.DEFINE_integer("batch_size", None, "Eval batch size (default: the run's config.eval).",
-                         lower_bound=1)
-    flags.DEFINE_integer("max_pred_tokens", None,
-                         "Decoding budget with special tokens (default: the run's config.eval).",
-                         lower_bound=1)
-    flags.DEFINE_string("eval_dataset", None, "Evaluate on this TFDS dataset's test split (a "
-                        "directory written by `python -m cotlab_jax.tfds_builder`) instead of "
-                        "the run's frozen eval set.")
+    flags.DEFINE_integer(
+        "chain_length", None, "Evaluate on a fresh eval set with this chain length.", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "n_examples", None, "Evaluate on a fresh eval set with this example count.", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "n_eval_tasks",
+        None,
+        "Eval tasks (default: the run's config.eval; with the frozen set, its first N tasks).",
+        lower_bound=1,
+    )
+    flags.DEFINE_integer(
+        "batch_size", None, "Eval batch size (default: the run's config.eval).", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "max_pred_tokens",
+        None,
+        "Decoding budget with special tokens (default: the run's config.eval).",
+        lower_bound=1,
+    )
+    flags.DEFINE_string(
+        "eval_dataset",
+        None,
+        "Evaluate on this TFDS dataset's test split (a "
+        "directory written by `python -m cotlab_jax.tfds_builder`) instead of "
+        "the run's frozen eval set.",
+    )
     flags.DEFINE_string("out", None, "Write the JSON result here (it is always printed).")
     flags.DEFINE_bool("save_predictions", False, "Also write the per-task arrays to OUT.npz.")
-    flags.DEFINE_bool("over_k", False, "Also evaluate with only each task's last K' examples "
-                      "kept, for K' = 1 .. K: the result's `metrics_by_k`.")
-    flags.DEFINE_list("example_counts", None, "With --over_k: the example counts K' "
-                      "(comma-separated, each in [1, K]; default 1 .. K).")
+    flags.DEFINE_bool(
+        "over_k",
+        False,
+        "Also evaluate with only each task's last K' examples "
+        "kept, for K' = 1 .. K: the result's `metrics_by_k`.",
+    )
+    flags.DEFINE_list(
+        "example_counts",
+        None,
+        "With --over_k: the example counts K' (comma-separated, each in [1, K]; default 1 .. K).",
+    )
 
 
-def check_variant(spec: data.TaskSpec, drop_think: str | None, force: str | None,
-                  chain_length: int | None) -> None:
+def check_variant(
+    spec: data.TaskSpec, drop_think: str | None, force: str | None, chain_length: int | None
+) -> None:
     """Exits with a one-line message if the variant does not apply to the (variant) task spec."""
-    if drop_think is not None and spec.prompt_strategy not in ("cot_special_token",
-                                                               "hybrid_special_token"):
-        raise SystemExit(f"--drop_think: prompt_strategy {spec.prompt_strategy!r} has no think "
-                         "spans")
+    if drop_think is not None and spec.prompt_strategy not in (
+        "cot_special_token",
+        "hybrid_special_token",
+    ):
+        raise SystemExit(
+            f"--drop_think: prompt_strategy {spec.prompt_strategy!r} has no think spans"
+        )
     if force is not None and not spec.special_tokens:
-        raise SystemExit(f"--force: prompt_strategy {spec.prompt_strategy!r} has no special "
-                         "tokens")
+        raise SystemExit(f"--force: prompt_strategy {spec.prompt_strategy!r} has no special tokens")
     if chain_length is not None and spec.ablation_fixed_dag and (chain_length != spec.C):
-        raise SystemExit("--chain_length: the run's single fixed DAG (data.ablation_fixed_dag) "
-                         f"has {spec.C} chain tokens")
+        raise SystemExit(
+            "--chain_length: the run's single fixed DAG (data.ablation_fixed_dag) "
+            f"has {spec.C} chain tokens"
+        )
 
 
-def variant_eval_set(run, drop_think=None, drop_k=None, drop_seed=0, force=None,
-                     chain_length=None, n_examples=None, n_eval_tasks=None, eval_dataset=None,
-                     prompt_strategy=None, n_inputs=None, n_parents=None):
+def variant_eval_set(
+    run,
+    drop_think=None,
+    drop_k=None,
+    drop_seed=0,
+    force=None,
+    chain_length=None,
+    n_examples=None,
+    n_eval_tasks=None,
+    eval_dataset=None,
+    prompt_strategy=None,
+    n_inputs=None,
+    n_parents=None,
+):
     """(eval set, spec) of the requested variant for a `rundir.Run` (config, spec, world,
     workdir)."""
     spec = run.spec
-    shape = dict(prompt_strategy=prompt_strategy, n_inputs=n_inputs, n_parents=n_parents,
-                 chain_length=chain_length, n_examples=n_examples)
+    shape = dict(
+        prompt_strategy=prompt_strategy,
+        n_inputs=n_inputs,
+        n_parents=n_parents,
+        chain_length=chain_length,
+        n_examples=n_examples,
+    )
     fresh = any(value is not None for value in shape.values())
     if eval_dataset is not None:
         if fresh:
-            raise SystemExit("--eval_dataset fixes the tasks: it excludes --prompt_strategy, "
-                             "--n_inputs, --n_parents, --chain_length and --n_examples")
+            raise SystemExit(
+                "--eval_dataset fixes the tasks: it excludes --prompt_strategy, "
+                "--n_inputs, --n_parents, --chain_length and --n_examples"
+            )
         from cotlab_jax import tfds_builder  # TFDS is imported only when asked for
 
         try:
@@ -121,17 +185,23 @@ def variant_eval_set(run, drop_think=None, drop_k=None, drop_seed=0, force=None,
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"--eval_dataset={eval_dataset}: {error}") from None
         except Exception as error:  # TFDS reports a foreign directory with many types
-            raise SystemExit(f"--eval_dataset={eval_dataset}: not a token-task dataset written "
-                             f"by cotlab_jax.tfds_builder ({type(error).__name__}: "
-                             f"{cli_errors.describe(error)})") from None
+            raise SystemExit(
+                f"--eval_dataset={eval_dataset}: not a token-task dataset written "
+                f"by cotlab_jax.tfds_builder ({type(error).__name__}: "
+                f"{cli_errors.describe(error)})"
+            ) from None
     elif fresh:
         try:
             spec = evaluate.variant_spec(spec, **shape)
         except ValueError as error:
             raise SystemExit(f"cannot evaluate on that task: {error}") from None
         check_variant(spec, drop_think, force, None)
-        eval_set = data.build_eval_set(run.world, data.root_keys(run.config.seed)["eval"], spec,
-                                       n_eval_tasks or run.config.eval.n_eval_tasks)
+        eval_set = data.build_eval_set(
+            run.world,
+            data.root_keys(run.config.seed)["eval"],
+            spec,
+            n_eval_tasks or run.config.eval.n_eval_tasks,
+        )
     else:
         path = os.path.join(run.workdir, "eval_set.npz")
         if not os.path.exists(path):
@@ -143,12 +213,14 @@ def variant_eval_set(run, drop_think=None, drop_k=None, drop_seed=0, force=None,
         n_frozen = len(eval_set["k"])
         if n_eval_tasks is not None:
             if n_eval_tasks > n_frozen:
-                raise SystemExit(f"--n_eval_tasks={n_eval_tasks}: the frozen eval set has "
-                                 f"{n_frozen} tasks")
+                raise SystemExit(
+                    f"--n_eval_tasks={n_eval_tasks}: the frozen eval set has {n_frozen} tasks"
+                )
             eval_set = {name: value[:n_eval_tasks] for name, value in eval_set.items()}
     if drop_think is not None:
-        eval_set = evaluate.drop_think_spans(eval_set, spec, drop_k, drop_think,
-                                             jax.random.key(drop_seed))
+        eval_set = evaluate.drop_think_spans(
+            eval_set, spec, drop_k, drop_think, jax.random.key(drop_seed)
+        )
     if force is not None:
         eval_set = evaluate.force_token(eval_set, spec, force)
     return eval_set, spec
@@ -158,12 +230,33 @@ def _json_value(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, drop_seed=0,
-            force=None, chain_length=None, n_examples=None, n_eval_tasks=None, batch_size=None,
-            max_pred_tokens=None, out=None, save_predictions=False, eval_dataset=None,
-            over_k=False, example_counts=None, prompt_strategy=None, n_inputs=None,
-            n_parents=None, answer_rule="reference", n_samples=1, temperature=0.0, top_p=1.0,
-            sample_seed=0) -> dict:
+def run_cli(
+    workdir: str | None,
+    step: str,
+    *,
+    drop_think=None,
+    drop_k=None,
+    drop_seed=0,
+    force=None,
+    chain_length=None,
+    n_examples=None,
+    n_eval_tasks=None,
+    batch_size=None,
+    max_pred_tokens=None,
+    out=None,
+    save_predictions=False,
+    eval_dataset=None,
+    over_k=False,
+    example_counts=None,
+    prompt_strategy=None,
+    n_inputs=None,
+    n_parents=None,
+    answer_rule="reference",
+    n_samples=1,
+    temperature=0.0,
+    top_p=1.0,
+    sample_seed=0,
+) -> dict:
     """The command line's work, with its flags as arguments; returns the JSON result."""
     if not workdir:
         raise SystemExit("--workdir is required")
@@ -176,8 +269,7 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
     if example_counts is not None and not over_k:
         raise SystemExit("--example_counts needs --over_k")
     if answer_rule not in evaluate.ANSWER_RULES:
-        raise SystemExit(f"--answer_rule={answer_rule!r}: expected one of "
-                         f"{evaluate.ANSWER_RULES}")
+        raise SystemExit(f"--answer_rule={answer_rule!r}: expected one of {evaluate.ANSWER_RULES}")
     try:
         evaluate.check_sampling(n_samples, temperature, top_p)
     except ValueError as error:
@@ -192,49 +284,95 @@ def run_cli(workdir: str | None, step: str, *, drop_think=None, drop_k=None, dro
     except (rundir.RunError, FileNotFoundError) as error:
         raise SystemExit(f"cannot load the run: {error}") from None
     check_variant(loaded.spec, drop_think, force, chain_length)
-    eval_set, spec = variant_eval_set(loaded, drop_think, drop_k, drop_seed, force,
-                                      chain_length, n_examples, n_eval_tasks, eval_dataset,
-                                      prompt_strategy, n_inputs, n_parents)
+    eval_set, spec = variant_eval_set(
+        loaded,
+        drop_think,
+        drop_k,
+        drop_seed,
+        force,
+        chain_length,
+        n_examples,
+        n_eval_tasks,
+        eval_dataset,
+        prompt_strategy,
+        n_inputs,
+        n_parents,
+    )
     if example_counts is not None:
         if not isinstance(example_counts, str):  # --example_counts is a list of strings
             example_counts = ",".join(example_counts)
         try:
             example_counts = config_lib.parse_example_counts(
-                example_counts, spec.K, name="--example_counts", allow_empty=False)
+                example_counts, spec.K, name="--example_counts", allow_empty=False
+            )
         except config_lib.ConfigError as error:
             raise SystemExit(str(error)) from None
-    sizes = dict(batch_size=batch_size or loaded.config.eval.batch_size,
-                 max_pred_tokens=max_pred_tokens or loaded.config.eval.max_pred_tokens)
+    sizes = dict(
+        batch_size=batch_size or loaded.config.eval.batch_size,
+        max_pred_tokens=max_pred_tokens or loaded.config.eval.max_pred_tokens,
+    )
     sampled = temperature > 0
     if sampled:
         metrics, per_task = evaluate.evaluate_sampled(
-            loaded.graphdef, loaded.params, eval_set, spec, n_samples=n_samples,
-            temperature=temperature, top_p=top_p, seed=sample_seed, answer_rule=answer_rule,
-            return_predictions=True, **sizes)
+            loaded.graphdef,
+            loaded.params,
+            eval_set,
+            spec,
+            n_samples=n_samples,
+            temperature=temperature,
+            top_p=top_p,
+            seed=sample_seed,
+            answer_rule=answer_rule,
+            return_predictions=True,
+            **sizes,
+        )
     else:
-        metrics, per_task = evaluate.evaluate(loaded.graphdef, loaded.params, eval_set, spec,
-                                              return_predictions=True, answer_rule=answer_rule,
-                                              **sizes)
+        metrics, per_task = evaluate.evaluate(
+            loaded.graphdef,
+            loaded.params,
+            eval_set,
+            spec,
+            return_predictions=True,
+            answer_rule=answer_rule,
+            **sizes,
+        )
     result = dict(
-        workdir=workdir, step=int(loaded.step), prompt_strategy=spec.prompt_strategy,
+        workdir=workdir,
+        step=int(loaded.step),
+        prompt_strategy=spec.prompt_strategy,
         n_eval_tasks=len(eval_set["k"]),
-        variant=dict(drop_think=drop_think, drop_k=drop_k,
-                     drop_seed=drop_seed if drop_think == "random" else None, force=force,
-                     prompt_strategy=prompt_strategy, n_inputs=n_inputs, n_parents=n_parents,
-                     chain_length=chain_length, n_examples=n_examples,
-                     eval_dataset=eval_dataset),
+        variant=dict(
+            drop_think=drop_think,
+            drop_k=drop_k,
+            drop_seed=drop_seed if drop_think == "random" else None,
+            force=force,
+            prompt_strategy=prompt_strategy,
+            n_inputs=n_inputs,
+            n_parents=n_parents,
+            chain_length=chain_length,
+            n_examples=n_examples,
+            eval_dataset=eval_dataset,
+        ),
         answer_rule=answer_rule if spec.special_tokens else None,
-        sampling=dict(n_samples=n_samples, temperature=temperature, top_p=top_p,
-                      seed=sample_seed) if sampled else None,
+        sampling=dict(n_samples=n_samples, temperature=temperature, top_p=top_p, seed=sample_seed)
+        if sampled
+        else None,
         metrics={name: _json_value(value) for name, value in metrics.items()},
     )
     if over_k:
-        metrics_by_k = evaluate.evaluate_over_k(loaded.graphdef, loaded.params, eval_set, spec,
-                                                example_counts=example_counts,
-                                                answer_rule=answer_rule, **sizes)
+        metrics_by_k = evaluate.evaluate_over_k(
+            loaded.graphdef,
+            loaded.params,
+            eval_set,
+            spec,
+            example_counts=example_counts,
+            answer_rule=answer_rule,
+            **sizes,
+        )
         result["metrics_by_k"] = {
             str(count): {name: _json_value(value) for name, value in values.items()}
-            for count, values in metrics_by_k.items()}
+            for count, values in metrics_by_k.items()
+        }
     text = json.dumps(result, indent=2)
     print(text)
     if out is not None:
@@ -251,12 +389,29 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
-    run_cli(f.workdir, f.step, drop_think=f.drop_think, drop_k=f.drop_k, drop_seed=f.drop_seed,
-            force=f.force, chain_length=f.chain_length, n_examples=f.n_examples,
-            n_eval_tasks=f.n_eval_tasks, batch_size=f.batch_size,
-            max_pred_tokens=f.max_pred_tokens, out=f.out, save_predictions=f.save_predictions,
-            eval_dataset=f.eval_dataset, over_k=f.over_k, example_counts=f.example_counts,
-            prompt_strategy=f.prompt_strategy, n_inputs=f.n_inputs, n_parents=f.n_parents,
-            answer_rule=f.answer_rule, n_samples=f.n_samples, temperature=f.temperature,
-            top_p=f.top_p, sample_seed=f.sample_seed)
-
+    run_cli(
+        f.workdir,
+        f.step,
+        drop_think=f.drop_think,
+        drop_k=f.drop_k,
+        drop_seed=f.drop_seed,
+        force=f.force,
+        chain_length=f.chain_length,
+        n_examples=f.n_examples,
+        n_eval_tasks=f.n_eval_tasks,
+        batch_size=f.batch_size,
+        max_pred_tokens=f.max_pred_tokens,
+        out=f.out,
+        save_predictions=f.save_predictions,
+        eval_dataset=f.eval_dataset,
+        over_k=f.over_k,
+        example_counts=f.example_counts,
+        prompt_strategy=f.prompt_strategy,
+        n_inputs=f.n_inputs,
+        n_parents=f.n_parents,
+        answer_rule=f.answer_rule,
+        n_samples=f.n_samples,
+        temperature=f.temperature,
+        top_p=f.top_p,
+        sample_seed=f.sample_seed,
+    )

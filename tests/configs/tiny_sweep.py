@@ -17,6 +17,5 @@ def get_config(arg=None):
     config.eval.example_counts = "all"
     config.eval.update(dict(analyses=True, analysis_tasks=8, analysis_batch_size=8))
     config.sweep.name = "tiny"
-    config.sweep.axes = (("data.prompt_strategy", ("cot", "standard")),
-                         ("train.lr", (3e-3, 1e-3)))
+    config.sweep.axes = (("data.prompt_strategy", ("cot", "standard")), ("train.lr", (3e-3, 1e-3)))
     return config
