@@ -14,7 +14,8 @@ batch size. Metric names:
   NaN if none does), and `answer_loss`, the cross-entropy at each task's answer index. The model's
   own earlier chain tokens are fed back, so `answer_acc` is free-running CoT accuracy.
 - With special tokens, greedy decoding up to `max_pred_tokens` or `<eos>`: `format_acc` (the
-  output ends `<ans_s> a <ans_e> <eos>` with `a` an ordinary token), and `gen_len_p{25,50,75,90,99}`
+  share of outputs the answer rule can read; the strict rule: the output ends
+  `<ans_s> a <ans_e> <eos>` with `a` an ordinary token), and `gen_len_p{25,50,75,90,99}`
   (percentiles of the generated lengths, eos included).
 
 Accuracy over example counts: `evaluate_over_k` evaluates every task with only its last K'
