@@ -152,7 +152,9 @@ def test_a_run_moves_between_device_counts(tmp_path):
 
     more = "--config.train.n_tasks=320"
     trained = read_metrics(os.path.join(four, "metrics.jsonl"))
-    run_on(2, four, more, "--config.mesh.fsdp=2")
+    # Training longer changes train.n_tasks, which a relaunch refuses unless asked; the mesh may
+    # always change.
+    run_on(2, four, more, "--config.mesh.fsdp=2", "--allow_config_change")
     # Resumed, not restarted: the first 20 steps' records are kept, timings included.
     assert read_metrics(os.path.join(four, "metrics.jsonl"))[: len(trained)] == trained
     longer = str(tmp_path / "longer")

@@ -17,7 +17,7 @@ def hf_model(config: model.LlamaConfig, seed: int, **hf_overrides):
     """A randomly initialised HF model described by our config (tests `to_hf_config`)."""
     torch.manual_seed(seed)
     hf_config = transformers.LlamaConfig(
-        **hf_convert.to_hf_config(config), attn_implementation="eager", **hf_overrides
+        **dict(hf_convert.to_hf_config(config), attn_implementation="eager", **hf_overrides)
     )
     return transformers.LlamaForCausalLM(hf_config).eval()
 
@@ -214,7 +214,7 @@ def test_loss_and_gradients_match_hf(padding_idx):
     including the reference's `padding_idx=V-1` embedding (tied: the row gets only the output
     head's gradient) with the pad id among the real tokens."""
     config = tiny_config(vocab_size=48, padding_idx=padding_idx, tie_word_embeddings=True)
-    hf = hf_model(config, seed=13, pad_token_id=padding_idx)
+    hf = hf_model(config, seed=13)  # to_hf_config carries padding_idx as pad_token_id
     graphdef, state = converted(hf, config)
     ids, mask = random_batch(13, 4, 20, config.vocab_size, pads=(0, 3, 9, 0))
     ids = jnp.where(mask & (jnp.arange(20) % 4 == 1)[None, :], config.vocab_size - 1, ids)
