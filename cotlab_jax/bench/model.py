@@ -87,7 +87,8 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _llama_config(shape: Shape, args) -> model.LlamaConfig:
+def llama_config(shape: Shape, **options) -> model.LlamaConfig:
+    """The Llama of a benchmark shape; `options` set the other `LlamaConfig` fields."""
     return model.LlamaConfig(
         vocab_size=shape.vocab,
         num_hidden_layers=shape.depth,
@@ -96,6 +97,13 @@ def _llama_config(shape: Shape, args) -> model.LlamaConfig:
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads,
         head_dim=shape.head_dim,
+        **options,
+    )
+
+
+def _llama_config(shape: Shape, args) -> model.LlamaConfig:
+    return llama_config(
+        shape,
         dtype=args.dtype,
         remat_policy=args.remat_policy,
         attention_impl=args.attention_impl,

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from cotlab_jax import decode, model, quantize
-from cotlab_jax.bench.model import SHAPES
+from cotlab_jax.bench.model import SHAPES, llama_config
 
 DENSE = "dense"
 
@@ -45,17 +45,7 @@ def main(argv: list[str]) -> None:
         parser.error(f"--repeats={args.repeats}: expected at least 1")
 
     shape = SHAPES[args.shape]
-    config = model.LlamaConfig(
-        vocab_size=shape.vocab,
-        num_hidden_layers=shape.depth,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim,
-        dtype=args.dtype,
-        attention_impl=args.attention_impl,
-    )
+    config = llama_config(shape, dtype=args.dtype, attention_impl=args.attention_impl)
     graphdef, params = model.init(config, jax.random.key(0))
     models = {DENSE: (graphdef, params)}
     for scheme in schemes:
