@@ -3,7 +3,7 @@
 For each selected shape: a jitted training step (forward, backward and an AdamW update via
 optax, state donated) in tokens per second and model FLOPs utilisation (MFU), and greedy
 KV-cache decoding in tasks (prompts) per second. Times are medians over `--repeats` runs after
-one compiling warm-up run. The state is sharded over all devices (a `data` mesh axis), so one
+two warm-up runs (compilations). The state is sharded over all devices (a `data` mesh axis), so one
 host with several accelerators is measured as a whole.
 
 MFU = flops_per_token(training) * tokens/s / peak, with the peak from `--peak_tflops` or a table
@@ -78,7 +78,10 @@ def peak_tflops(device: jax.Device, override: float | None) -> float | None:
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
+    # Two warm-up calls: a train step's updated state can come back in another layout than the
+    # initial one, which costs one more compilation on the second call.
+    for _ in range(2):
+        jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
