@@ -38,7 +38,18 @@ from absl import app, flags, logging
 from flax import nnx
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import config_flag, data, evaluate, experiment, losses, model, rundir, train
+from cotlab_jax import (
+    config_flag,
+    data,
+    evaluate,
+    experiment,
+    export,
+    losses,
+    model,
+    rundir,
+    sharding,
+    train,
+)
 
 # fold_in tag of distillation's own randomness (which steps are on policy, their samples).
 DISTILL_STREAM = 17
@@ -76,6 +87,74 @@ def validate_distill(d) -> None:
         )
     if not isinstance(d.init_from, str):
         config_lib.fail("distill.init_from", d.init_from, "expected a run directory or ''")
+
+
+def _is_hf_directory(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, export.WEIGHTS_NAME))
+
+
+def teacher_task(
+    path: str, task_config: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
+    """The config whose task (data, seed) a student of the teacher at `path` learns: the run's
+    own, or `task_config` for a Hugging Face Llama directory (which holds no task)."""
+    if not os.path.isdir(path):
+        raise rundir.RunError(f"teacher {path}: no such directory")
+    if _is_hf_directory(path):
+        if task_config is None:
+            raise rundir.RunError(
+                f"teacher {path} is a Hugging Face directory, which holds no task: give the "
+                f"task's config too (--task_config=configs/FILE.py)"
+            )
+        return task_config
+    sweep_index = os.path.join(path, "sweep.json")
+    if os.path.exists(sweep_index) and not os.path.exists(os.path.join(path, "config.json")):
+        members = sorted(
+            name
+            for name in os.listdir(path)
+            if os.path.isdir(os.path.join(path, name, "checkpoints"))
+        )
+        raise rundir.RunError(
+            f"teacher {path} is a sweep; pass one of its members: {', '.join(members) or 'none'}"
+        )
+    return rundir.load_config(path)
+
+
+def load_teacher(
+    path: str,
+    step: int | str = "latest",
+    mesh: jax.sharding.Mesh | None = None,
+    task_config: ml_collections.ConfigDict | None = None,
+) -> rundir.Run:
+    """The teacher at `path`: a run directory of this lab (its checkpoint `step`), or a Hugging
+    Face Llama directory (`config.json` + `model.safetensors`, e.g. from `cotlab_jax.export`
+    or `save_pretrained`) whose task `task_config` gives; its parameters on `mesh`
+    (replicated for an HF model; default one device)."""
+    config = teacher_task(path, task_config)
+    if not _is_hf_directory(path):
+        return rundir.load_run(path, step, mesh=mesh)
+    spec = data.TaskSpec.from_config(config)
+    try:
+        llama_config, graphdef, params = export.load_hf_model(path)
+    except (ValueError, KeyError, TypeError) as error:
+        raise rundir.RunError(f"teacher {path} is not a Llama this lab runs ({error})") from None
+    if llama_config.vocab_size != spec.vocab_size:
+        raise rundir.RunError(
+            f"teacher {path} has vocab_size={llama_config.vocab_size}; its task config has "
+            f"data.vocab_size={spec.vocab_size}"
+        )
+    if mesh is None:
+        mesh = sharding.make_mesh({}, devices=jax.local_devices()[:1])
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.P()))
+    return rundir.Run(
+        config=config,
+        spec=spec,
+        graphdef=graphdef,
+        params=params,
+        step=0,
+        world=data.make_world(data.root_keys(config.seed)["world"], spec),
+        workdir=path,
+    )
 
 
 def student_config(
@@ -295,14 +374,14 @@ def distill_step(
 
     params = state["params"]
     if cfg.on_policy_fraction == 0:
-        (loss, _), grads = word_level(params)
+        (loss, (ce, kl)), grads = word_level(params)
     elif cfg.on_policy_fraction == 1:
-        (loss, _), grads = on_policy(params)
+        (loss, (ce, kl)), grads = on_policy(params)
     else:
-        (loss, _), grads = jax.lax.cond(
+        (loss, (ce, kl)), grads = jax.lax.cond(
             draw < cfg.on_policy_fraction, on_policy, word_level, params
         )
-    return experiment.apply_gradients(state, loss, grads, batch, exp=exp)
+    return experiment.apply_gradients(state, loss, grads, batch, exp=exp, extra=dict(ce=ce, kl=kl))
 
 
 def compile_distill_step(exp: experiment.Experiment, graphdef, state, teacher_graphdef):
@@ -343,18 +422,20 @@ def distill(
     teacher_dir: str,
     workdir: str,
     teacher_step: int | str = "latest",
+    task_config: ml_collections.ConfigDict | None = None,
 ) -> dict:
-    """Distils the teacher run in `teacher_dir` into the student run in `workdir` (or resumes
-    it); returns the student's results with the teacher's evaluation under `teacher`."""
+    """Distils the teacher in `teacher_dir` (a run, or an HF Llama directory whose task
+    `task_config` gives) into the student run in `workdir` (or resumes it); returns the
+    student's results with the teacher's evaluation under `teacher`."""
     if "distill" not in distill_config:
         raise config_lib.ConfigError(
             "config.distill is missing: a distillation config sets "
             "config.distill = distill.distill_defaults()"
         )
     validate_distill(distill_config.distill)
-    config = student_config(distill_config, rundir.load_config(teacher_dir))
+    config = student_config(distill_config, teacher_task(teacher_dir, task_config))
     exp = experiment.setup(config)  # every group validated before anything compiles
-    teacher = rundir.load_run(teacher_dir, teacher_step, mesh=exp.mesh)
+    teacher = load_teacher(teacher_dir, teacher_step, exp.mesh, task_config)
     if teacher.config.data.vocab_size != config.data.vocab_size:
         raise rundir.RunError("teacher and student vocabularies differ")
     results = train.train_and_evaluate(config, workdir, step_builder(teacher))
@@ -396,6 +477,9 @@ def define_flags() -> dict:
             "teacher_step", "latest", "The teacher's checkpoint step: latest or a number."
         ),
         workdir=flags.DEFINE_string("workdir", None, "The student's run directory."),
+        task_config=flags.DEFINE_string(
+            "task_config", None, "An HF teacher's task: its config, configs/FILE.py[:arg]."
+        ),
     )
 
 
@@ -408,14 +492,22 @@ def main(argv, flag_values: dict) -> None:
             raise app.UsageError(f"--{name} is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
+        task_config = (
+            None
+            if values["task_config"] is None
+            else config_flag.load_config_file(values["task_config"], "task_config")
+        )
         results = distill(
             values["config"],
             values["teacher"],
             values["workdir"],
             rundir.parse_step(values["teacher_step"]),
+            task_config,
         )
     except (config_lib.ConfigError, rundir.RunError) as e:
         sys.exit(f"error: {e}")
+    except ValueError as e:  # a task config that does not load
+        sys.exit(f"error: --task_config={values['task_config']}: {e}")
     if jax.process_index() == 0 and "eval" in results:
         print(train.summary(results, values["workdir"]))
         teacher_eval = results["teacher"]["eval"]
