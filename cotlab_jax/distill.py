@@ -1,7 +1,11 @@
-"""Knowledge distillation from a teacher run into a student of another size or depth.
+"""Knowledge distillation from a teacher into a student of another size or depth.
 
     python -m cotlab_jax.distill --teacher=runs/X --config=configs/distill.py[:stage] \\
         --workdir=runs/Y [--teacher_step=latest|N] [--config.distill.kl_weight=...]
+
+The teacher is a run of this lab, or a Hugging Face Llama directory (`config.json` +
+`model.safetensors`: `cotlab_jax.export`'s output, or `save_pretrained`'s) with the task it
+was trained on given as a config file: `--teacher=HF_DIR --task_config=configs/FILE.py[:arg]`.
 
 The student is an ordinary run: its config is the distillation config (`model`, `train`, `eval`,
 `distill`) with the teacher run's `data` and `seed`, so it learns the teacher's task
@@ -14,12 +18,23 @@ Each step draws its batch on device (`data.sample_batch`, as training does) and 
 
 - word level (stage 1): loss = (1 - w) CE + w T^2 KL(p_teacher^T || p_student^T) over the tokens
   that carry loss, p^T = softmax(logits / T), w = `distill.kl_weight`, T = `distill.temperature`.
-  The paper's word-level forward KL, mixed with the cross-entropy in the form of Hinton et al.
-  (2015); the T^2 keeps the KL's gradients on the scale of the cross-entropy's as T changes.
+  Both terms are means over those tokens; the metrics log them apart (`ce`, `kl`, window means
+  over the steps that have them: an on-policy step has no CE).
 - on policy (stage 2): the student samples a continuation of each task's query (its last
   example's CoT and answer; temperature `distill.sample_temperature`, the paper's 0.8-0.9) with a
   KV cache in one `lax.scan`; teacher and student then score prompt + continuation and the loss is
   T^2 KL(teacher || student) over the generated tokens only.
+
+Against the paper (Behdin et al., arXiv 2502.14305): its two stages are word-level distillation
+with the forward KL, KL(teacher || student) summed over the vocabulary at every token, then
+on-policy distillation with the same forward KL on the student's own samples (temperature
+0.8-0.9). The direction, the per-token form and the stages are the paper's. Its exact weighting
+of the supervised term against the KL, and whether it softens both distributions by a
+temperature with a T^2 factor, could not be read here (the search tool holds the paper's
+abstract and summaries, not its equations): the mixture (1 - w) CE + w KL and the T^2 factor
+are the classic form of Hinton et al. (2015), where T^2 keeps the KL's gradients on the scale of
+the cross-entropy's as T changes. At T = 1 (the default) the T^2 factor is 1 and the loss is the
+paper's forward KL mixed with the cross-entropy; w = 1 is pure distillation.
 
 Whether step s is on policy is drawn from (seed, s) with probability `distill.on_policy_fraction`,
 as is its sampling key, so a resumed run repeats exactly the steps of an uninterrupted one.

@@ -37,7 +37,7 @@ def get_config(arg=None):
     config.compress.update(
         dict(
             calibration_tasks=16,
-            redistill_tasks=8 * 10,
+            redistill_tasks=8 * 15,
             redistill_on_policy_fraction=0.5,
             decode_tasks=8,
             decode_repeats=1,
