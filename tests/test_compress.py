@@ -1,19 +1,33 @@
 """The compression pipeline: stage run directories, resumption after a kill in every stage,
 the report, sweeps over its fields, a Hugging Face teacher, and one-line errors."""
 
+import functools
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from model_helpers import tiny_config
 from test_distill import CONFIGS, ROOT, load_config
 
-from cotlab_jax import compress, distill, evaluate, model, rundir, sweep, train
+from cotlab_jax import (
+    compress,
+    data,
+    distill,
+    evaluate,
+    experiment,
+    export,
+    model,
+    rundir,
+    sweep,
+    train,
+)
 from cotlab_jax.metrics import read_metrics
 
-TIMING = ("tokens_per_s", "step_time_s", "seconds")
+TIMING = ("tokens_per_s", "step_time_s", "seconds", "source")
 DECODING = ("tasks_per_s", "speed_vs_teacher")
 
 
@@ -21,20 +35,42 @@ class KilledError(Exception):
     """Stands for the process dying at that point."""
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Programs compiled once for the module: every pipeline here compiles the same ones, and a
+    resumed stage compiles its step again."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    saved = {name: jax.config.values[name] for name in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """A tiny teacher trained for a few steps (its quality does not matter here)."""
+    """A random one-layer Llama of `tiny.py`'s task, as a Hugging Face directory (its quality
+    does not matter here; an HF teacher also exercises `--task_config`)."""
     workdir = str(tmp_path_factory.mktemp("teacher"))
-    config = load_config("tiny")
-    config.train.n_tasks = 8 * 10
-    config.log.tensorboard = False
-    train.train_and_evaluate(config, workdir)
+    task = load_config("tiny")
+    task.model.num_hidden_layers = 1
+    spec = data.TaskSpec.from_config(task)
+    llama = experiment.model_config(task, spec)
+    _, params = model.init(llama, jax.random.key(3))
+    export.write_hf_dir(workdir, params, llama, spec)
     return workdir
 
 
 def pipeline_config(teacher_dir, arg=None):
     config = load_config("tiny_compress", arg)
     config.compress.teacher = teacher_dir
+    config.compress.task_config = os.path.join(CONFIGS, "tiny.py")
     return config
 
 
@@ -74,7 +110,6 @@ def test_every_stage_is_a_run_directory(uninterrupted):
     assert rows["quantize"]["bytes"] < 0.5 * rows["redistill"]["bytes"]
     for stage in compress.STAGES:
         assert 0 <= rows[stage]["answer_acc"] <= 1
-        assert {"acc_k1", "acc_k3"} <= set(rows[stage])
         assert rows[stage]["tasks_per_s"] > 0
     # The quantize stage's checkpoint (dequantized int8 weights) is the quantized model.
     records = read_metrics(os.path.join(workdir, "quantize", "metrics.jsonl"))
@@ -165,6 +200,38 @@ def test_sweep_members_set_the_stages_fields(teacher):
     assert stages["distill"].distill.on_policy_fraction == 0.0
 
 
+def test_report_rows_hold_shapes_accuracy_against_k_and_ratios_to_the_teacher():
+    def abstract(**overrides):
+        config = tiny_config(**overrides)
+        return jax.eval_shape(functools.partial(model.init, config), jax.random.key(0))[1]
+
+    big, small = abstract(), abstract(num_hidden_layers=1, intermediate_size=24)
+    models = [
+        compress.StageModel(
+            "teacher", None, big, big, dict(answer_acc=0.8), dict(answer_acc_k1=0.5, loss_k1=2.0)
+        ),
+        compress.StageModel(
+            "prune", None, small, small, dict(answer_acc=0.6), dict(answer_acc_k1=0.25)
+        ),
+    ]
+    rows = compress.stage_rows(models, {"teacher": 40.0, "prune": 100.0})
+    teacher, pruned = rows
+    assert list(teacher) == list(pruned)  # one header
+    assert (teacher["layers"], teacher["mlp"], teacher["heads"], teacher["kv_heads"]) == (
+        2,
+        64,
+        4,
+        2,
+    )
+    assert (pruned["layers"], pruned["mlp"], pruned["hidden"]) == (1, 24, 32)
+    assert pruned["params"] == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(small))
+    assert pruned["bytes"] == 4 * pruned["params"]  # float32
+    assert pruned["acc_vs_teacher"] == pytest.approx(0.75)
+    assert pruned["speed_vs_teacher"] == pytest.approx(2.5)
+    assert (teacher["acc_k1"], pruned["acc_k1"]) == (0.5, 0.25)
+    assert "loss_k1" not in teacher
+
+
 # ---------------------------------------------------------------------------------------------
 # A Hugging Face teacher.
 
@@ -231,15 +298,17 @@ def run_command(*args):
     "args, message",
     [
         (["--teacher=/no/such/teacher"], "teacher /no/such/teacher: no such directory"),
-        (["--config.compress.mlp_keep=1.5"], "config.compress.mlp_keep=1.5"),
+        (["--teacher=HF"], "give the task's config too (--task_config=configs/FILE.py)"),
+        (["--teacher=HF", "--task_config=TASK", "--config.compress.mlp_keep=1.5"], "mlp_keep=1.5"),
+        (["--teacher=HF", "--task_config=/no/such.py"], "/no/such.py"),
     ],
 )
 def test_bad_input_is_one_line(teacher, tmp_path, args, message):
+    task = os.path.join(CONFIGS, "tiny.py")
     result = run_command(
         f"--config={os.path.join(CONFIGS, 'tiny_compress.py')}",
-        f"--teacher={teacher}",
         f"--workdir={tmp_path / 'out'}",
-        *args,
+        *(arg.replace("HF", teacher).replace("TASK", task) for arg in args),
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

@@ -1,5 +1,6 @@
-"""A tiny compression pipeline for end-to-end tests: a `tiny.py` teacher distilled into a
-student of its shape, half its MLP neurons pruned, re-distilled, quantized to int8 weights."""
+"""A tiny compression pipeline for end-to-end tests: a teacher of `tiny.py`'s task distilled
+into a one-layer student by word-level steps, half its MLP neurons pruned, re-distilled,
+quantized to int8 weights."""
 
 from cotlab_jax import compress, distill
 from cotlab_jax import config as config_lib
@@ -9,7 +10,7 @@ def get_config(arg=None):
     config = config_lib.get_base_config()
     config.model.update(
         dict(
-            num_hidden_layers=2,
+            num_hidden_layers=1,
             hidden_size=32,
             intermediate_size=64,
             num_attention_heads=2,
@@ -27,7 +28,6 @@ def get_config(arg=None):
             eval_every_n_steps=10,
             batch_size=16,
             max_pred_tokens=12,
-            example_counts="1,3",
         )
     )
     config.log.progress_bar = False
@@ -38,7 +38,6 @@ def get_config(arg=None):
         dict(
             calibration_tasks=16,
             redistill_tasks=8 * 15,
-            redistill_on_policy_fraction=0.5,
             decode_tasks=8,
             decode_repeats=1,
         )
@@ -46,4 +45,5 @@ def get_config(arg=None):
     if arg == "sweep":
         config.sweep.axes = (("compress.mlp_keep", (0.5, 0.25)),)
         config.compress.quantize = ""
+        config.compress.redistill_on_policy_fraction = 0.5
     return config
