@@ -8,7 +8,7 @@ quickstart's CoT member:
 The teacher is the quickstart's 2-layer, hidden-128 CoT model. Stage 1 trains a student of the
 same shape from scratch by word-level distillation (400 steps at batch 32: the teacher's
 cross-entropy and KL, half and half); OSSCAR then removes half of every layer's MLP neurons
-(512 -> 256, calibrated on 128 tasks); 200 steps of re-distillation, a quarter of them on the
+(512 -> 256, calibrated on 128 tasks); 300 steps of re-distillation, a quarter of them on the
 student's own samples, recover what pruning lost; int8 weights (`w8`) end it. The student
 always takes the teacher's data and seed, so every stage is evaluated on the same 512 frozen
 tasks as the teacher.
@@ -69,7 +69,7 @@ def get_config(variant="cpu"):
         dict(
             mlp_keep=0.5,
             calibration_tasks=128,
-            redistill_tasks=32 * 200,
+            redistill_tasks=32 * 300,
             redistill_on_policy_fraction=0.25,
             quantize="w8",
             decode_tasks=128,

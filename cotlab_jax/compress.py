@@ -1,7 +1,7 @@
 """The second paper's pipeline as one command: distill, prune, re-distill, quantize, report.
 
     python -m cotlab_jax.compress --teacher=runs/X --config=configs/compress.py[:variant] \\
-        --workdir=runs/compress [--teacher_step=latest|N] [--task_config=configs/FILE.py] \\
+        --workdir=runs/compress [--teacher_step=latest|N] [--task_config=configs/<file>.py] \\
         [--config.compress.mlp_keep=0.4 ...]
 
 Behdin et al. (EMNLP 2025 industry track, arXiv 2502.14305) turn a large model into a small fast
@@ -94,8 +94,8 @@ def compress_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             teacher="",  # the teacher: a run directory or an HF Llama directory (--teacher)
-            teacher_step="latest",  # its checkpoint: latest or a step number
-            task_config="",  # an HF teacher's task: configs/FILE.py[:arg] (--task_config)
+            teacher_step="latest",  # its checkpoint: "latest" or a step number, as a string
+            task_config="",  # an HF teacher's task: configs/<file>.py[:arg] (--task_config)
             mlp_keep=0.5,  # fraction of every layer's MLP neurons kept
             heads_keep=1.0,  # fraction of attention heads kept (1.0: heads left as they are)
             head_units="query_heads",  # prune.HEAD_UNITS
@@ -116,9 +116,11 @@ def validate_compress(c) -> None:
     if not isinstance(c.teacher, str) or not c.teacher:
         config_lib.fail("compress.teacher", c.teacher, "expected a directory (--teacher=DIR)")
     if not (
-        c.teacher_step == "latest" or (config_lib.is_int(c.teacher_step) and c.teacher_step >= 0)
+        isinstance(c.teacher_step, str) and (c.teacher_step == "latest" or c.teacher_step.isdigit())
     ):
-        config_lib.fail("compress.teacher_step", c.teacher_step, "expected latest or a step")
+        config_lib.fail(
+            "compress.teacher_step", c.teacher_step, "expected 'latest' or a step number"
+        )
     config_lib.check_number(
         "compress.mlp_keep",
         c.mlp_keep,
@@ -195,8 +197,15 @@ def stage_dirs(workdir: str, config: ml_collections.ConfigDict) -> dict[str, str
     return {name: os.path.join(workdir, name) for name in names}
 
 
-def _flat(config: ml_collections.ConfigDict) -> dict:
-    return rundir._flat(json.loads(config.to_json()))
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{dotted field: value} of a config as a plain dict."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def check_pipeline(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -210,9 +219,9 @@ def check_pipeline(workdir: str, config: ml_collections.ConfigDict) -> None:
                 saved = json.load(f)
         except (OSError, ValueError) as error:
             raise rundir.RunError(f"{path} is damaged ({error})") from None
-        changed = rundir.changed_fields(rundir._flat(saved), rundir._flat(current))
+        flat_saved, flat_now = _flat(saved), _flat(current)
+        changed = rundir.changed_fields(flat_saved, flat_now)
         if changed:
-            flat_saved, flat_now = rundir._flat(saved), rundir._flat(current)
             shown = ", ".join(
                 f"{name} ({flat_saved.get(name)!r} -> {flat_now.get(name)!r})" for name in changed
             )
@@ -455,7 +464,9 @@ def _last(records: list[dict], kind: str) -> dict:
 def stage_models(workdir: str, config, teacher_path: str, task_config) -> list[StageModel]:
     """The teacher and every stage's model, with their metrics."""
     c = config.compress
-    teacher = distill.load_teacher(teacher_path, c.teacher_step, _one_device_mesh(), task_config)
+    teacher = distill.load_teacher(
+        teacher_path, rundir.parse_step(c.teacher_step), _one_device_mesh(), task_config
+    )
     record = teacher_record(teacher, workdir, stage_configs(config, teacher.config)["distill"])
     models = [
         StageModel(
@@ -615,14 +626,20 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_stage_index(workdir, dirs)
     configs = stage_configs(config, task)
     if not distill_stage(
-        configs["distill"], c.teacher, dirs["distill"], c.teacher_step, task_config
+        configs["distill"],
+        c.teacher,
+        dirs["distill"],
+        rundir.parse_step(c.teacher_step),
+        task_config,
     ):
         return dict(preempted="distill")
     prune_stage(dirs["distill"], dirs["prune"], c)
     redistill = configs["redistill"]
     redistill.model = rundir.load_config(dirs["prune"]).model
     redistill.distill.init_from = os.path.abspath(dirs["prune"])
-    if not distill_stage(redistill, c.teacher, dirs["redistill"], c.teacher_step, task_config):
+    if not distill_stage(
+        redistill, c.teacher, dirs["redistill"], rundir.parse_step(c.teacher_step), task_config
+    ):
         return dict(preempted="redistill")
     if "quantize" in dirs:
         quantize_stage(dirs["redistill"], dirs["quantize"], c.quantize)
@@ -676,7 +693,7 @@ def define_flags() -> dict:
             help_string="Pipeline config (configs/compress.py[:variant])."
         ),
         task_config=flags.DEFINE_string(
-            "task_config", None, "An HF teacher's task: its config, configs/FILE.py[:arg]."
+            "task_config", None, "An HF teacher's task: its config, configs/<file>.py[:arg]."
         ),
         teacher=flags.DEFINE_string(
             "teacher", None, "The teacher: a run directory or an HF Llama directory."
@@ -708,7 +725,7 @@ def main(argv) -> None:
     if values["teacher"] is not None:
         config.compress.teacher = values["teacher"]
     if values["teacher_step"] is not None:
-        config.compress.teacher_step = rundir.parse_step(values["teacher_step"])
+        config.compress.teacher_step = values["teacher_step"]
     if values["task_config"] is not None:
         config.compress.task_config = values["task_config"]
     if config.sweep.axes:

@@ -5,7 +5,7 @@
 
 The teacher is a run of this lab, or a Hugging Face Llama directory (`config.json` +
 `model.safetensors`: `cotlab_jax.export`'s output, or `save_pretrained`'s) with the task it
-was trained on given as a config file: `--teacher=HF_DIR --task_config=configs/FILE.py[:arg]`.
+was trained on given as a config file: `--teacher=HF_DIR --task_config=configs/<file>.py[:arg]`.
 
 The student is an ordinary run: its config is the distillation config (`model`, `train`, `eval`,
 `distill`) with the teacher run's `data` and `seed`, so it learns the teacher's task
@@ -119,7 +119,7 @@ def teacher_task(
         if task_config is None:
             raise rundir.RunError(
                 f"teacher {path} is a Hugging Face directory, which holds no task: give the "
-                f"task's config too (--task_config=configs/FILE.py)"
+                f"task's config too (--task_config=configs/<file>.py)"
             )
         return task_config
     sweep_index = os.path.join(path, "sweep.json")
@@ -493,7 +493,7 @@ def define_flags() -> dict:
         ),
         workdir=flags.DEFINE_string("workdir", None, "The student's run directory."),
         task_config=flags.DEFINE_string(
-            "task_config", None, "An HF teacher's task: its config, configs/FILE.py[:arg]."
+            "task_config", None, "An HF teacher's task: its config, configs/<file>.py[:arg]."
         ),
     )
 

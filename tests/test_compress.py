@@ -298,7 +298,7 @@ def run_command(*args):
     "args, message",
     [
         (["--teacher=/no/such/teacher"], "teacher /no/such/teacher: no such directory"),
-        (["--teacher=HF"], "give the task's config too (--task_config=configs/FILE.py)"),
+        (["--teacher=HF"], "give the task's config too (--task_config=configs/<file>.py)"),
         (["--teacher=HF", "--task_config=TASK", "--config.compress.mlp_keep=1.5"], "mlp_keep=1.5"),
         (["--teacher=HF", "--task_config=/no/such.py"], "/no/such.py"),
     ],
@@ -314,4 +314,26 @@ def test_bad_input_is_one_line(teacher, tmp_path, args, message):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_main_refuses_a_pipeline_config(tmp_path):
+    """`cotlab_jax.main` would train the student without its teacher: it points to the right
+    command instead."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cotlab_jax.main",
+            f"--config={os.path.join(CONFIGS, 'tiny_compress.py')}",
+            f"--workdir={tmp_path / 'out'}",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "python -m cotlab_jax.compress" in result.stderr.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "out")
