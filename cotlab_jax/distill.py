@@ -21,9 +21,9 @@ Each step draws its batch on device (`data.sample_batch`, as training does) and 
   Both terms are means over those tokens; the metrics log them apart (`ce`, `kl`, window means
   over the steps that have them: an on-policy step has no CE).
 - on policy (stage 2): the student samples a continuation of each task's query (its last
-  example's CoT and answer; temperature `distill.sample_temperature`, the paper's 0.8-0.9) with a
-  KV cache in one `lax.scan`; teacher and student then score prompt + continuation and the loss is
-  T^2 KL(teacher || student) over the generated tokens only.
+  example's CoT and answer; temperature `distill.sample_temperature`, the paper's 0.8-0.9) with
+  the KV-cache loop of `decode.decode_loop`; teacher and student then score prompt +
+  continuation and the loss is T^2 KL(teacher || student) over the generated tokens only.
 
 Against the paper (Behdin et al., arXiv 2502.14305): its two stages are word-level distillation
 with the forward KL, KL(teacher || student) summed over the vocabulary at every token, then
@@ -50,12 +50,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
-from flax import nnx
 
 from cotlab_jax import config as config_lib
 from cotlab_jax import (
     config_flag,
     data,
+    decode,
     evaluate,
     experiment,
     export,
@@ -260,54 +260,22 @@ def sample_continuations(
     eos_id: int | None = None,
     pad_id: int = 0,
 ):
-    """Samples `n_new` tokens after each left-padded prompt [B, P] at `temperature`, with a KV
-    cache, in one `lax.scan` (fixed shapes; token i is drawn with `fold_in(key, i)`).
+    """Samples `n_new` tokens after each left-padded prompt [B, P] at `temperature`, with the
+    KV-cache loop of `decode.decode_loop` (token i is drawn with `fold_in(key, i)`).
 
     Returns tokens [B, n_new] int32 (`pad_id` after a row's eos) and their mask [B, n_new]
     (True up to and including the row's eos).
     """
-    module = nnx.merge(graphdef, params)
-    batch_size, prompt_length = prompt_ids.shape
-    prompt_mask = prompt_mask.astype(bool)
-    cache_length = prompt_length + n_new - 1  # the last token is never fed back
-    key_mask = jnp.zeros((batch_size, cache_length), bool).at[:, :prompt_length].set(prompt_mask)
-    logits, cache = module(
-        prompt_ids,
-        model.positions_from_mask(prompt_mask),
-        key_mask,
-        module.init_cache(batch_size, cache_length),
-        0,
-    )
 
-    def draw(i, step_logits):
+    def draw(step_logits, step):
         return jax.random.categorical(
-            jax.random.fold_in(key, i), step_logits / temperature, axis=-1
-        ).astype(jnp.int32)
-
-    def is_eos(token):
-        return jnp.zeros(token.shape, bool) if eos_id is None else token == eos_id
-
-    first = draw(0, logits[:, -1])
-    first_new_position = prompt_mask.sum(-1, dtype=jnp.int32)
-
-    def generate(carry, i):
-        token, cache, key_mask, done = carry
-        slot = prompt_length + i - 1  # where the previous token's keys and values go
-        key_mask = jax.lax.dynamic_update_slice_in_dim(
-            key_mask, jnp.ones((batch_size, 1), bool), slot, axis=1
+            jax.random.fold_in(key, step), step_logits / temperature, axis=-1
         )
-        step_logits, cache = module(
-            token[:, None], (first_new_position + i - 1)[:, None], key_mask, cache, slot
-        )
-        new = jnp.where(done, pad_id, draw(i, step_logits[:, 0]))
-        return (new, cache, key_mask, done | is_eos(new)), (new, ~done)
 
-    _, (rest, rest_valid) = jax.lax.scan(
-        generate, (first, cache, key_mask, is_eos(first)), jnp.arange(1, n_new)
+    tokens, lengths, _ = decode.decode_loop(
+        graphdef, params, prompt_ids, prompt_mask, n_new, draw, eos_id, pad_id
     )
-    tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
-    valid = jnp.concatenate([jnp.ones((batch_size, 1), bool), rest_valid.T], axis=1)
-    return tokens, valid
+    return tokens, jnp.arange(n_new)[None, :] < lengths[:, None]
 
 
 def generation_length(spec: data.TaskSpec, config) -> int:
