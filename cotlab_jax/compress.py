@@ -478,13 +478,14 @@ def stage_models(workdir: str, config, teacher_path: str, task_config) -> list[S
             record["eval_by_k"],
         )
     ]
-    for name, path in stage_dirs(workdir, config).items():
+    dirs = stage_dirs(workdir, config)
+    for name, path in dirs.items():
         run = rundir.load_run(path)
         records = read_metrics(os.path.join(path, "metrics.jsonl"))
         graphdef, state, dense = run.graphdef, run.params, run.params
-        if name == "quantize":
+        if name == "quantize":  # the quantized model itself, not its dequantized checkpoint
             made = _last(records, "quantize")
-            source = rundir.load_run(made["source"])
+            source = rundir.load_run(dirs["redistill"])
             dense = source.params
             graphdef, state = quantize.quantize(
                 experiment.model_config(source.config, source.spec),
