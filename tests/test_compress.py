@@ -183,6 +183,9 @@ def test_a_relaunch_with_another_pipeline_config_is_refused(teacher, uninterrupt
     config.compress.mlp_keep = 0.25
     with pytest.raises(rundir.RunError, match="compress.mlp_keep"):
         compress.run_pipeline(config, uninterrupted[0])
+    # Nor does a pipeline write into a run directory (here, one of its own stages).
+    with pytest.raises(rundir.RunError, match="a directory of its own"):
+        compress.run_pipeline(config, os.path.join(uninterrupted[0], "prune"))
 
 
 def test_sweep_members_set_the_stages_fields(teacher):
