@@ -46,6 +46,12 @@ class _ConfigFileParser(flags.ArgumentParser):
         return config
 
 
+def load_config_file(argument: str, name: str = "config"):
+    """`get_config([arg])` of `FILE.py[:arg]`, locked; a file that fails to load raises a
+    ValueError of one line."""
+    return _ConfigFileParser(name).parse(argument)
+
+
 def define_config_flag(
     name: str = "config", help_string: str = "Config file (configs/*.py[:arg])."
 ) -> flags.FlagHolder:

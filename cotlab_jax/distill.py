@@ -1,7 +1,11 @@
-"""Knowledge distillation from a teacher run into a student of another size or depth.
+"""Knowledge distillation from a teacher into a student of another size or depth.
 
     python -m cotlab_jax.distill --teacher=runs/X --config=configs/distill.py[:stage] \\
         --workdir=runs/Y [--teacher_step=latest|N] [--config.distill.kl_weight=...]
+
+The teacher is a run of this lab, or a Hugging Face Llama directory (`config.json` +
+`model.safetensors`: `cotlab_jax.export`'s output, or `save_pretrained`'s) with the task it
+was trained on given as a config file: `--teacher=HF_DIR --task_config=configs/<file>.py[:arg]`.
 
 The student is an ordinary run: its config is the distillation config (`model`, `train`, `eval`,
 `distill`) with the teacher run's `data` and `seed`, so it learns the teacher's task
@@ -14,12 +18,23 @@ Each step draws its batch on device (`data.sample_batch`, as training does) and 
 
 - word level (stage 1): loss = (1 - w) CE + w T^2 KL(p_teacher^T || p_student^T) over the tokens
   that carry loss, p^T = softmax(logits / T), w = `distill.kl_weight`, T = `distill.temperature`.
-  The paper's word-level forward KL, mixed with the cross-entropy in the form of Hinton et al.
-  (2015); the T^2 keeps the KL's gradients on the scale of the cross-entropy's as T changes.
+  Both terms are means over those tokens; the metrics log them apart (`ce`, `kl`, window means
+  over the steps that have them: an on-policy step has no CE).
 - on policy (stage 2): the student samples a continuation of each task's query (its last
-  example's CoT and answer; temperature `distill.sample_temperature`, the paper's 0.8-0.9) with a
-  KV cache in one `lax.scan`; teacher and student then score prompt + continuation and the loss is
-  T^2 KL(teacher || student) over the generated tokens only.
+  example's CoT and answer; temperature `distill.sample_temperature`, the paper's 0.8-0.9) with
+  the KV-cache loop of `decode.decode_loop`; teacher and student then score prompt +
+  continuation and the loss is T^2 KL(teacher || student) over the generated tokens only.
+
+Against the paper (Behdin et al., arXiv 2502.14305): its two stages are word-level distillation
+with the forward KL, KL(teacher || student) summed over the vocabulary at every token, then
+on-policy distillation with the same forward KL on the student's own samples (temperature
+0.8-0.9). The direction, the per-token form and the stages are the paper's. Its exact weighting
+of the supervised term against the KL, and whether it softens both distributions by a
+temperature with a T^2 factor, could not be read here (the search tool holds the paper's
+abstract and summaries, not its equations): the mixture (1 - w) CE + w KL and the T^2 factor
+are the classic form of Hinton et al. (2015), where T^2 keeps the KL's gradients on the scale of
+the cross-entropy's as T changes. At T = 1 (the default) the T^2 factor is 1 and the loss is the
+paper's forward KL mixed with the cross-entropy; w = 1 is pure distillation.
 
 Whether step s is on policy is drawn from (seed, s) with probability `distill.on_policy_fraction`,
 as is its sampling key, so a resumed run repeats exactly the steps of an uninterrupted one.
@@ -35,10 +50,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
-from flax import nnx
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import config_flag, data, evaluate, experiment, losses, model, rundir, train
+from cotlab_jax import (
+    config_flag,
+    data,
+    decode,
+    evaluate,
+    experiment,
+    export,
+    losses,
+    model,
+    rundir,
+    sharding,
+    train,
+)
 
 # fold_in tag of distillation's own randomness (which steps are on policy, their samples).
 DISTILL_STREAM = 17
@@ -76,6 +102,74 @@ def validate_distill(d) -> None:
         )
     if not isinstance(d.init_from, str):
         config_lib.fail("distill.init_from", d.init_from, "expected a run directory or ''")
+
+
+def _is_hf_directory(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, export.WEIGHTS_NAME))
+
+
+def teacher_task(
+    path: str, task_config: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
+    """The config whose task (data, seed) a student of the teacher at `path` learns: the run's
+    own, or `task_config` for a Hugging Face Llama directory (which holds no task)."""
+    if not os.path.isdir(path):
+        raise rundir.RunError(f"teacher {path}: no such directory")
+    if _is_hf_directory(path):
+        if task_config is None:
+            raise rundir.RunError(
+                f"teacher {path} is a Hugging Face directory, which holds no task: give the "
+                f"task's config too (--task_config=configs/<file>.py)"
+            )
+        return task_config
+    sweep_index = os.path.join(path, "sweep.json")
+    if os.path.exists(sweep_index) and not os.path.exists(os.path.join(path, "config.json")):
+        members = sorted(
+            name
+            for name in os.listdir(path)
+            if os.path.isdir(os.path.join(path, name, "checkpoints"))
+        )
+        raise rundir.RunError(
+            f"teacher {path} is a sweep; pass one of its members: {', '.join(members) or 'none'}"
+        )
+    return rundir.load_config(path)
+
+
+def load_teacher(
+    path: str,
+    step: int | str = "latest",
+    mesh: jax.sharding.Mesh | None = None,
+    task_config: ml_collections.ConfigDict | None = None,
+) -> rundir.Run:
+    """The teacher at `path`: a run directory of this lab (its checkpoint `step`), or a Hugging
+    Face Llama directory (`config.json` + `model.safetensors`, e.g. from `cotlab_jax.export`
+    or `save_pretrained`) whose task `task_config` gives; its parameters on `mesh`
+    (replicated for an HF model; default one device)."""
+    config = teacher_task(path, task_config)
+    if not _is_hf_directory(path):
+        return rundir.load_run(path, step, mesh=mesh)
+    spec = data.TaskSpec.from_config(config)
+    try:
+        llama_config, graphdef, params = export.load_hf_model(path)
+    except (ValueError, KeyError, TypeError) as error:
+        raise rundir.RunError(f"teacher {path} is not a Llama this lab runs ({error})") from None
+    if llama_config.vocab_size != spec.vocab_size:
+        raise rundir.RunError(
+            f"teacher {path} has vocab_size={llama_config.vocab_size}; its task config has "
+            f"data.vocab_size={spec.vocab_size}"
+        )
+    if mesh is None:
+        mesh = sharding.make_mesh({}, devices=jax.local_devices()[:1])
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.P()))
+    return rundir.Run(
+        config=config,
+        spec=spec,
+        graphdef=graphdef,
+        params=params,
+        step=0,
+        world=data.make_world(data.root_keys(config.seed)["world"], spec),
+        workdir=path,
+    )
 
 
 def student_config(
@@ -166,54 +260,22 @@ def sample_continuations(
     eos_id: int | None = None,
     pad_id: int = 0,
 ):
-    """Samples `n_new` tokens after each left-padded prompt [B, P] at `temperature`, with a KV
-    cache, in one `lax.scan` (fixed shapes; token i is drawn with `fold_in(key, i)`).
+    """Samples `n_new` tokens after each left-padded prompt [B, P] at `temperature`, with the
+    KV-cache loop of `decode.decode_loop` (token i is drawn with `fold_in(key, i)`).
 
     Returns tokens [B, n_new] int32 (`pad_id` after a row's eos) and their mask [B, n_new]
     (True up to and including the row's eos).
     """
-    module = nnx.merge(graphdef, params)
-    batch_size, prompt_length = prompt_ids.shape
-    prompt_mask = prompt_mask.astype(bool)
-    cache_length = prompt_length + n_new - 1  # the last token is never fed back
-    key_mask = jnp.zeros((batch_size, cache_length), bool).at[:, :prompt_length].set(prompt_mask)
-    logits, cache = module(
-        prompt_ids,
-        model.positions_from_mask(prompt_mask),
-        key_mask,
-        module.init_cache(batch_size, cache_length),
-        0,
-    )
 
-    def draw(i, step_logits):
+    def draw(step_logits, step):
         return jax.random.categorical(
-            jax.random.fold_in(key, i), step_logits / temperature, axis=-1
-        ).astype(jnp.int32)
-
-    def is_eos(token):
-        return jnp.zeros(token.shape, bool) if eos_id is None else token == eos_id
-
-    first = draw(0, logits[:, -1])
-    first_new_position = prompt_mask.sum(-1, dtype=jnp.int32)
-
-    def generate(carry, i):
-        token, cache, key_mask, done = carry
-        slot = prompt_length + i - 1  # where the previous token's keys and values go
-        key_mask = jax.lax.dynamic_update_slice_in_dim(
-            key_mask, jnp.ones((batch_size, 1), bool), slot, axis=1
+            jax.random.fold_in(key, step), step_logits / temperature, axis=-1
         )
-        step_logits, cache = module(
-            token[:, None], (first_new_position + i - 1)[:, None], key_mask, cache, slot
-        )
-        new = jnp.where(done, pad_id, draw(i, step_logits[:, 0]))
-        return (new, cache, key_mask, done | is_eos(new)), (new, ~done)
 
-    _, (rest, rest_valid) = jax.lax.scan(
-        generate, (first, cache, key_mask, is_eos(first)), jnp.arange(1, n_new)
+    tokens, lengths, _ = decode.decode_loop(
+        graphdef, params, prompt_ids, prompt_mask, n_new, draw, eos_id, pad_id
     )
-    tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
-    valid = jnp.concatenate([jnp.ones((batch_size, 1), bool), rest_valid.T], axis=1)
-    return tokens, valid
+    return tokens, jnp.arange(n_new)[None, :] < lengths[:, None]
 
 
 def generation_length(spec: data.TaskSpec, config) -> int:
@@ -295,14 +357,14 @@ def distill_step(
 
     params = state["params"]
     if cfg.on_policy_fraction == 0:
-        (loss, _), grads = word_level(params)
+        (loss, (ce, kl)), grads = word_level(params)
     elif cfg.on_policy_fraction == 1:
-        (loss, _), grads = on_policy(params)
+        (loss, (ce, kl)), grads = on_policy(params)
     else:
-        (loss, _), grads = jax.lax.cond(
+        (loss, (ce, kl)), grads = jax.lax.cond(
             draw < cfg.on_policy_fraction, on_policy, word_level, params
         )
-    return experiment.apply_gradients(state, loss, grads, batch, exp=exp)
+    return experiment.apply_gradients(state, loss, grads, batch, exp=exp, extra=dict(ce=ce, kl=kl))
 
 
 def compile_distill_step(exp: experiment.Experiment, graphdef, state, teacher_graphdef):
@@ -343,18 +405,20 @@ def distill(
     teacher_dir: str,
     workdir: str,
     teacher_step: int | str = "latest",
+    task_config: ml_collections.ConfigDict | None = None,
 ) -> dict:
-    """Distils the teacher run in `teacher_dir` into the student run in `workdir` (or resumes
-    it); returns the student's results with the teacher's evaluation under `teacher`."""
+    """Distils the teacher in `teacher_dir` (a run, or an HF Llama directory whose task
+    `task_config` gives) into the student run in `workdir` (or resumes it); returns the
+    student's results with the teacher's evaluation under `teacher`."""
     if "distill" not in distill_config:
         raise config_lib.ConfigError(
             "config.distill is missing: a distillation config sets "
             "config.distill = distill.distill_defaults()"
         )
     validate_distill(distill_config.distill)
-    config = student_config(distill_config, rundir.load_config(teacher_dir))
+    config = student_config(distill_config, teacher_task(teacher_dir, task_config))
     exp = experiment.setup(config)  # every group validated before anything compiles
-    teacher = rundir.load_run(teacher_dir, teacher_step, mesh=exp.mesh)
+    teacher = load_teacher(teacher_dir, teacher_step, exp.mesh, task_config)
     if teacher.config.data.vocab_size != config.data.vocab_size:
         raise rundir.RunError("teacher and student vocabularies differ")
     results = train.train_and_evaluate(config, workdir, step_builder(teacher))
@@ -396,6 +460,9 @@ def define_flags() -> dict:
             "teacher_step", "latest", "The teacher's checkpoint step: latest or a number."
         ),
         workdir=flags.DEFINE_string("workdir", None, "The student's run directory."),
+        task_config=flags.DEFINE_string(
+            "task_config", None, "An HF teacher's task: its config, configs/<file>.py[:arg]."
+        ),
     )
 
 
@@ -408,14 +475,22 @@ def main(argv, flag_values: dict) -> None:
             raise app.UsageError(f"--{name} is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
+        task_config = (
+            None
+            if values["task_config"] is None
+            else config_flag.load_config_file(values["task_config"], "task_config")
+        )
         results = distill(
             values["config"],
             values["teacher"],
             values["workdir"],
             rundir.parse_step(values["teacher_step"]),
+            task_config,
         )
     except (config_lib.ConfigError, rundir.RunError) as e:
         sys.exit(f"error: {e}")
+    except ValueError as e:  # a task config that does not load
+        sys.exit(f"error: --task_config={values['task_config']}: {e}")
     if jax.process_index() == 0 and "eval" in results:
         print(train.summary(results, values["workdir"]))
         teacher_eval = results["teacher"]["eval"]

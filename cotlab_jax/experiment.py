@@ -104,8 +104,14 @@ def make_optimizer(
     return optimizer
 
 
-def empty_window():
-    return dict(
+def extra_window_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Loss terms a run logs besides its loss (window means over the steps that have them):
+    a distillation logs its cross-entropy and its KL apart."""
+    return ("ce", "kl") if "distill" in config else ()
+
+
+def empty_window(extra: tuple[str, ...] = ()):
+    window = dict(
         loss_sum=jnp.float32(0),
         steps=jnp.int32(0),
         n_cot=jnp.int32(0),
@@ -113,6 +119,10 @@ def empty_window():
         tokens=jnp.int32(0),
         grad_norm=jnp.float32(0),
     )
+    for name in extra:
+        window[f"{name}_sum"] = jnp.float32(0)
+        window[f"{name}_steps"] = jnp.int32(0)
+    return window
 
 
 def model_key(seed: int) -> jax.Array:
@@ -145,7 +155,7 @@ def build_state(exp: Experiment, key: jax.Array):
         step=jnp.int32(0),
         params=params,
         opt_state=opt_state,
-        window=empty_window(),
+        window=empty_window(extra_window_metrics(exp.config)),
         nonfinite_step=jnp.int32(-1),
     )
 
@@ -224,9 +234,19 @@ def train_step(state, batch, *, graphdef, exp: Experiment, hparams: dict | None 
     return apply_gradients(state, loss, grads, batch, exp=exp, hparams=hparams)
 
 
-def apply_gradients(state, loss, grads, batch, *, exp: Experiment, hparams: dict | None = None):
+def apply_gradients(
+    state,
+    loss,
+    grads,
+    batch,
+    *,
+    exp: Experiment,
+    hparams: dict | None = None,
+    extra: dict | None = None,
+):
     """The step's AdamW update from `grads` of `loss` (on `batch`), the non-finite guard and the
-    logging window: what every step that trains a run's parameters shares."""
+    logging window: what every step that trains a run's parameters shares. `extra` holds the
+    step's values of `extra_window_metrics` (NaN: the step has none)."""
     optimizer = make_optimizer(exp.config.train, exp.total_steps, hparams)
     step = state["step"]
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -246,18 +266,22 @@ def apply_gradients(state, loss, grads, batch, *, exp: Experiment, hparams: dict
     )
     # Window sums restart at every logging boundary, a function of the step alone, so a resumed
     # run logs exactly the numbers of an uninterrupted one.
-    window = jax.tree.map(
+    previous = jax.tree.map(
         lambda x: jnp.where(step % exp.config.train.log_every_n_steps == 0, jnp.zeros_like(x), x),
         state["window"],
     )
     window = dict(
-        loss_sum=window["loss_sum"] + loss,
-        steps=window["steps"] + 1,
-        n_cot=window["n_cot"] + batch["n_cot"].sum(),
-        n_direct=window["n_direct"] + batch["n_direct"].sum(),
-        tokens=window["tokens"] + batch["attention_mask"].sum(dtype=jnp.int32),
+        loss_sum=previous["loss_sum"] + loss,
+        steps=previous["steps"] + 1,
+        n_cot=previous["n_cot"] + batch["n_cot"].sum(),
+        n_direct=previous["n_direct"] + batch["n_direct"].sum(),
+        tokens=previous["tokens"] + batch["attention_mask"].sum(dtype=jnp.int32),
         grad_norm=optax.tree.norm(grads),
     )
+    for name, value in (extra or {}).items():
+        present = jnp.isfinite(value)
+        window[f"{name}_sum"] = previous[f"{name}_sum"] + jnp.where(present, value, 0.0)
+        window[f"{name}_steps"] = previous[f"{name}_steps"] + present.astype(jnp.int32)
     return dict(
         step=step + 1,
         params=params,

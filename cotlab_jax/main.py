@@ -65,6 +65,12 @@ def main(argv) -> None:
     from cotlab_jax import sweep, train  # after initialize(): they touch the devices
 
     config = _CONFIG.value
+    for group, command in (("compress", "compress"), ("distill", "distill")):
+        if group in config:  # the train step would ignore the teacher
+            raise config_lib.ConfigError(
+                f"this config has config.{group}: run it with python -m cotlab_jax.{command} "
+                f"--teacher=RUN_DIR --config=..."
+            )
     if config.sweep.axes:
         workdir = _WORKDIR.value or os.path.join("runs", config.sweep.name or "sweep")
         sweep.check_overrides(config, config_flag.overridden_fields())

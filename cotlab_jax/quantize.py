@@ -220,3 +220,24 @@ def weight_bytes(state) -> int:
     """Bytes of a (dense or quantized) state's arrays as stored: elements x bits / 8 per array,
     so int4 counts half a byte (packed, as on disk; a CPU may hold one per byte in memory)."""
     return sum(int(np.prod(leaf.shape)) * _bits(leaf.dtype) // 8 for leaf in jax.tree.leaves(state))
+
+
+def dequantized(params: nnx.State, quantized_state: nnx.State) -> nnx.State:
+    """`params` (a dense model's state) with every weight that `quantized_state` holds
+    quantized replaced by its stored value times its scale, in float32. For the weight-only
+    schemes (`w8`, `w4`) the dense model on these weights computes what the quantized one does;
+    with `w8a8` and `fp8` it lacks the activations' quantization."""
+    pure = nnx.to_pure_dict(params)
+
+    def replace(dense: dict, quantized: dict) -> None:
+        for name, value in quantized.items():
+            if isinstance(value, dict) and set(value) == {"array"}:
+                stored = value["array"]
+                dense[name] = jnp.asarray(stored["qvalue"]).astype(jnp.float32) * stored["scale"]
+            elif isinstance(value, dict):
+                replace(dense[name], value)
+
+    replace(pure, nnx.to_pure_dict(quantized_state))
+    state = nnx.clone(params)
+    nnx.replace_by_pure_dict(state, pure)
+    return state

@@ -1,9 +1,9 @@
 """Temperature / top-p sampling with a static-shape key/value cache, and the majority vote.
 
-`sample_decode` is `decode.greedy_decode` with the argmax replaced by a draw: the same prefill of
-the left-padded prompts, the same `lax.while_loop` over decode steps, the same eos handling
-(`pad_id` after a row's eos, stop once every row has finished). `sample_many` runs it for S samples
-per prompt as one vmapped program.
+`sample_decode` is `decode.greedy_decode` with the argmax replaced by a draw: the same loop
+(`decode.decode_loop`: the prefill of the left-padded prompts, the `lax.while_loop` over decode
+steps, the eos handling, `pad_id` after a row's eos, stop once every row has finished).
+`sample_many` runs it for S samples per prompt as one vmapped program.
 
 Draws are reproducible: row b's token at decode step i is
 `jax.random.categorical(step_key(keys[b], i), filtered_logits(logits, temperature, top_p))`, so
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cotlab_jax.model import positions_from_mask
+from cotlab_jax import decode
 
 
 def step_key(row_key: jax.Array, step: jax.Array | int) -> jax.Array:
@@ -81,51 +81,15 @@ def sample_decode(
     `keys` [B] are the rows' keys (see `step_key`); `eos_id` ends a row (None: never). Returns
     tokens int32 [B, T] (`pad_id` after a row's eos) and lengths int32 [B] (eos included).
     """
-    model = nnx.merge(graphdef, state)
-    batch_size, prompt_length = prompt_ids.shape
-    prompt_mask = prompt_mask.astype(bool)
-    cache_length = prompt_length + max_new_tokens - 1  # the last token is never fed back
-    key_mask = jnp.zeros((batch_size, cache_length), bool).at[:, :prompt_length].set(prompt_mask)
-    prompt_logits, cache = model(
-        prompt_ids,
-        positions_from_mask(prompt_mask),
-        key_mask,
-        model.init_cache(batch_size, cache_length),
-        0,
-    )
 
     def draw(step_logits, step):
         return choose_tokens(
             step_logits, jax.vmap(step_key, (0, None))(keys, step), temperature, top_p
         )
 
-    token = draw(prompt_logits[:, -1], 0)
-    tokens = jnp.full((batch_size, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
-    lengths = jnp.ones((batch_size,), jnp.int32)
-    done = _is_eos(token, eos_id)
-    first_new_position = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
-
-    def unfinished(carry):
-        step, _, _, _, _, _, done = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def generate_one(carry):
-        step, token, cache, key_mask, tokens, lengths, done = carry
-        slot = prompt_length + step - 1  # where the previous token's keys and values go
-        key_mask = jax.lax.dynamic_update_slice_in_dim(
-            key_mask, jnp.ones((batch_size, 1), bool), slot, axis=1
-        )
-        step_logits, cache = model(
-            token[:, None], (first_new_position + step - 1)[:, None], key_mask, cache, slot
-        )
-        token = jnp.where(done, pad_id, draw(step_logits[:, 0], step)).astype(jnp.int32)
-        tokens = tokens.at[:, step].set(token)
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | _is_eos(token, eos_id)
-        return step + 1, token, cache, key_mask, tokens, lengths, done
-
-    carry = (1, token, cache, key_mask, tokens, lengths, done)
-    _, _, _, _, tokens, lengths, _ = jax.lax.while_loop(unfinished, generate_one, carry)
+    tokens, lengths, _ = decode.decode_loop(
+        graphdef, state, prompt_ids, prompt_mask, max_new_tokens, draw, eos_id, pad_id
+    )
     return tokens, lengths
 
 
@@ -169,9 +133,3 @@ def majority_vote(answers: jax.Array) -> jax.Array:
     # argmax takes the first maximal sample: the first occurrence of the earliest tied value.
     winner = jnp.argmax(counts, axis=0)
     return jnp.take_along_axis(answers, winner[None, :], axis=0)[0]
-
-
-def _is_eos(token: jax.Array, eos_id: jax.Array | None) -> jax.Array:
-    if eos_id is None:
-        return jnp.zeros(token.shape, bool)
-    return token == eos_id

@@ -228,7 +228,7 @@ def _single_program(member: _Member, build_step: StepBuilder) -> experiment.Prog
 
 def _window_metrics(window, seconds: float) -> dict:
     steps = max(int(window["steps"]), 1)
-    return dict(
+    metrics = dict(
         loss=float(window["loss_sum"]) / steps,
         n_cot=int(window["n_cot"]),
         n_direct=int(window["n_direct"]),
@@ -236,6 +236,12 @@ def _window_metrics(window, seconds: float) -> dict:
         tokens_per_s=int(window["tokens"]) / max(seconds, 1e-9),
         step_time_s=seconds / steps,
     )
+    # The loss terms of `experiment.extra_window_metrics`, over the steps that had them.
+    for name in window:
+        if name.endswith("_sum") and name != "loss_sum":
+            term, count = name.removesuffix("_sum"), int(window[name.replace("_sum", "_steps")])
+            metrics[term] = float(window[name]) / count if count else float("nan")
+    return metrics
 
 
 def train_and_evaluate(
