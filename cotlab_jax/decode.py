@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cotlab_jax.model import positions_from_mask
+from cotlab_jax.model import MemberSizes, positions_from_mask
 
 
 @functools.partial(jax.jit, static_argnames="max_new_tokens")
@@ -26,6 +26,7 @@ def greedy_decode(
     max_new_tokens: int,
     eos_id: int | jax.Array | None = None,
     pad_id: int | jax.Array = 0,
+    sizes: MemberSizes | None = None,
 ):
     """Greedily generates up to `max_new_tokens` tokens after each left-padded prompt.
 
@@ -36,6 +37,7 @@ def greedy_decode(
       max_new_tokens: T, the static number of decoding steps.
       eos_id: the token that ends a row, or None to always generate T tokens.
       pad_id: the token that fills a row after its eos.
+      sizes: None, or a size-packed member's `MemberSizes` (`cotlab_jax.size_packing`).
 
     Returns:
       tokens: [B, T] int32, the generated tokens, `pad_id` after a row's eos.
@@ -54,6 +56,7 @@ def greedy_decode(
         key_mask,
         model.init_cache(batch_size, cache_length),
         0,
+        sizes=sizes,
     )
     step_logits = prompt_logits[:, -1]
     token = jnp.argmax(step_logits, axis=-1).astype(jnp.int32)
@@ -77,7 +80,12 @@ def greedy_decode(
             key_mask, jnp.ones((batch_size, 1), bool), slot, axis=1
         )
         step_logits, cache = model(
-            token[:, None], (first_new_position + step - 1)[:, None], key_mask, cache, slot
+            token[:, None],
+            (first_new_position + step - 1)[:, None],
+            key_mask,
+            cache,
+            slot,
+            sizes=sizes,
         )
         step_logits = jnp.where(done[:, None], 0.0, step_logits[:, 0])
         token = jnp.where(done, pad_id, jnp.argmax(step_logits, axis=-1)).astype(jnp.int32)
