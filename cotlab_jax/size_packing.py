@@ -177,17 +177,30 @@ def member_sizes(member: model.LlamaConfig, packed: model.LlamaConfig) -> model.
     inv_freq = np.zeros(packed.head_dim // 2, np.float32)
     inv_freq[: member.head_dim // 2] = model.rope_inverse_frequencies(member)
     return model.MemberSizes(
-        layer_active=jnp.arange(packed.num_hidden_layers) < member.num_hidden_layers,
-        hidden_size=jnp.float32(member.hidden_size),
-        inv_freq=jnp.asarray(inv_freq),
+        layer_active=np.arange(packed.num_hidden_layers) < member.num_hidden_layers,
+        hidden_size=np.float32(member.hidden_size),
+        inv_freq=inv_freq,
         # As the model's own: 1 / sqrt(head_dim) in float64, rounded to float32.
-        attention_scale=jnp.float32(1.0 / math.sqrt(member.head_dim)),
+        attention_scale=np.float32(1.0 / math.sqrt(member.head_dim)),
     )
 
 
 def stack(trees):
     """Pytrees of one structure stacked on a new leading member axis."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _pad_and_stack(members_params, members, packed):
+    # One program: padding leaf by leaf outside a jit would compile every op for every shape.
+    return stack(
+        [pad_params(params, m, packed) for params, m in zip(members_params, members, strict=True)]
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _unpad_one(params, index, member, packed):
+    return unpad_params(jax.tree.map(lambda x: x[index], params), member, packed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,21 +223,22 @@ def pack(members) -> Pack:
     return Pack(
         config=packed,
         graphdef=graphdef,
-        params=stack([pad_params(params, config, packed) for config, params in members]),
-        sizes=stack([member_sizes(config, packed) for config in configs]),
+        params=_pad_and_stack([params for _, params in members], configs, packed),
+        sizes=jax.tree.map(
+            lambda *xs: jnp.asarray(np.stack(xs)), *[member_sizes(c, packed) for c in configs]
+        ),
         members=configs,
     )
 
 
 def member_params(pack_: Pack, index: int):
     """Member `index`'s own parameters (its shapes) out of the pack."""
-    one = jax.tree.map(lambda x: x[index], pack_.params)
-    return unpad_params(one, pack_.members[index], pack_.config)
+    return _unpad_one(pack_.params, index, pack_.members[index], pack_.config)
 
 
 def apply(graphdef, params, sizes, input_ids, positions, attention_mask):
     """`model.apply` of every packed member (leading member axis on params, sizes and the
     inputs): float32 logits [members, B, L, V]. Call it inside a jit."""
-    return jax.vmap(
-        lambda p, s, ids, pos, mask: model.apply(graphdef, p, ids, pos, mask, sizes=s)
-    )(params, sizes, input_ids, positions, attention_mask)
+    return jax.vmap(lambda p, s, ids, pos, mask: model.apply(graphdef, p, ids, pos, mask, sizes=s))(
+        params, sizes, input_ids, positions, attention_mask
+    )

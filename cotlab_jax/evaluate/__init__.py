@@ -557,30 +557,36 @@ def evaluate_size_packed(
     and sizes) on its own eval set (`eval_sets`, one per member, of one task spec and size), and
     with `example_counts` (a list, "all", ...) also `evaluate_over_k`, all members in one
     program per batch. Returns per member {"metrics": ..., and "metrics_by_k": {K': metrics}}.
+    When the counts include K, whose evaluation is `evaluate`'s (no example is dropped), the
+    metrics come from it: one program, not two.
     """
     sizes_of_sets = {len(s["k"]) for s in eval_sets}
     if len(sizes_of_sets) != 1:
         raise ValueError(f"size-packed members need eval sets of one size, got {sizes_of_sets}")
     max_pred_tokens = max_pred_tokens if spec.special_tokens else None
     stacked = {name: np.stack([s[name] for s in eval_sets], axis=1) for name in EVAL_FIELDS}
-    per_task = _per_task_outputs(
-        lambda batch: size_packed_eval_step(
-            graphdef, params, sizes, batch, spec, max_pred_tokens, None, answer_rule
-        ),
-        stacked,
-        spec,
-        batch_size,
-        None,
+    counts = (
+        None
+        if example_counts is None
+        else config_lib.parse_example_counts(
+            example_counts, spec.K, name="example_counts", allow_empty=False
+        )
     )
-    results = [
-        dict(metrics=aggregate({k: v[:, r] for k, v in per_task.items()}, spec))
-        for r in range(len(eval_sets))
-    ]
-    if example_counts is None:
+    results = [{} for _ in eval_sets]
+    if counts is None or spec.K not in counts:
+        per_task = _per_task_outputs(
+            lambda batch: size_packed_eval_step(
+                graphdef, params, sizes, batch, spec, max_pred_tokens, None, answer_rule
+            ),
+            stacked,
+            spec,
+            batch_size,
+            None,
+        )
+        for r, result in enumerate(results):
+            result["metrics"] = aggregate({k: v[:, r] for k, v in per_task.items()}, spec)
+    if counts is None:
         return results
-    counts = config_lib.parse_example_counts(
-        example_counts, spec.K, name="example_counts", allow_empty=False
-    )
     by_k = _per_task_outputs(
         lambda batch: size_packed_eval_step(
             graphdef,
@@ -603,6 +609,7 @@ def evaluate_size_packed(
             count: aggregate({k: v[i, :, r] for k, v in by_k.items()}, spec)
             for i, count in enumerate(counts)
         }
+        result.setdefault("metrics", result["metrics_by_k"].get(spec.K))
     return results
 
 

@@ -1,5 +1,5 @@
-"""A tiny depth sweep for the size-packing tests: depth {1, 2} x `cot`/`standard`, 10 steps,
-trained with `sweep.packing="size"` (so two size-packed evaluation programs, one per task)."""
+"""A tiny depth sweep for the size-packing tests: depth {1, 2} on the tiny `cot` task, 10 steps,
+with `sweep.packing="size"` (both members in one size-packed evaluation program)."""
 
 import os
 import sys
@@ -15,8 +15,5 @@ def get_config(arg=None):
     config.eval.example_counts = "all"
     config.sweep.name = "tiny_depth"
     config.sweep.packing = "size"
-    config.sweep.axes = (
-        ("model.num_hidden_layers", (1, 2)),
-        ("data.prompt_strategy", ("cot", "standard")),
-    )
+    config.sweep.axes = (("model.num_hidden_layers", (1, 2)),)
     return config
