@@ -12,7 +12,7 @@ one after another. A relaunch skips finished members (and members that diverged:
 i alone, to fan a sweep out over hosts or slices. The sweep's `sweep.json` lists the axes and
 members; `python -m cotlab_jax.report` turns the finished sweep into tables and plots. With
 `sweep.packing="size"` the finished sweep is also evaluated with members that differ only in
-model sizes in one size-packed program per task shape (`evaluate.cli.evaluate_sweep`), into
+model sizes in one size-packed program per task shape (`sweep_eval.evaluate_sweep`), into
 `size_packed_eval.json`. The plan printed at the start names every program's members and why
 they share it.
 """
@@ -26,8 +26,7 @@ import jax
 import ml_collections
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, experiment, packed, rundir, size_packing, train
-from cotlab_jax.evaluate import cli as evaluate_cli
+from cotlab_jax import data, experiment, packed, rundir, size_packing, sweep_eval, train
 
 SIZE_PACKED_EVAL = "size_packed_eval.json"
 
@@ -251,7 +250,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         report = report_lib.write_report(workdir)
         if config.sweep.packing == "size":
-            evaluation = evaluate_cli.evaluate_sweep(
+            evaluation = sweep_eval.evaluate_sweep(
                 workdir,
                 answer_rule=config.eval.answer_rule,
                 example_counts=config.eval.example_counts or None,

@@ -15,7 +15,17 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from cotlab_jax import decode, evaluate, experiment, model, rundir, sharding, size_packing, sweep
+from cotlab_jax import (
+    decode,
+    evaluate,
+    experiment,
+    model,
+    rundir,
+    sharding,
+    size_packing,
+    sweep,
+    sweep_eval,
+)
 from cotlab_jax.evaluate import cli as evaluate_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,7 +248,7 @@ def test_the_plan_names_the_size_packed_evaluation_programs():
 
 def test_a_depth_sweep_evaluated_size_packed_equals_each_member_alone(depth_sweep_dir):
     before = files_of(depth_sweep_dir)
-    result = evaluate_cli.evaluate_sweep(depth_sweep_dir, example_counts="1,3,4")
+    result = sweep_eval.evaluate_sweep(depth_sweep_dir, example_counts="1,3,4")
     assert files_of(depth_sweep_dir) == before  # read-only
     # One program for the task shape: both depths.
     assert [p["members"] for p in result["programs"]] == [[0, 1]]
