@@ -24,6 +24,11 @@ one vmapped program (`eval_step_over_k`). `keep_last_examples` drops the earlier
 packs the rest left-padded again: exactly the task as if it never had them. `flatten_over_k`
 names the results `answer_acc_k{K'}` and `loss_k{K'}`.
 
+Size-packed members (`cotlab_jax.size_packing`: models of different sizes padded into one shape,
+stacked on a member axis): `size_packed_eval_step` is `eval_step` (or `eval_step_over_k`) vmapped
+over the members, each on its own tasks, and `evaluate_size_packed` evaluates them on their own
+eval sets, with their own metrics, one program per batch.
+
 Variants (the second paper) are pure functions of an eval set, applied before `evaluate`:
 `drop_think_spans` (think spans removed from k demonstrations), `force_token` (`<think_s>` or
 `<ans_s>` appended to every query), and an eval set built from `spec.with_changes(...)` for another

@@ -416,6 +416,11 @@ SWEEP_EXCLUDED_FLAGS = (
     "eval_dataset",
     "save_predictions",
     "over_k",
+    "drop_seed",
+    "n_samples",
+    "temperature",
+    "top_p",
+    "sample_seed",
 )
 
 
@@ -465,8 +470,7 @@ def main(argv) -> None:
             for name in SWEEP_EXCLUDED_FLAGS
             if f[name].present  # set on the command line, even to its default
         ]
-        if given or f.temperature > 0:
-            given += ["temperature"] if f.temperature > 0 else []
+        if given:
             raise SystemExit(
                 f"--sweep evaluates every member greedily on its frozen eval set; it does not "
                 f"take --{', --'.join(given)}"
