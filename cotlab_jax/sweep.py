@@ -161,7 +161,12 @@ def evaluation_groups(members: list[Member]) -> list[list[Member]]:
     for m in members:
         spec = data.TaskSpec.from_config(m.config)
         model_config = experiment.model_config(m.config, spec)
-        key = (spec, size_packing.shared_fields(model_config), json.dumps(m.config.eval.to_dict()))
+        settings = ("n_eval_tasks", "batch_size", "max_pred_tokens", "example_counts")
+        key = (
+            spec,
+            size_packing.shared_fields(model_config),
+            tuple(m.config.eval[name] for name in settings),
+        )
         groups.setdefault(key, []).append(m)
     return list(groups.values())
 

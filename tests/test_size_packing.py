@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -285,3 +286,22 @@ def test_sweep_evaluation_refuses_to_write_into_the_sweep(depth_sweep_dir):
     with pytest.raises(SystemExit, match="evaluation never writes there"):
         evaluate_cli.run_sweep_cli(depth_sweep_dir, "latest", out, answer_rule="reference")
     assert not os.path.exists(out)
+
+
+def test_a_finished_size_packed_sweep_writes_its_evaluation(depth_sweep_dir, tmp_path):
+    # A copy of the sweep whose members count as finished: `sweep.run` trains nothing, writes
+    # the report and, with sweep.packing="size", the size-packed evaluation.
+    workdir = str(tmp_path / "sweep")
+    shutil.copytree(depth_sweep_dir, workdir)
+    config = load_depth_sweep()
+    for member in sweep.expand(config):
+        total = config.train.n_tasks // config.train.batch_size
+        rundir.write_json(os.path.join(workdir, member.name, "results.json"), dict(step=total))
+    result = sweep.run(config, workdir)
+    assert [status for _, status in result["members"]] == ["finished", "finished"]
+    with open(os.path.join(workdir, sweep.SIZE_PACKED_EVAL)) as f:
+        written = json.load(f)
+    expected = sweep_eval.evaluate_sweep(depth_sweep_dir, example_counts="all")
+    assert written["programs"] == expected["programs"]
+    # The same programs on the same inputs: the same numbers (JSON keeps floats exactly).
+    assert written["members"] == expected["members"]
