@@ -11,12 +11,15 @@ its own (to float32 rounding of the logits). It only reads: nothing is written i
 or its members' run directories.
 """
 
+import dataclasses
 import json
 import math
 import os
 
+import jax
+
 from cotlab_jax import config as config_lib
-from cotlab_jax import evaluate, experiment, rundir, size_packing
+from cotlab_jax import evaluate, experiment, rundir, sharding, size_packing
 
 
 def _sweep_members(sweep_dir: str) -> list[dict]:
@@ -45,20 +48,27 @@ def evaluate_sweep(
     first `n_eval_tasks` tasks) and over example counts (`example_counts`, default 1 .. K), as
     few programs as the members allow: members that share a task spec, an eval set size and
     the eval settings, and whose models differ at most in sizes, share one size-packed program
-    (`size_packing.pack`, `evaluate.evaluate_size_packed`). Reads only.
+    (`size_packing.pack`, `evaluate.evaluate_size_packed`), one program's parameters in memory
+    at a time. Reads only.
 
     Returns {"sweep", "step", "programs": [{"members": [indices], "why": text}], "members":
     [{"index", "dir", "values", "step", "metrics", "metrics_by_k"} or {..., "skipped": why}]}.
     """
     members = _sweep_members(sweep_dir)
-    loaded, results = [], []
-    for member in members:
+    mesh = sharding.make_mesh({}, devices=jax.local_devices()[:1])
+    planned, results = [], {}
+    for member in members:  # configs and eval sets only: parameters are loaded per program
         workdir = os.path.join(sweep_dir, member["dir"])
         try:
-            run = rundir.load_run(workdir, rundir.parse_step(step))
-            eval_set = rundir.read_eval_set(os.path.join(workdir, "eval_set.npz"), run.spec)
-        except (rundir.RunError, FileNotFoundError) as error:
-            results.append(dict(member, skipped=str(error)))
+            exp = experiment.setup(rundir.load_config(workdir), mesh)
+            if rundir.latest_checkpoint(workdir) is None:
+                raise rundir.RunError(f"{workdir} has no checkpoint")
+            eval_set = rundir.read_eval_set(os.path.join(workdir, "eval_set.npz"), exp.spec)
+        except (rundir.RunError, config_lib.ConfigError, FileNotFoundError) as error:
+            results[member["index"]] = dict(member, skipped=str(error))
+            continue
+        except (AttributeError, KeyError, TypeError) as error:  # a JSON object, not a config
+            results[member["index"]] = dict(member, skipped=f"{workdir}: not a run ({error!r})")
             continue
         if n_eval_tasks is not None:
             if n_eval_tasks > len(eval_set["k"]):
@@ -67,49 +77,57 @@ def evaluate_sweep(
                     f"has {len(eval_set['k'])} tasks"
                 )
             eval_set = {name: value[:n_eval_tasks] for name, value in eval_set.items()}
-        model_config = experiment.model_config(run.config, run.spec)
         settings = dict(
-            batch_size=batch_size or run.config.eval.batch_size,
-            max_pred_tokens=max_pred_tokens or run.config.eval.max_pred_tokens,
-        )
-        counts = config_lib.parse_example_counts(
-            "all" if example_counts is None else example_counts,
-            run.spec.K,
-            name="example_counts",
-            allow_empty=False,
+            batch_size=batch_size or exp.config.eval.batch_size,
+            max_pred_tokens=max_pred_tokens or exp.config.eval.max_pred_tokens,
+            example_counts=tuple(
+                config_lib.parse_example_counts(
+                    "all" if example_counts is None else example_counts,
+                    exp.spec.K,
+                    name="example_counts",
+                    allow_empty=False,
+                )
+            ),
         )
         key = (
-            run.spec,
-            size_packing.shared_fields(model_config),
+            exp.spec,
+            size_packing.shared_fields(exp.model_config),
             len(eval_set["k"]),
-            tuple(sorted(settings.items())),
-            tuple(counts),
+            tuple(settings.items()),
         )
-        loaded.append((key, member, run, model_config, eval_set, settings, counts))
-        results.append(member)
-    groups: dict[tuple, list] = {}
-    for entry in loaded:
-        groups.setdefault(entry[0], []).append(entry)
+        planned.append((key, _Planned(member, workdir, exp, eval_set, settings)))
+    groups: dict[tuple, list[_Planned]] = {}
+    for key, entry in planned:
+        groups.setdefault(key, []).append(entry)
     programs = []
-    by_index = {}
     for group in groups.values():
-        _, _, first_run, _, _, settings, counts = group[0]
-        pack = size_packing.pack([(mc, run.params) for _, _, run, mc, _, _, _ in group])
+        runs = []
+        for entry in group:
+            try:
+                runs.append((entry, rundir.load_run(entry.workdir, rundir.parse_step(step))))
+            except rundir.RunError as error:  # e.g. no checkpoint at that step
+                results[entry.member["index"]] = dict(entry.member, skipped=str(error))
+        if not runs:
+            continue
+        pack = size_packing.pack([(entry.exp.model_config, run.params) for entry, run in runs])
         outputs = evaluate.evaluate_size_packed(
             pack.graphdef,
             pack.params,
             pack.sizes,
-            [eval_set for *_, eval_set, _, _ in group],
-            first_run.spec,
-            example_counts=counts,
+            [entry.eval_set for entry, _ in runs],
+            runs[0][0].exp.spec,
             answer_rule=answer_rule,
-            **settings,
+            **runs[0][0].settings,
         )
-        indices = [member["index"] for _, member, *_ in group]
-        programs.append(dict(members=indices, why=_why_shared(group, pack.config)))
-        for (_, member, run, *_), output in zip(group, outputs, strict=True):
-            by_index[member["index"]] = dict(
-                member,
+        programs.append(
+            dict(
+                members=[entry.member["index"] for entry, _ in runs],
+                why=_why_shared([entry.exp for entry, _ in runs], pack.config),
+            )
+        )
+        for (entry, run), output in zip(runs, outputs, strict=True):
+            results[entry.member["index"]] = dict(
+                entry.member,
                 step=int(run.step),
                 metrics=_json_metrics(output["metrics"]),
                 metrics_by_k={
@@ -117,21 +135,31 @@ def evaluate_sweep(
                     for count, values in output["metrics_by_k"].items()
                 },
             )
+        del pack, runs  # the next program's parameters replace these
     return dict(
         sweep=sweep_dir,
         step=step,
         answer_rule=answer_rule,
         programs=programs,
-        members=[by_index.get(m["index"], m) for m in results],
+        members=[results[m["index"]] for m in members],
     )
 
 
-def _why_shared(group, packed) -> str:
-    spec = group[0][2].spec
+@dataclasses.dataclass
+class _Planned:
+    member: dict
+    workdir: str
+    exp: experiment.Experiment
+    eval_set: dict
+    settings: dict
+
+
+def _why_shared(exps, packed) -> str:
+    spec = exps[0].spec
     differing = [
         name
         for name in size_packing.SIZE_FIELDS
-        if len({getattr(mc, name) for _, _, _, mc, *_ in group}) > 1
+        if len({getattr(exp.model_config, name) for exp in exps}) > 1
     ]
     sizes = f"sizes differing in {', '.join(differing)}" if differing else "the same sizes"
     return (
