@@ -19,7 +19,8 @@ sizes. The padding is an exact no-op:
   compute identical keys and values); slots past its heads are zero.
 
 So a packed member's logits are its own up to float32 rounding (sums over longer, zero-padded
-axes may be reduced in another order). `unpad_params` takes a member's own parameters back out,
+axes may be reduced in another order; on a CPU the pack also runs the accelerator formulation,
+see `packed_config`). `unpad_params` takes a member's own parameters back out,
 bit for bit. The padding costs every member the largest member's compute; what it saves is
 compiles and launches (`python -m cotlab_jax.bench size_packing`).
 """
@@ -62,7 +63,11 @@ def _query_groups(config: model.LlamaConfig) -> int:
 
 def packed_config(configs) -> model.LlamaConfig:
     """The one shape every config of `configs` fits in exactly (see the module docstring).
-    Raises ValueError (one line) naming a field they do not share."""
+    Raises ValueError (one line) naming a field they do not share.
+
+    With formulation "auto" the pack takes the accelerator formulation on every platform: its
+    layers run in one scan, so compile time stays flat in depth (the CPU formulation unrolls
+    the layers, and a depth-12 pack would compile like 36 layers of members alone)."""
     configs = list(configs)
     if not configs:
         raise ValueError("size packing needs at least one model config")
@@ -84,6 +89,7 @@ def packed_config(configs) -> model.LlamaConfig:
         num_attention_heads=heads,
         num_key_value_heads=heads // groups,
         head_dim=max(c.head_dim for c in configs),
+        formulation="accelerator" if first["formulation"] == "auto" else first["formulation"],
     )
 
 

@@ -125,10 +125,12 @@ def test_each_kind_of_padding_leaves_a_members_logits():
         np.testing.assert_allclose(packed, alone, rtol=0, atol=tolerance, err_msg=kind)
 
 
-def test_every_padding_at_once_in_the_accelerator_formulation():
-    untied = dataclasses.replace(BASE, tie_word_embeddings=False, formulation="accelerator")
+def test_every_padding_at_once_in_the_cpu_formulation():
+    # "auto" packs run the accelerator formulation (`packed_config`); "cpu" is kept.
+    untied = dataclasses.replace(BASE, tie_word_embeddings=False, formulation="cpu")
     configs = [untied, dataclasses.replace(untied, **EVERYTHING)]
     for packed_config, packed, alone in packed_and_alone_logits(configs):
+        assert packed_config.formulation == "cpu"
         tolerance = logits_tolerance(packed_config, float(jnp.abs(alone).max()))
         np.testing.assert_allclose(packed, alone, rtol=0, atol=tolerance)
 
