@@ -45,6 +45,8 @@ def greedy_decode(
       lengths: [B] int32, the number of tokens generated per row, its eos included.
     """
     model = nnx.merge(graphdef, state)
+    # Only a packed member passes sizes: any module with Llama's call signature runs unpacked.
+    packed = {} if sizes is None else dict(sizes=sizes)
     batch_size, prompt_length = prompt_ids.shape
     prompt_mask = prompt_mask.astype(bool)
     # The last generated token is never fed back, so it needs no cache slot.
@@ -56,7 +58,7 @@ def greedy_decode(
         key_mask,
         model.init_cache(batch_size, cache_length),
         0,
-        sizes=sizes,
+        **packed,
     )
     step_logits = prompt_logits[:, -1]
     token = jnp.argmax(step_logits, axis=-1).astype(jnp.int32)
@@ -85,7 +87,7 @@ def greedy_decode(
             key_mask,
             cache,
             slot,
-            sizes=sizes,
+            **packed,
         )
         step_logits = jnp.where(done[:, None], 0.0, step_logits[:, 0])
         token = jnp.where(done, pad_id, jnp.argmax(step_logits, axis=-1)).astype(jnp.int32)

@@ -813,12 +813,14 @@ def apply(
     sizes: None, or a size-packed member's `MemberSizes` (`cotlab_jax.size_packing`).
     """
     module = nnx.merge(graphdef, state)
+    # Only a packed member passes sizes: any module with Llama's call signature runs unpacked.
+    packed = {} if sizes is None else dict(sizes=sizes)
     if return_attention:
         logits, _, probs = module(
-            input_ids, positions, attention_mask, return_attention=True, sizes=sizes
+            input_ids, positions, attention_mask, return_attention=True, **packed
         )
         return logits, probs
-    logits, _ = module(input_ids, positions, attention_mask, sizes=sizes)
+    logits, _ = module(input_ids, positions, attention_mask, **packed)
     return logits
 
 
