@@ -240,7 +240,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{len(pending)} to train in {len(packs)} program(s) of sizes "
         f"{[len(p) for p in packs]}"
     )
-    print("\n".join(describe_plan(packs, config.sweep.packing, selected)))
+    for line in describe_plan(packs, config.sweep.packing, selected):
+        print(line)
     for pack in packs:
         results = train.train_members([(m.config, os.path.join(workdir, m.name)) for m in pack])
         if any("preempted_at_step" in r for r in results):
