@@ -169,7 +169,7 @@ def mesh_config() -> ml_collections.ConfigDict:
 
 
 ANSWER_RULES = ("reference", "vllm", "strict")
-PACKINGS = ("exact", "padded", "off")
+PACKINGS = ("exact", "padded", "size", "off")
 
 
 def sweep_config() -> ml_collections.ConfigDict:
@@ -182,7 +182,9 @@ def sweep_config() -> ml_collections.ConfigDict:
             axes=(),
             member=-1,  # >= 0: run only this member (to fan a sweep out over hosts or slices)
             # "exact": pack members whose programs agree, sequence length included; "padded":
-            # also pack shorter sequences, left-padded; "off": every member alone.
+            # also pack shorter sequences, left-padded; "size": train as "padded", and at the
+            # end evaluate members that differ only in model sizes as one size-packed program
+            # (`cotlab_jax.size_packing`); "off": every member alone.
             packing="exact",
             max_pack_size=0,  # 0: no limit
         )

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cotlab_jax.model import positions_from_mask
+from cotlab_jax.model import MemberSizes, positions_from_mask
 
 # Picks each row's token from its logits [B, V] at decode step `step` (0: the first generated
 # token): int [B]. Greedy decoding takes the argmax; sampling and on-policy distillation draw.
@@ -34,6 +34,7 @@ def decode_loop(
     eos_id: int | jax.Array | None = None,
     pad_id: int | jax.Array = 0,
     keep_logits: bool = False,
+    sizes: MemberSizes | None = None,
 ):
     """The KV-cache decoding loop of greedy decoding (`greedy_decode`), sampling
     (`sampling.sample_decode`) and on-policy distillation (`distill.sample_continuations`):
@@ -42,9 +43,12 @@ def decode_loop(
 
     Returns tokens [B, T] int32 (`pad_id` after a row's eos), lengths [B] int32 (tokens
     generated, eos included) and, with `keep_logits`, the logits [B, T, V] float32 each token
-    was chosen from (zeros after a row's eos; None without).
+    was chosen from (zeros after a row's eos; None without). `sizes`: None, or a size-packed
+    member's `MemberSizes` (`cotlab_jax.size_packing`).
     """
     model = nnx.merge(graphdef, state)
+    # Only a packed member passes sizes: any module with Llama's call signature runs unpacked.
+    packed = {} if sizes is None else dict(sizes=sizes)
     batch_size, prompt_length = prompt_ids.shape
     prompt_mask = prompt_mask.astype(bool)
     # The last generated token is never fed back, so it needs no cache slot.
@@ -56,6 +60,7 @@ def decode_loop(
         key_mask,
         model.init_cache(batch_size, cache_length),
         0,
+        **packed,
     )
     step_logits = prompt_logits[:, -1]
     token = choose(step_logits, jnp.int32(0)).astype(jnp.int32)
@@ -81,7 +86,12 @@ def decode_loop(
             key_mask, jnp.ones((batch_size, 1), bool), slot, axis=1
         )
         step_logits, cache = model(
-            token[:, None], (first_new_position + step - 1)[:, None], key_mask, cache, slot
+            token[:, None],
+            (first_new_position + step - 1)[:, None],
+            key_mask,
+            cache,
+            slot,
+            **packed,
         )
         step_logits = jnp.where(done[:, None], 0.0, step_logits[:, 0])
         token = jnp.where(done, pad_id, choose(step_logits, step)).astype(jnp.int32)
@@ -111,6 +121,7 @@ def greedy_decode(
     max_new_tokens: int,
     eos_id: int | jax.Array | None = None,
     pad_id: int | jax.Array = 0,
+    sizes: MemberSizes | None = None,
 ):
     """Greedily generates up to `max_new_tokens` tokens after each left-padded prompt.
 
@@ -121,6 +132,7 @@ def greedy_decode(
       max_new_tokens: T, the static number of decoding steps.
       eos_id: the token that ends a row, or None to always generate T tokens.
       pad_id: the token that fills a row after its eos.
+      sizes: None, or a size-packed member's `MemberSizes` (`cotlab_jax.size_packing`).
 
     Returns:
       tokens: [B, T] int32, the generated tokens, `pad_id` after a row's eos.
@@ -137,6 +149,7 @@ def greedy_decode(
         eos_id,
         pad_id,
         keep_logits=True,
+        sizes=sizes,
     )
     return tokens, logits, lengths
 

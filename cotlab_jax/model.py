@@ -20,6 +20,10 @@ which `cotlab_jax.sharding` maps onto a mesh.
 
 Sequences are left-padded: `attention_mask` marks real tokens, and callers pass `positions`
 (cumsum(mask) - 1), so padding never shifts a token's rotary position.
+
+A smaller model can run inside a larger one's shapes (`cotlab_jax.size_packing`): its parameters
+zero-padded and `MemberSizes` passed as `sizes`, which skips its padded layers and gives RMSNorm,
+rotary embeddings and the attention scale its own widths. Without `sizes` none of it is traced.
 """
 
 import contextlib
@@ -248,6 +252,24 @@ class LlamaConfig:
         return self.matmul_precision
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MemberSizes:
+    """A smaller model's own sizes inside the shapes of a larger config (arrays, so they can be
+    vmapped over size-packed members; `cotlab_jax.size_packing` makes them).
+
+    layer_active: bool [layers], False for padded layers, which leave the residual stream as is.
+    hidden_size: float32 scalar, the member's width: RMSNorm divides by it (padded dims are 0).
+    inv_freq: float32 [head_dim // 2], the member's rotary frequencies (zeros past its own).
+    attention_scale: float32 scalar, 1 / sqrt(the member's head_dim).
+    """
+
+    layer_active: jax.Array
+    hidden_size: jax.Array
+    inv_freq: jax.Array
+    attention_scale: jax.Array
+
+
 def _param(key, shape, axes, std):
     """A float32 parameter drawn normal(0, std), annotated with logical axis names.
 
@@ -268,10 +290,15 @@ class RMSNorm(nnx.Module):
             eager_sharding=False,
         )
 
-    def __call__(self, x):
+    def __call__(self, x, width=None):
+        """`width` (traced, optional): the true width of a zero-padded x, the mean's divisor."""
         # As HF: normalise in float32, round to the compute dtype, then scale.
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if width is None:
+            mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        else:
+            mean_square = jnp.sum(x32 * x32, axis=-1, keepdims=True) / width
+        normed = x32 * jax.lax.rsqrt(mean_square + self.eps)
         scale = self.scale[...].astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
         return scale * normed.astype(x.dtype)
 
@@ -358,7 +385,7 @@ def project(spec: str, x, w, flat: bool, preferred_element_type=None):
 _MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)  # as jax.nn.dot_product_attention's
 
 
-def cpu_attention(query, key, value, mask):
+def cpu_attention(query, key, value, mask, scale=None):
     """`jax.nn.dot_product_attention(query, key, value, mask=mask)` (its XLA path's numbers:
     float32 scores and softmax, a fully masked row uniform), laid out for XLA:CPU: queries are
     grouped per KV head as [B, kv, groups, L, hd] up front and the backward pass is written out,
@@ -366,68 +393,78 @@ def cpu_attention(query, key, value, mask):
     did: copies of the probabilities and their gradients in every layer).
 
     query [B, L, heads, hd]; key, value [B, S, kv_heads, hd]; mask [B, 1, L, S] (True = attend).
+    `scale` (float32, may be traced): the scores' factor; None: 1 / sqrt(hd).
     """
     batch, length, heads, head_dim = query.shape
+    # A given scale is a constant of the model: the backward passes it no gradient.
+    scale = None if scale is None else jax.lax.stop_gradient(scale)
     kv_heads = key.shape[2]
     grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     grouped = jnp.transpose(grouped, (0, 2, 3, 1, 4))
     precision = jax.config.jax_default_matmul_precision
-    out = _grouped_attention(grouped, key, value, mask, precision)  # [B, kv, groups, L, hd]
+    out = _grouped_attention(grouped, key, value, mask, scale, precision)  # [B, kv, groups, L, hd]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(query.shape)
 
 
-def _grouped_scores(query, key, mask, precision):
+def _score_factor(scale, head_dim: int):
+    """The scores' factor: `scale`, or 1 / sqrt(head_dim) where it is None."""
+    return jnp.float32(1.0 / math.sqrt(head_dim)) if scale is None else scale
+
+
+def _grouped_scores(query, key, mask, scale, precision):
     """Masked, scaled float32 scores [B, kv, groups, L, S] of query [B, kv, groups, L, hd]."""
     scores = jnp.einsum(
         "bkgld,bskd->bkgls", query, key, precision=precision, preferred_element_type=jnp.float32
     )
-    scores = scores * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    scores = scores * _score_factor(scale, query.shape[-1])
     return jnp.where(mask[:, :, None], scores, _MASKED_SCORE)
 
 
-def _grouped_attention_forward(query, key, value, mask, precision):
-    probs = jax.nn.softmax(_grouped_scores(query, key, mask, precision), axis=-1)
+def _grouped_attention_forward(query, key, value, mask, scale, precision):
+    probs = jax.nn.softmax(_grouped_scores(query, key, mask, scale, precision), axis=-1)
     out = jnp.einsum("bkgls,bskd->bkgld", probs.astype(value.dtype), value, precision=precision)
-    return out, (query, key, value, mask, probs)
+    return out, (query, key, value, mask, scale, probs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _grouped_attention(query, key, value, mask, precision):
-    return _grouped_attention_forward(query, key, value, mask, precision)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _grouped_attention(query, key, value, mask, scale, precision):
+    return _grouped_attention_forward(query, key, value, mask, scale, precision)[0]
 
 
 def _grouped_attention_backward(precision, residuals, d_out):
-    query, key, value, mask, probs = residuals
+    query, key, value, mask, scale, probs = residuals
     d_probs = jnp.einsum(
         "bkgld,bskd->bkgls", d_out, value, precision=precision, preferred_element_type=jnp.float32
     )
     # Softmax's backward; masked scores were constants, so they get no gradient.
     d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
     d_scores = jnp.where(mask[:, :, None], d_scores, 0.0)
-    d_scores = d_scores * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    d_scores = d_scores * _score_factor(scale, query.shape[-1])
     d_query = jnp.einsum("bkgls,bskd->bkgld", d_scores.astype(key.dtype), key, precision=precision)
     d_key = jnp.einsum(
         "bkgls,bkgld->bskd", d_scores.astype(query.dtype), query, precision=precision
     )
     d_value = jnp.einsum("bkgls,bkgld->bskd", probs.astype(d_out.dtype), d_out, precision=precision)
-    return d_query, d_key, d_value, None
+    d_scale = None if scale is None else jnp.zeros_like(scale)
+    return d_query, d_key, d_value, None, d_scale
 
 
 _grouped_attention.defvjp(_grouped_attention_forward, _grouped_attention_backward)
 
 
-def attention_probabilities(query, key, mask):
+def attention_probabilities(query, key, mask, scale=None):
     """Float32 attention probabilities [B, heads, L, S], as `jax.nn.dot_product_attention`'s XLA
     path computes them: softmax over S of q·k / sqrt(head_dim) in float32, masked entries set to
     the same large negative number (so a fully masked row is uniform, not NaN).
 
     query [B, L, heads, hd]; key [B, S, kv_heads, hd]; mask [B, 1, L, S] (True = attend).
-    Query head h reads key head h // (heads // kv_heads), as HF's `repeat_kv`.
+    Query head h reads key head h // (heads // kv_heads), as HF's `repeat_kv`. `scale` (may be
+    traced): the scores' factor; default 1 / sqrt(head_dim).
     """
     groups = query.shape[2] // key.shape[2]
     key = jnp.repeat(key, groups, axis=2)
     scores = jnp.einsum("blhk,bshk->bhls", query, key, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
+    scores = scores * _score_factor(scale, query.shape[-1])
     scores = jnp.where(mask, scores, -0.7 * float(np.finfo(np.float32).max))
     return jax.nn.softmax(scores, axis=-1)
 
@@ -447,20 +484,23 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs.params(), (d, kv, hd), ("embed", "kv_heads", "head_dim"), std)
         self.o_proj = _param(rngs.params(), (h, hd, d), ("heads", "head_dim", "embed"), std)
 
-    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention, cpu):
+    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention, cpu, sizes):
         """x [B, L, D]; mask [B, 1, L, S] (True = attend); kv_cache None or (k, v) [B, S, KV, hd].
 
         Without a cache the keys are this call's tokens (S = L); with one, this call's keys and
         values are written into it at slot `cache_index` and attention runs over all S slots.
         Returns the output [B, L, D], the (updated) keys and values, and with `return_attention`
         (static) the float32 probabilities [B, heads, L, S] (else None). `cpu` (static): the
-        CPU formulation (see `Llama.__call__`).
+        CPU formulation (see `Llama.__call__`). `sizes`: None, or a packed member's `MemberSizes`
+        (its rotary frequencies and attention scale).
         """
         dtype = x.dtype
         query = project("bld,dhk->blhk", x, self.q_proj[...].astype(dtype), cpu)
         key = project("bld,dhk->blhk", x, self.k_proj[...].astype(dtype), cpu)
         value = project("bld,dhk->blhk", x, self.v_proj[...].astype(dtype), cpu)
-        inv_freq = rope_inverse_frequencies(self.config)
+        inv_freq = rope_inverse_frequencies(self.config) if sizes is None else sizes.inv_freq
+        # A packed member's scale is traced; an unpacked model keeps each function's default.
+        scale = {} if sizes is None else dict(scale=sizes.attention_scale)
         query = sharding.constrain(
             apply_rope(query, positions, inv_freq), ("batch", "length", "heads", "head_dim")
         )
@@ -474,14 +514,14 @@ class Attention(nnx.Module):
         if return_attention:
             # Explicit probabilities (never a fused kernel), also used for the output so the
             # logits are the normal path's up to float rounding.
-            probs = attention_probabilities(query, key, mask)
+            probs = attention_probabilities(query, key, mask, **scale)
             groups = query.shape[2] // value.shape[2]
             out = jnp.einsum(
                 "bhls,bshk->blhk", probs.astype(dtype), jnp.repeat(value, groups, axis=2)
             )
         elif cpu:
             probs = None
-            out = cpu_attention(query, key, value, mask)
+            out = cpu_attention(query, key, value, mask, **scale)
         else:
             probs = None
             out = jax.nn.dot_product_attention(
@@ -489,7 +529,11 @@ class Attention(nnx.Module):
                 key,
                 value,
                 mask=mask,
-                implementation=_attention_implementation(self.config, query, key),
+                # cuDNN takes a static scale only: a packed member's runs on XLA.
+                implementation=(
+                    _attention_implementation(self.config, query, key) if sizes is None else "xla"
+                ),
+                **scale,
             )
         out = project("blhk,hkd->bld", out, self.o_proj[...].astype(dtype), cpu)
         return out, (key, value), probs
@@ -519,12 +563,20 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention, cpu):
+    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention, cpu, sizes):
+        width = None if sizes is None else sizes.hidden_size
         attended, kv, probs = self.self_attn(
-            self.input_layernorm(x), positions, mask, kv_cache, cache_index, return_attention, cpu
+            self.input_layernorm(x, width),
+            positions,
+            mask,
+            kv_cache,
+            cache_index,
+            return_attention,
+            cpu,
+            sizes,
         )
         x = x + attended
-        x = x + self.mlp(self.post_attention_layernorm(x), cpu)
+        x = x + self.mlp(self.post_attention_layernorm(x, width), cpu)
         return sharding.constrain(x, ("batch", "length", "embed")), kv, probs
 
 
@@ -541,28 +593,37 @@ def _decoder(
     norm,
     return_attention,
     cpu,
+    sizes,
 ):
     """The layer stack, final norm and output head of `Llama.__call__`: (logits, cache, probs).
 
     `cpu` (static) picks the CPU formulation: layers unrolled and projections as 2-D matmuls
     (`project`); else one scan over the stacked layers and batched einsums. Same math.
+    `sizes`: None, or a packed member's `MemberSizes`; its inactive layers keep x as it was.
     """
 
     def layer(x, layer_inputs):
-        layer_state, layer_cache = layer_inputs
+        layer_state, layer_cache, active = layer_inputs
         block = nnx.merge(layers_graphdef, layer_state)
-        x, kv, probs = block(x, positions, mask, layer_cache, cache_index, return_attention, cpu)
+        new_x, kv, probs = block(
+            x, positions, mask, layer_cache, cache_index, return_attention, cpu, sizes
+        )
+        x = new_x if active is None else jnp.where(active, new_x, x)
         # Scan stacks the per-layer outputs; a `None` (probs when off) adds nothing to it.
         return x, (kv, probs)
 
+    active = None if sizes is None else sizes.layer_active
     if kv_cache is None:
         # Keys and values are not kept without a cache: `None` makes scan drop them.
-        def body(x, layer_state):
-            x, (_, probs) = layer(x, (layer_state, None))
+        def body(x, layer_inputs):
+            layer_state, active = layer_inputs
+            x, (_, probs) = layer(x, (layer_state, None, active))
             return x, (None, probs)
+
+        xs = (layers_state, active)
     else:
         body = layer
-    xs = layers_state if kv_cache is None else (layers_state, kv_cache)
+        xs = (layers_state, kv_cache, active)
     body = _remat(body, config.remat_policy)
     if not cpu:
         x, (new_cache, probs) = jax.lax.scan(body, x, xs)
@@ -572,7 +633,8 @@ def _decoder(
             x, output = body(x, jax.tree.map(operator.itemgetter(index), xs))
             outputs.append(output)
         new_cache, probs = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *outputs)
-    logits = project("bld,dv->blv", norm(x), head, cpu, preferred_element_type=jnp.float32)
+    width = None if sizes is None else sizes.hidden_size
+    logits = project("bld,dv->blv", norm(x, width), head, cpu, preferred_element_type=jnp.float32)
     return logits, new_cache, probs
 
 
@@ -609,7 +671,14 @@ class Llama(nnx.Module):
             )
 
     def __call__(
-        self, input_ids, positions, key_mask, kv_cache=None, cache_index=0, return_attention=False
+        self,
+        input_ids,
+        positions,
+        key_mask,
+        kv_cache=None,
+        cache_index=0,
+        return_attention=False,
+        sizes=None,
     ):
         """Logits [B, L, V] (float32) and the updated cache.
 
@@ -618,15 +687,18 @@ class Llama(nnx.Module):
         cache_index .. cache_index + L - 1 and key_mask [B, S] marks the slots that hold real
         tokens once they are written. Token i attends to the real slots up to its own.
         With `return_attention` (static) also the attention probabilities, float32
-        [layers, B, heads, L, S], as a third output (see `apply`).
+        [layers, B, heads, L, S], as a third output (see `apply`). `sizes`: None, or the
+        `MemberSizes` of a smaller model whose zero-padded parameters this module holds.
         """
         precision = self.config.resolved_matmul_precision
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
             return self._forward(
-                input_ids, positions, key_mask, kv_cache, cache_index, return_attention
+                input_ids, positions, key_mask, kv_cache, cache_index, return_attention, sizes
             )
 
-    def _forward(self, input_ids, positions, key_mask, kv_cache, cache_index, return_attention):
+    def _forward(
+        self, input_ids, positions, key_mask, kv_cache, cache_index, return_attention, sizes
+    ):
         config = self.config
         dtype = config.compute_dtype
         length = input_ids.shape[1]
@@ -668,6 +740,7 @@ class Llama(nnx.Module):
                 self.norm,
                 return_attention,
                 cpu,
+                sizes,
             )
 
         if config.formulation == "auto":
@@ -726,6 +799,7 @@ def apply(
     positions,
     attention_mask,
     return_attention: bool = False,
+    sizes: MemberSizes | None = None,
 ):
     """Float32 logits [B, L, V] for left-padded input_ids [B, L].
 
@@ -736,12 +810,17 @@ def apply(
     of padding are uniform and meaningless). Off, the traced program is the normal one; on,
     attention runs unfused (`attention_probabilities`), with the same logits up to float
     rounding. Memory: 4 * layers * B * heads * L**2 bytes.
+    sizes: None, or a size-packed member's `MemberSizes` (`cotlab_jax.size_packing`).
     """
     module = nnx.merge(graphdef, state)
+    # Only a packed member passes sizes: any module with Llama's call signature runs unpacked.
+    packed = {} if sizes is None else dict(sizes=sizes)
     if return_attention:
-        logits, _, probs = module(input_ids, positions, attention_mask, return_attention=True)
+        logits, _, probs = module(
+            input_ids, positions, attention_mask, return_attention=True, **packed
+        )
         return logits, probs
-    logits, _ = module(input_ids, positions, attention_mask)
+    logits, _ = module(input_ids, positions, attention_mask, **packed)
     return logits
 
 

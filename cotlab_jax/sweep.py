@@ -10,7 +10,11 @@ programs agree (`packed.pack_key`) train together as one vmapped program; the ot
 one after another. A relaunch skips finished members (and members that diverged: delete their
 `failed.json` to retry) and resumes the rest from their checkpoints. `sweep.member=i` runs member
 i alone, to fan a sweep out over hosts or slices. The sweep's `sweep.json` lists the axes and
-members; `python -m cotlab_jax.report` turns the finished sweep into tables and plots.
+members; `python -m cotlab_jax.report` turns the finished sweep into tables and plots. With
+`sweep.packing="size"` the finished sweep is also evaluated with members that differ only in
+model sizes in one size-packed program per task shape (`sweep_eval.evaluate_sweep`), into
+`size_packed_eval.json`. The plan printed at the start names every program's members and why
+they share it.
 """
 
 import dataclasses
@@ -22,7 +26,9 @@ import jax
 import ml_collections
 
 from cotlab_jax import config as config_lib
-from cotlab_jax import experiment, packed, rundir, train
+from cotlab_jax import data, experiment, packed, rundir, size_packing, sweep_eval, train
+
+SIZE_PACKED_EVAL = "size_packed_eval.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +154,54 @@ def plan(
     return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
+def evaluation_groups(members: list[Member]) -> list[list[Member]]:
+    """Members that `sweep.packing="size"` evaluates in one size-packed program: one task spec
+    and eval settings, models that differ at most in `size_packing.SIZE_FIELDS`."""
+    groups: dict[tuple, list[Member]] = {}
+    for m in members:
+        spec = data.TaskSpec.from_config(m.config)
+        model_config = experiment.model_config(m.config, spec)
+        settings = ("n_eval_tasks", "batch_size", "max_pred_tokens", "example_counts")
+        key = (
+            spec,
+            size_packing.shared_fields(model_config),
+            tuple(m.config.eval[name] for name in settings),
+        )
+        groups.setdefault(key, []).append(m)
+    return list(groups.values())
+
+
+def _differing(pack: list[Member], paths) -> list[str]:
+    return [p for p in paths if len({str(get_field(m.config, p)) for m in pack}) > 1]
+
+
+def describe_plan(packs: list[list[Member]], packing: str, members: list[Member]) -> list[str]:
+    """The plan's lines: which members share each program, and why."""
+    lines = []
+    for i, pack in enumerate(packs):
+        swept = sorted({path for m in pack for path in m.values})
+        apart = _differing(pack, swept)
+        why = (
+            "alone (sweep.packing='off')"
+            if packing == "off"
+            else (
+                "one model, vocabulary, batch, schedule and loop settings (packed.pack_key)"
+                + (f"; they differ in {', '.join(apart)}" if apart else "")
+            )
+        )
+        lines.append(f"  train program {i}: members {[m.index for m in pack]}: {why}")
+    if packing == "size":
+        size_paths = [f"model.{name}" for name in size_packing.SIZE_FIELDS]
+        for i, group in enumerate(evaluation_groups(members)):
+            apart = _differing(group, size_paths)
+            sizes = f"sizes differ in {', '.join(apart)}" if apart else "same sizes"
+            lines.append(
+                f"  final size-packed evaluation program {i}: members "
+                f"{[m.index for m in group]}: one task spec and eval settings, {sizes}"
+            )
+    return lines
+
+
 def write_index(config: ml_collections.ConfigDict, members: list[Member], workdir: str) -> None:
     index = dict(
         name=config.sweep.name,
@@ -186,6 +240,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{len(pending)} to train in {len(packs)} program(s) of sizes "
         f"{[len(p) for p in packs]}"
     )
+    for line in describe_plan(packs, config.sweep.packing, selected):
+        print(line)
     for pack in packs:
         results = train.train_members([(m.config, os.path.join(workdir, m.name)) for m in pack])
         if any("preempted_at_step" in r for r in results):
@@ -199,4 +255,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         from cotlab_jax import report as report_lib  # matplotlib, only when a report is due
 
         report = report_lib.write_report(workdir)
+        if config.sweep.packing == "size":
+            evaluation = sweep_eval.evaluate_sweep(
+                workdir,
+                answer_rule=config.eval.answer_rule,
+                example_counts=config.eval.example_counts or None,
+            )
+            rundir.write_json(os.path.join(workdir, SIZE_PACKED_EVAL), evaluation)
     return dict(members=final, report=report)

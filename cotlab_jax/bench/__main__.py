@@ -3,7 +3,17 @@
 import importlib
 import sys
 
-BENCHMARKS = ("all", "sampler", "model", "train", "sweep", "quantize", "prune", "fidelity")
+BENCHMARKS = (
+    "all",
+    "sampler",
+    "model",
+    "train",
+    "sweep",
+    "size_packing",
+    "quantize",
+    "prune",
+    "fidelity",
+)
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Every benchmark of the lab in one command: `python -m cotlab_jax.bench all [--size=auto]`.
 
-Runs the sampler, model, train, sweep and quantize benchmarks one after another, each in its own
-process (a crash or out-of-memory in one leaves the others' numbers), prints one summary table
-and writes every benchmark's JSON plus `all.json` (the same numbers together) under `--out_dir`.
+Runs the sampler, model, train, sweep, size_packing and quantize benchmarks one after another,
+each in its own process (a crash or out-of-memory in one leaves the others' numbers), prints one
+summary table and writes every benchmark's JSON plus `all.json` (the same numbers together)
+under `--out_dir`.
 
 Two plans, sized by `--size` (`auto`: `accelerator` when JAX's default backend is not the CPU):
 - `cpu`: the laptop-sized cases (a few minutes on 2 cores).
@@ -26,6 +27,9 @@ PLANS = {
         "model": ("model", ["--shapes=cpu"]),
         "train_quickstart": ("train", ["--config=configs/quickstart.py"]),
         "sweep_8x_hidden64": ("sweep", ["--members=8", "--hidden_size=64"]),
+        # The depth sweep {4, 8, 12}'s evaluation at a CPU width, and its reference-width
+        # compile for a TPU topology (skipped without libtpu).
+        "size_packing": ("size_packing", ["--cases=cpu,tpu_aot", "--repeats=1"]),
         "quantize": ("quantize", ["--shape=cpu"]),
     },
     "accelerator": {
@@ -37,6 +41,7 @@ PLANS = {
             "sweep",
             ["--members=16", "--hidden_size=256", "--num_hidden_layers=4", "--repeats=3"],
         ),
+        "size_packing": ("size_packing", ["--cases=cpu,reference_compile", "--repeats=3"]),
         "quantize": ("quantize", ["--shape=depth4"]),
     },
 }
@@ -101,6 +106,27 @@ def summary_rows(label: str, result: dict) -> list[tuple[str, str, str]]:
                 f"{1e3 * ms['one_by_one']:.1f} ms per step of all ({result['speedup']:.2f}x)",
             )
         ]
+    if name == "size_packing":
+        rows = []
+        for case, r in result["results"].items():
+            if "skipped" in r:
+                rows.append((label, case, f"skipped: {r['skipped']}"))
+                continue
+            step = (
+                f"; step {1e3 * r['step_s']['separate']:.1f} ms separate, "
+                f"{1e3 * r['step_s']['packed']:.1f} ms packed ({r['step_speedup']:.2f}x)"
+                if "step_s" in r
+                else ""
+            )
+            rows.append(
+                (
+                    label,
+                    f"{case}, depths {result['depths']}",
+                    f"compile {r['separate_compile_s']:.1f} s separate, "
+                    f"{r['packed_compile_s']:.1f} s packed ({r['compile_speedup']:.2f}x){step}",
+                )
+            )
+        return rows
     if name == "quantize":
         return [
             (

@@ -24,6 +24,11 @@ one vmapped program (`eval_step_over_k`). `keep_last_examples` drops the earlier
 packs the rest left-padded again: exactly the task as if it never had them. `flatten_over_k`
 names the results `answer_acc_k{K'}` and `loss_k{K'}`.
 
+Size-packed members (`cotlab_jax.size_packing`: models of different sizes padded into one shape,
+stacked on a member axis): `size_packed_eval_step` is `eval_step` (or `eval_step_over_k`) vmapped
+over the members, each on its own tasks, and `evaluate_size_packed` evaluates them on their own
+eval sets, with their own metrics, one program per batch.
+
 Variants (the second paper) are pure functions of an eval set, applied before `evaluate`:
 `drop_think_spans` (think spans removed from k demonstrations), `force_token` (`<think_s>` or
 `<ans_s>` appended to every query), and an eval set built from `spec.with_changes(...)` for another
@@ -174,8 +179,10 @@ def _eval_batch(
     spec: data.TaskSpec,
     max_pred_tokens: int | None = None,
     answer_rule: str = "strict",
+    sizes: model.MemberSizes | None = None,
 ) -> dict[str, jax.Array]:
     """Per-task evaluation of a batch of eval tasks (the `EVAL_FIELDS` of `data.sample_tasks`).
+    `sizes`: None, or a size-packed member's `model.MemberSizes` (`cotlab_jax.size_packing`).
 
     Returns, each with leading axis B:
       loss_sum float32, loss_count int32   the teacher-forced loss of `input_ids`/`labels`.
@@ -192,7 +199,12 @@ def _eval_batch(
                                            read the output; gen_len counts the eos.
     """
     logits = model.apply(
-        graphdef, state, batch["input_ids"], batch["positions"], batch["attention_mask"]
+        graphdef,
+        state,
+        batch["input_ids"],
+        batch["positions"],
+        batch["attention_mask"],
+        sizes=sizes,
     )
     _, loss_sum, loss_count = losses.teacher_forced_loss(logits, batch["labels"])
     out = dict(loss_sum=loss_sum, loss_count=loss_count)
@@ -202,7 +214,14 @@ def _eval_batch(
         if max_pred_tokens is None:
             raise ValueError("max_pred_tokens is needed with special tokens")
         tokens, _, lengths = decode.greedy_decode(
-            graphdef, state, query_ids, query_mask, max_pred_tokens, spec.token_id("eos"), pad
+            graphdef,
+            state,
+            query_ids,
+            query_mask,
+            max_pred_tokens,
+            spec.token_id("eos"),
+            pad,
+            sizes=sizes,
         )
         answer, format_ok = extract_answers(query_ids[:, -1], tokens, lengths, spec, answer_rule)
         out.update(
@@ -213,7 +232,7 @@ def _eval_batch(
         )
     else:
         tokens, step_logits, _ = decode.greedy_decode(
-            graphdef, state, query_ids, query_mask, spec.target_len, None, pad
+            graphdef, state, query_ids, query_mask, spec.target_len, None, pad, sizes=sizes
         )
         targets = batch["target_ids"]
         chain_loss, chain_mask = losses.token_cross_entropy(step_logits, targets)
@@ -328,7 +347,14 @@ def eval_step_over_k(
     """`eval_step` of the batch with only the last `example_counts[i]` examples of every task
     kept, for each i of example_counts int32 [NK], as one program: every output of `eval_step`
     gains a leading axis NK."""
+    return _eval_batch_over_k(
+        graphdef, state, batch, spec, max_pred_tokens, example_counts, answer_rule, None
+    )
 
+
+def _eval_batch_over_k(
+    graphdef, state, batch, spec, max_pred_tokens, example_counts, answer_rule, sizes
+):
     def one_count(n_examples):
         return _eval_batch(
             graphdef,
@@ -337,9 +363,37 @@ def eval_step_over_k(
             spec,
             max_pred_tokens,
             answer_rule,
+            sizes,
         )
 
     return jax.vmap(one_count)(example_counts)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "max_pred_tokens", "answer_rule"))
+def size_packed_eval_step(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    sizes: model.MemberSizes,
+    batch: dict[str, jax.Array],
+    spec: data.TaskSpec,
+    max_pred_tokens: int | None,
+    example_counts: jax.Array | None,
+    answer_rule: str = "strict",
+) -> dict[str, jax.Array]:
+    """`eval_step` (with `example_counts`: `eval_step_over_k`) of size-packed members
+    (`cotlab_jax.size_packing`: `params` and `sizes` with a leading member axis R), each on its
+    own tasks: the batch's fields are [B, R, ...]. Outputs gain an axis R after the task axis:
+    [B, R, ...], or [NK, B, R, ...] over example counts."""
+
+    def one_member(params, sizes, batch):
+        if example_counts is None:
+            return _eval_batch(graphdef, params, batch, spec, max_pred_tokens, answer_rule, sizes)
+        return _eval_batch_over_k(
+            graphdef, params, batch, spec, max_pred_tokens, example_counts, answer_rule, sizes
+        )
+
+    out_axis = 1 if example_counts is None else 2
+    return jax.vmap(one_member, in_axes=(0, 0, 1), out_axes=out_axis)(params, sizes, batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,9 +448,9 @@ def _per_task_outputs(
     n_tasks = len(eval_set["k"])
     if n_tasks == 0:
         raise ValueError("the eval set is empty")
-    if eval_set["input_ids"].shape[1] != spec.seq_len:
+    if eval_set["input_ids"].shape[-1] != spec.seq_len:
         raise ValueError(
-            f"the eval set's sequences have length {eval_set['input_ids'].shape[1]}, "
+            f"the eval set's sequences have length {eval_set['input_ids'].shape[-1]}, "
             f"spec {spec.prompt_strategy!r} expects {spec.seq_len}: another spec?"
         )
     outputs = []
@@ -490,6 +544,78 @@ def evaluate_over_k(
     }
     metrics = {count: aggregate(arrays, spec) for count, arrays in per_task.items()}
     return (metrics, per_task) if return_predictions else metrics
+
+
+def evaluate_size_packed(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    sizes: model.MemberSizes,
+    eval_sets: list[dict[str, np.ndarray]],
+    spec: data.TaskSpec,
+    *,
+    batch_size: int,
+    max_pred_tokens: int,
+    example_counts=None,
+    answer_rule: str = "strict",
+) -> list[dict]:
+    """`evaluate` of each size-packed member (`cotlab_jax.size_packing.Pack`'s graphdef, params
+    and sizes) on its own eval set (`eval_sets`, one per member, of one task spec and size), and
+    with `example_counts` (a list, "all", ...) also `evaluate_over_k`, all members in one
+    program per batch. Returns per member {"metrics": ..., and "metrics_by_k": {K': metrics}}.
+    When the counts include K, whose evaluation is `evaluate`'s (no example is dropped), the
+    metrics come from it: one program, not two.
+    """
+    sizes_of_sets = {len(s["k"]) for s in eval_sets}
+    if len(sizes_of_sets) != 1:
+        raise ValueError(f"size-packed members need eval sets of one size, got {sizes_of_sets}")
+    max_pred_tokens = max_pred_tokens if spec.special_tokens else None
+    stacked = {name: np.stack([s[name] for s in eval_sets], axis=1) for name in EVAL_FIELDS}
+    counts = (
+        None
+        if example_counts is None
+        else config_lib.parse_example_counts(
+            example_counts, spec.K, name="example_counts", allow_empty=False
+        )
+    )
+    results = [{} for _ in eval_sets]
+    if counts is None or spec.K not in counts:
+        per_task = _per_task_outputs(
+            lambda batch: size_packed_eval_step(
+                graphdef, params, sizes, batch, spec, max_pred_tokens, None, answer_rule
+            ),
+            stacked,
+            spec,
+            batch_size,
+            None,
+        )
+        for r, result in enumerate(results):
+            result["metrics"] = aggregate({k: v[:, r] for k, v in per_task.items()}, spec)
+    if counts is None:
+        return results
+    by_k = _per_task_outputs(
+        lambda batch: size_packed_eval_step(
+            graphdef,
+            params,
+            sizes,
+            batch,
+            spec,
+            max_pred_tokens,
+            np.asarray(counts, np.int32),
+            answer_rule,
+        ),
+        stacked,
+        spec,
+        batch_size,
+        None,
+        task_axis=1,
+    )
+    for r, result in enumerate(results):
+        result["metrics_by_k"] = {
+            count: aggregate({k: v[i, :, r] for k, v in by_k.items()}, spec)
+            for i, count in enumerate(counts)
+        }
+        result.setdefault("metrics", result["metrics_by_k"].get(spec.K))
+    return results
 
 
 def flatten_over_k(

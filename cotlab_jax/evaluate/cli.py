@@ -21,6 +21,18 @@ rule; see `evaluate.extract_answers`). With --temperature > 0 every query gets -
 sampled generations and the answer is their majority vote (`evaluate.evaluate_sampled`);
 otherwise decoding is greedy. With --over_k the result also has `metrics_by_k` {K': metrics} for
 K' = 1 .. K (or the chosen --example_counts), on the same (variant) eval set, decoded greedily.
+
+A whole sweep directory (`sweep.json`, as `python -m cotlab_jax.main` writes for a sweep):
+
+    python -m cotlab_jax.evaluate --sweep=DIR [--step=latest|N] [--n_eval_tasks=N]
+        [--batch_size=B] [--max_pred_tokens=T] [--answer_rule=...] [--example_counts=1,2,4]
+        [--out=FILE.json]
+
+evaluates every member with a checkpoint on its frozen eval set and over example counts
+(`sweep_eval.evaluate_sweep`). Members that share a task spec and differ at most in model sizes
+(depth, heads, KV heads, head dimension, MLP or hidden width) run as one size-packed program
+(`cotlab_jax.size_packing`), with each member's own results. Nothing is written into the sweep
+or its members' run directories.
 """
 
 import json
@@ -31,7 +43,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from cotlab_jax import cli_errors, data, evaluate, rundir
+from cotlab_jax import cli_errors, data, evaluate, rundir, sweep_eval
 from cotlab_jax import config as config_lib
 
 
@@ -39,6 +51,12 @@ def define_flags() -> None:
     """The command line's flags; defined only when it runs, so that importing this module
     adds no flags to another program."""
     flags.DEFINE_string("workdir", None, "The run directory (as written by cotlab_jax.main).")
+    flags.DEFINE_string(
+        "sweep",
+        None,
+        "A sweep directory (sweep.json): evaluate every member, members of one task spec that "
+        "differ only in model sizes in one size-packed program.",
+    )
     flags.DEFINE_string("step", "latest", "The checkpoint step to evaluate: `latest` or a number.")
     flags.DEFINE_enum(
         "drop_think",
@@ -384,11 +402,90 @@ def run_cli(
     return result
 
 
+# Flags that --sweep does not take (a sweep is evaluated on its members' frozen sets, greedily).
+SWEEP_EXCLUDED_FLAGS = (
+    "workdir",
+    "drop_think",
+    "drop_k",
+    "force",
+    "prompt_strategy",
+    "n_inputs",
+    "n_parents",
+    "chain_length",
+    "n_examples",
+    "eval_dataset",
+    "save_predictions",
+    "over_k",
+    "drop_seed",
+    "n_samples",
+    "temperature",
+    "top_p",
+    "sample_seed",
+)
+
+
+def run_sweep_cli(sweep_dir: str, step: str, out: str | None, **options) -> dict:
+    """--sweep's work: checks, `evaluate_sweep`, prints and writes the JSON result."""
+    if not os.path.isdir(sweep_dir):
+        raise SystemExit(f"--sweep={sweep_dir}: no such directory")
+    if options.get("answer_rule") not in evaluate.ANSWER_RULES:
+        raise SystemExit(
+            f"--answer_rule={options.get('answer_rule')!r}: expected one of {evaluate.ANSWER_RULES}"
+        )
+    example_counts = options.pop("example_counts", None)
+    if example_counts is not None and not isinstance(example_counts, str):
+        example_counts = ",".join(example_counts)  # --example_counts is a list of strings
+    if out is not None:
+        cli_errors.check_writable_file("--out", out)
+        inside = rundir.inside_run_directory(os.path.dirname(os.path.abspath(out)))
+        if inside is not None:
+            raise SystemExit(
+                f"--out={out} lies in the run or sweep directory {inside}; evaluation never "
+                f"writes there: choose a path outside it"
+            )
+    try:
+        rundir.parse_step(step)
+        result = sweep_eval.evaluate_sweep(
+            sweep_dir, step, example_counts=example_counts, **options
+        )
+    except (rundir.RunError, config_lib.ConfigError, ValueError) as error:
+        raise SystemExit(f"cannot evaluate the sweep: {error}") from None
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
 @cli_errors.one_line
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
+    if f.sweep is not None:
+        given = [
+            name
+            for name in SWEEP_EXCLUDED_FLAGS
+            if f[name].present  # set on the command line, even to its default
+        ]
+        if given:
+            raise SystemExit(
+                f"--sweep evaluates every member greedily on its frozen eval set; it does not "
+                f"take --{', --'.join(given)}"
+            )
+        run_sweep_cli(
+            f.sweep,
+            f.step,
+            f.out,
+            n_eval_tasks=f.n_eval_tasks,
+            batch_size=f.batch_size,
+            max_pred_tokens=f.max_pred_tokens,
+            answer_rule=f.answer_rule,
+            example_counts=f.example_counts,
+        )
+        return
     run_cli(
         f.workdir,
         f.step,
