@@ -205,8 +205,8 @@ def restore_state(manager: ocp.CheckpointManager, step: int, exp: experiment.Exp
 
 
 def restore_newest_valid(manager: ocp.CheckpointManager, workdir: str, exp: experiment.Experiment):
-    """(step, graphdef, state) of the newest checkpoint that restores; (0, None, None) if none
-    is left. Damaged newer ones are moved to `workdir/damaged_checkpoints` (kept for
+    """(step, graphdef, state) of the newest checkpoint that restores; (None, None, None) if
+    none is left. Damaged newer ones are moved to `workdir/damaged_checkpoints` (kept for
     inspection, out of the way of the saves that replace them) with a warning naming the steps
     to be recomputed."""
     for step in sorted(manager.all_steps(), reverse=True):
@@ -227,7 +227,7 @@ def restore_newest_valid(manager: ocp.CheckpointManager, workdir: str, exp: expe
             manager.reload()
             continue
         return step, graphdef, state
-    return 0, None, None
+    return None, None, None
 
 
 def frozen_eval_set(workdir: str, exp: experiment.Experiment) -> dict[str, np.ndarray]:

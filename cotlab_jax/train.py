@@ -41,8 +41,8 @@ def _write_failed(what: str, step: int, error: OSError, manager) -> WriteFailedE
     kept = manager.latest_step()
     return WriteFailedError(
         f"{what} at step {step} failed: {why}. Stopped; the run is intact up to "
-        f"{f'checkpoint {kept}' if kept else 'its start'}: free space and relaunch the same "
-        f"command to go on from there"
+        f"{'its start' if kept is None else f'checkpoint {kept}'}: free space and relaunch the "
+        f"same command to go on from there"
     )
 
 
@@ -71,22 +71,36 @@ class _Member:
         self.exp, self.workdir = exp, workdir
         self.eval_set = rundir.frozen_eval_set(workdir, exp)
         self.manager = rundir.checkpoint_manager(workdir, exp.config.train.keep_checkpoints)
-        # The newest checkpoint that restores (damaged newer ones are set aside, with a warning).
+        # The newest checkpoint that restores (damaged newer ones are set aside, with a warning);
+        # None: the run starts afresh. A step-0 checkpoint holds the initial state, a function
+        # of the seed that the program makes again, so only later ones are used.
         with jax.set_mesh(exp.mesh):
-            self.start, graphdef, state = rundir.restore_newest_valid(self.manager, workdir, exp)
-        self.restored = (graphdef, state) if self.start else None
+            self.checkpoint, graphdef, state = rundir.restore_newest_valid(
+                self.manager, workdir, exp
+            )
+        self.restored = (graphdef, state) if self.checkpoint else None
         self.writer = None
         self.failure = None  # the message, once the state went non-finite
         self.failed_step = None
         self.world = None  # made when the analyses first need it
         self.last_acc = "nan"  # for the progress bar
 
+    @property
+    def start(self) -> int:
+        """The step this run goes on from."""
+        return self.checkpoint or 0
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing of this run is kept: it evaluates and checkpoints its initial state first."""
+        return self.checkpoint is None
+
     def open_metrics(self) -> None:
         if jax.process_index() == 0:
             self.writer = MetricsWriter(
-                self.workdir, self.start, tensorboard=self.exp.config.log.tensorboard
+                self.workdir, self.checkpoint, tensorboard=self.exp.config.log.tensorboard
             )
-        if self.start == 0:  # a property of the task distribution, known before training
+        if self.fresh:  # a property of the task distribution, known before training
             coverage = analysis.eval_set_coverage(self.eval_set, self.exp.spec)
             self.log(0, "data", dict(token_coverage=coverage))
 
@@ -216,7 +230,7 @@ def _single_program(member: _Member, build_step: StepBuilder) -> experiment.Prog
             (graphdef, state), member.restored = member.restored, None
         else:
             graphdef, state = experiment.init_state(exp)
-        state, step_fn = build_step(exp, graphdef, state, bool(member.start))
+        state, step_fn = build_step(exp, graphdef, state, member.start > 0)
     return experiment.Program(
         graphdef=graphdef,
         state=state,
@@ -311,6 +325,7 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
     )
     for m in members:
         m.open_metrics()
+    fresh = [i for i, m in enumerate(members) if m.fresh]
     bar = tqdm(
         total=exp.total_steps,
         initial=start,
@@ -319,9 +334,14 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
         disable=not exp.config.log.progress_bar or jax.process_index() != 0,
     )
     state, step = program.state, start
-    window_start = time.perf_counter()
     try:
         with _Preemption() as preemption, jax.set_mesh(exp.mesh):
+            # As the reference, a fresh run is evaluated and checkpointed at step 0, before its
+            # first step (a relaunch after that checkpoint keeps the step-0 records).
+            if fresh:
+                member_states = {i: program.member_state(state, i) for i in fresh}
+                _evaluate_and_save(members, member_states, program.graphdef, 0, {"eval", "save"})
+            window_start = time.perf_counter()
             while step < exp.total_steps and any(m.failure is None for m in members):
                 state = program.step(state)
                 step += 1
@@ -343,25 +363,11 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
                 ]
                 if "log" in due:
                     window_start = _log_windows(members, active, own, step, window_start, bar)
-                member_states = (
-                    {i: program.member_state(state, i) for i in active}
-                    if due & {"eval", "save"}
-                    else {}
-                )
-                # Evaluate before checkpointing: a run resumed from step s has its records up
-                # to s, the evaluation at s included.
-                if "eval" in due:
-                    for i in active:
-                        members[i].evaluate(
-                            program.graphdef,
-                            member_states[i]["params"],
-                            step,
-                            final=step == exp.total_steps,
-                        )
+                if due & {"eval", "save"}:
+                    member_states = {i: program.member_state(state, i) for i in active}
+                    final = step == exp.total_steps
+                    _evaluate_and_save(members, member_states, program.graphdef, step, due, final)
                     window_start = time.perf_counter()  # keeps eval time out of tokens/s
-                if "save" in due:
-                    for i in active:
-                        members[i].save(step, member_states[i])
                 if preemption.requested:
                     for m in members:
                         m.manager.wait_until_finished()
@@ -383,6 +389,25 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
         else rundir.write_results(m.exp.config, m.workdir, step, n_params)
         for m in members
     ]
+
+
+def _evaluate_and_save(
+    members: list[_Member],
+    member_states: dict,
+    graphdef,
+    step: int,
+    due: set[str],
+    final: bool = False,
+) -> None:
+    """The due evaluations and checkpoints of step `step` for the members in `member_states`
+    (index -> its state). Evaluations come first: a run resumed from checkpoint s has its
+    records up to s, the evaluation at s included."""
+    if "eval" in due:
+        for i, member_state in member_states.items():
+            members[i].evaluate(graphdef, member_state["params"], step, final=final)
+    if "save" in due:
+        for i, member_state in member_states.items():
+            members[i].save(step, member_state)
 
 
 def _log_windows(

@@ -112,7 +112,9 @@ def test_relaunch_after_a_damaged_checkpoint_and_metrics_line_ends_as_uninterrup
     """A garbled metrics line and a truncated latest checkpoint: the relaunch falls back to
     checkpoint 30, recomputes 31-40 and ends with the uninterrupted run's records and results."""
     metrics_path = os.path.join(run_copy, "metrics.jsonl")
-    garble_line(metrics_path, 3)  # the step-10 train record
+    with open(metrics_path) as f:
+        line = 1 + [json.loads(x)["step"] for x in f].index(10)  # the step-10 train record
+    garble_line(metrics_path, line)
     checkpoint = os.path.join(run_copy, "checkpoints", "40")
     for directory, _, names in os.walk(checkpoint):  # every array data file, cut to a third
         for name in names:
@@ -123,7 +125,7 @@ def test_relaunch_after_a_damaged_checkpoint_and_metrics_line_ends_as_uninterrup
     os.remove(os.path.join(run_copy, "results.json"))
     train.train_and_evaluate(tiny_config(), run_copy)
     err = capfd.readouterr().err
-    assert "skipped unreadable line(s) 3 " in err, err
+    assert f"skipped unreadable line(s) {line} " in err, err
     assert "checkpoint step 40" in err and "steps 31-40 are recomputed" in err, err
     expected = [r for r in records(trained_run) if not (r["step"] == 10 and r["kind"] == "train")]
     assert records(run_copy) == expected, err

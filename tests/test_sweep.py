@@ -242,7 +242,7 @@ def test_sweep_writes_member_runs_and_the_report(finished_sweep):
         assert [r["step"] for r in by_k] == [30]
         assert {f"answer_acc_k{k}" for k in range(1, 5)} <= by_k[0].keys()
         analyses = [r for r in records(run_dir) if r["kind"] == "analysis"]
-        assert [r["step"] for r in analyses] == [15, 30]
+        assert [r["step"] for r in analyses] == [0, 15, 30]  # step 0: before training
         assert {"embed_probe_r2", "embed_cka", "parent_mass_query_L1H1"} <= analyses[0].keys()
         (coverage,) = [r for r in records(run_dir) if r["kind"] == "data"]
         assert coverage["step"] == 0 and 0 < coverage["token_coverage"] <= 1

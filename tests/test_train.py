@@ -88,7 +88,7 @@ def test_run_directory_and_metrics(finished_run):
     assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.3
     assert all(r["n_cot"] > 0 and r["n_direct"] == 0 for r in train_recs)
     eval_recs = [r for r in recs if r["kind"] == "eval"]
-    assert [r["step"] for r in eval_recs] == [20, 40]
+    assert [r["step"] for r in eval_recs] == [0, 20, 40]  # step 0: before training
     with open(os.path.join(finished_run, "results.json")) as f:
         results = json.load(f)
     assert results["step"] == 40
@@ -436,8 +436,9 @@ def test_standalone_evaluation_on_a_tfds_dataset(special_token_run, tmp_path):
 
 
 def test_metrics_writer_keeps_each_step_once(tmp_path):
-    """A run restarted from step 0 (killed before its first checkpoint) rewrites its step-0
-    records; a resumed one keeps them and drops what came after its checkpoint."""
+    """A run started afresh (killed before its step-0 checkpoint) rewrites its step-0 records;
+    a resumed one, from checkpoint 0 too, keeps them and drops what came after its
+    checkpoint."""
     from cotlab_jax.metrics import MetricsWriter
 
     def attempt(resume_step, steps):
@@ -447,6 +448,40 @@ def test_metrics_writer_keeps_each_step_once(tmp_path):
         writer.close()
         return [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))]
 
-    assert attempt(0, [0, 5, 10]) == [0, 5, 10]
-    assert attempt(0, [0, 5]) == [0, 5]
+    assert attempt(None, [0, 5, 10]) == [0, 5, 10]
+    assert attempt(None, [0, 5]) == [0, 5]
+    assert attempt(0, [5]) == [0, 5]
     assert attempt(5, [10, 15]) == [0, 5, 10, 15]
+
+
+class _KilledError(Exception):
+    """Stands for a kill right after the step-0 checkpoint, before the first step."""
+
+
+def _dies_at_the_first_step(exp, graphdef, state, resumed):
+    def die(*args):
+        raise _KilledError
+
+    return state, die
+
+
+def test_step_0_is_evaluated_and_checkpointed_once(tmp_path):
+    """As the reference, a run evaluates and checkpoints its initial state before the first
+    step; one killed right after resumes from checkpoint 0 without evaluating it again and
+    ends with the uninterrupted run's records."""
+    config = tiny_config()
+    config.train.n_tasks = 8 * 20
+    uninterrupted, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    train.train_and_evaluate(config, uninterrupted)
+    with pytest.raises(_KilledError):
+        train.train_and_evaluate(config, killed, _dies_at_the_first_step)
+    assert rundir.latest_checkpoint(killed) == 0
+    assert [(r["step"], r["kind"]) for r in records(killed)] == [(0, "data"), (0, "eval")]
+    initial = rundir.load_run(killed, step=0).params
+    _, state = experiment.init_state(experiment.setup(config))
+    fresh = jax.tree.leaves(state["params"])
+    for saved, made in zip(jax.tree.leaves(initial), fresh, strict=True):
+        np.testing.assert_array_equal(np.asarray(saved), np.asarray(made))
+    train.train_and_evaluate(config, killed)
+    assert records(killed) == records(uninterrupted)
+    assert [r["step"] for r in records(killed) if r["kind"] == "eval"] == [0, 20]
