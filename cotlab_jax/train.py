@@ -115,11 +115,16 @@ class _Member:
 
     def save(self, step: int, state) -> None:
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state))
+            saved = self.manager.save(step, args=ocp.args.StandardSave(state))
         except OSError as error:
             raise _write_failed(
                 f"saving the checkpoint of {self.workdir}", step, error, self.manager
             ) from None
+        if not saved:  # orbax skips a step at or before its newest checkpoint
+            raise rundir.RunError(
+                f"the checkpoint of step {step} in {self.workdir} was not saved: orbax "
+                f"declined it (checkpoints there: {sorted(self.manager.all_steps())})"
+            )
 
     def evaluate(self, graphdef, params, step: int, final: bool) -> None:
         """Logs the evaluation on the frozen eval set (at the end also over example counts),
@@ -347,7 +352,10 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
                 step += 1
                 bar.update(1)
                 due = due_actions(step, exp.total_steps, periods)
-                if preemption.requested:
+                # Read once: a SIGTERM handled later in this iteration (at the blocking reads
+                # below) waits for the next step, so the message below never goes unsaved.
+                preempted = preemption.requested
+                if preempted:
                     due.add("save")
                 if not due:
                     continue
@@ -368,7 +376,7 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
                     final = step == exp.total_steps
                     _evaluate_and_save(members, member_states, program.graphdef, step, due, final)
                     window_start = time.perf_counter()  # keeps eval time out of tokens/s
-                if preemption.requested:
+                if preempted:
                     for m in members:
                         m.manager.wait_until_finished()
                     bar.close()

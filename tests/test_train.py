@@ -166,6 +166,43 @@ def test_sigterm_saves_and_exits_cleanly(finished_run, tmp_path):
     assert max(r["step"] for r in records(workdir)) <= step
 
 
+# Runs the main command in a process that sends itself SIGTERM while the loop reads step 15's
+# training window (its third log step, not a checkpoint step): the moment a signal lands when
+# a step's blocking reads wait on the device.
+_SIGTERM_AT_STEP_15 = """
+import os, runpy, signal, sys
+import jax
+real_device_get, reads = jax.device_get, []
+def device_get(tree):
+    host = real_device_get(tree)
+    if isinstance(tree, dict) and "nonfinite_step" in tree:
+        reads.append(1)
+        if len(reads) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return host
+jax.device_get = device_get
+sys.argv = ["main"] + sys.argv[1:]
+runpy.run_module("cotlab_jax.main", run_name="__main__")
+"""
+
+
+def test_sigterm_landing_mid_step_saves_the_step_it_reports(tmp_path):
+    workdir = str(tmp_path / "preempted")
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AT_STEP_15, *main_command(workdir)[3:]],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    step = int(result.stdout.split("Preempted (SIGTERM) at step ")[1].split(";")[0])
+    assert step == 16  # the signal is acted on at the next step
+    assert rundir.latest_checkpoint(workdir) == step
+    assert max(r["step"] for r in records(workdir)) == 15  # nothing logged at 16
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config()
     config.train.lr = 1e30  # Adam steps of size lr: the loss overflows within a few steps
