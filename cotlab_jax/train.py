@@ -307,21 +307,13 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
     for config, workdir in runs:
         rundir.prepare_workdir(workdir, config, allow_config_change)
     members = [_Member(exp, workdir) for exp, (_, workdir) in zip(exps, runs, strict=True)]
-    starts = sorted({m.start for m in members})
-    if len(starts) > 1:
-        raise rundir.RunError(
-            f"members packed together must resume from one step; their "
-            f"checkpoints are at steps {starts}"
-        )
-    start = starts[0]
+    start = _align_pack(members)
     exp = exps[0]  # the schedule and the mesh are shared
     if len(members) > 1 and build_step is not train_step_builder:
         raise ValueError("a pack of runs trains with the train step only")
     if len(members) == 1:
         program = _single_program(members[0], build_step)
     else:
-        for m in members:
-            m.restored = None  # the pack restores its stacked state itself
         program = packed.program(exps, [m.manager for m in members], start)
     periods = dict(
         log=exp.config.train.log_every_n_steps,
@@ -397,6 +389,31 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
         else rundir.write_results(m.exp.config, m.workdir, step, n_params)
         for m in members
     ]
+
+
+def _align_pack(members: list[_Member]) -> int:
+    """The step the members go on from together: the newest step that every one of them has
+    a checkpoint of, no later than any member's newest valid one. Members can stand at other
+    steps when a damaged checkpoint was set aside; one ahead removes its newer checkpoints
+    (the pack recomputes them, with the same numbers), with a warning naming the steps."""
+    if len(members) == 1:
+        return members[0].start
+    newest = min(m.start for m in members)
+    shared = set.intersection(*(set(m.manager.all_steps()) for m in members))
+    start = max((s for s in shared if s <= newest), default=0)
+    for m in members:
+        ahead = sorted(s for s in m.manager.all_steps() if s > start)
+        if ahead:
+            rundir.warn(
+                f"{m.workdir}: going back to step {start}, the newest checkpoint that every "
+                f"member of its pack has: steps {start + 1}-{m.start} are recomputed (its "
+                f"newer checkpoints, {', '.join(map(str, ahead))}, are removed)"
+            )
+            for step in ahead:
+                m.manager.delete(step)
+        m.checkpoint = start if start in m.manager.all_steps() else None
+        m.restored = None  # the pack restores its stacked state itself
+    return start
 
 
 def _evaluate_and_save(
