@@ -308,26 +308,6 @@ def load_run(
     )
 
 
-def is_run_directory(path: str) -> bool:
-    """Whether `path` holds a run (or a sweep) that a command must not write into."""
-    return any(
-        os.path.exists(os.path.join(path, name))
-        for name in ("config.json", "checkpoints", "metrics.jsonl", "sweep.json")
-    )
-
-
-def inside_run_directory(path: str) -> str | None:
-    """The run directory `path` is, or lies in (None if none)."""
-    path = os.path.abspath(path)
-    while True:
-        if os.path.isdir(path) and is_run_directory(path):
-            return path
-        parent = os.path.dirname(path)
-        if parent == path:
-            return None
-        path = parent
-
-
 def parse_step(step: str) -> int | str:
     """A command line's --step: `latest` or a step number, as `load_run` takes it."""
     if step == "latest":

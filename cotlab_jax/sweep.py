@@ -198,5 +198,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if all(s != "pending" for _, s in final) and jax.process_index() == 0:
         from cotlab_jax import report as report_lib  # matplotlib, only when a report is due
 
-        report = report_lib.write_report(workdir)
+        report = report_lib.write_report(workdir, os.path.join(workdir, "report"))
     return dict(members=final, report=report)

@@ -192,6 +192,30 @@ def test_readers_never_touch_a_save_in_progress(run_copy, tmp_path):
     assert not filecmp.dircmp(os.path.join(checkpoints, "40"), in_progress).diff_files
 
 
+def _snapshot(directory) -> dict:
+    """Every file (its bytes) and directory under `directory`, by relative path."""
+    tree = {}
+    for where, dirs, names in os.walk(directory):
+        for name in dirs:
+            tree[os.path.relpath(os.path.join(where, name), directory)] = "dir"
+        for name in names:
+            path = os.path.join(where, name)
+            with open(path, "rb") as f:
+                tree[os.path.relpath(path, directory)] = f.read()
+    return tree
+
+
+def test_evaluate_export_and_report_leave_the_run_byte_identical(run_copy, tmp_path, capsys):
+    before = _snapshot(run_copy)
+    assert evaluate_cli.run_cli(run_copy, "latest")["step"] == 40
+    export.export_run(run_copy, str(tmp_path / "hf"))
+    assert report.run(run_copy) == 0  # by default beside the run
+    assert f"Report written to {run_copy}_report " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="is a run directory, which this command never"):
+        report.run(run_copy, os.path.join(run_copy, "report"))
+    assert _snapshot(run_copy) == before
+
+
 def test_evaluate_on_a_run_without_checkpoints_writes_nothing(run_copy):
     shutil.rmtree(os.path.join(run_copy, "checkpoints"))
     with pytest.raises(SystemExit, match="has no checkpoint"):
