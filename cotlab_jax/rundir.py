@@ -194,14 +194,35 @@ def restore_state(manager: ocp.CheckpointManager, step: int, exp: experiment.Exp
     """(graphdef, the train state of checkpoint `step`) laid out over `exp.mesh`, whatever mesh
     wrote it: orbax reads each array into the target's sharding."""
     graphdef, target = experiment.abstract_state(exp)
+    _drop_abandoned_read_errors()
     try:
         return graphdef, manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as error:  # orbax and TensorStore report damage with many exception types
         lines = str(error).strip().splitlines()
+        # TensorStore appends its JSON specs to the message: the reason comes before them.
+        reason = (lines[0] if lines else "").split(" [tensorstore_spec")[0]
         raise DamagedCheckpointError(
             f"checkpoint step {step} in {manager.directory} is damaged or incomplete "
-            f"({type(error).__name__}: {lines[0] if lines else ''})"
+            f"({type(error).__name__}: {reason})"
         ) from None
+
+
+def _drop_abandoned_read_errors() -> None:
+    """When a restore fails, the TensorStore reads still in flight call back into orbax's event
+    loop, which is closed by then, and each prints a traceback ("Event loop is closed"). Those
+    errors, and only those, are dropped (installed once, before the first restore)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_errors", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook
 
 
 def restore_newest_valid(manager: ocp.CheckpointManager, workdir: str, exp: experiment.Experiment):
