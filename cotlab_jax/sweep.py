@@ -155,7 +155,7 @@ def write_index(config: ml_collections.ConfigDict, members: list[Member], workdi
         members=[dict(index=m.index, dir=m.name, values=m.values) for m in members],
     )
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
+        rundir.make_workdir(workdir)  # one line if it cannot be (a file, unwritable)
         rundir.write_json(os.path.join(workdir, "sweep.json"), index)
 
 

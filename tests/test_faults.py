@@ -404,3 +404,27 @@ def test_evaluate_keeps_library_logs_off_the_terminal(run_copy, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.strip() == "", result.stderr[-3000:]
+
+
+def test_more_commands_answer_bad_input_in_one_line(run_copy, tmp_path):
+    """Found by probing: a sweep whose workdir is a file, evaluate --out into the run, prune
+    --out into the run or under a file."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    sweep_config = os.path.join(ROOT, "tests", "configs", "tiny_sweep.py")
+    one_line_error(
+        command("cotlab_jax.main", f"--config={sweep_config}", f"--workdir={blocker}"),
+        f"cannot write to workdir {blocker}",
+    )
+    inside = os.path.join(run_copy, "result.json")
+    with pytest.raises(SystemExit, match="is a run directory, which this command never"):
+        evaluate_cli.run_cli(run_copy, "latest", out=inside)
+    assert not os.path.exists(inside)
+    for out, fragment in (
+        (os.path.join(run_copy, "pruned"), "is a run directory"),
+        (str(blocker / "pruned"), "cannot write there"),
+    ):
+        one_line_error(
+            command("cotlab_jax.prune", f"--workdir={run_copy}", f"--out={out}"), fragment
+        )
+    assert not os.path.exists(os.path.join(run_copy, "pruned"))

@@ -278,6 +278,7 @@ def run_cli(
     if eval_dataset is not None and not os.path.isdir(eval_dataset):
         raise SystemExit(f"--eval_dataset={eval_dataset}: no such directory")
     if out is not None:
+        cli_errors.check_outside_runs("--out", out)
         cli_errors.check_writable_file("--out", out)
     try:
         loaded = rundir.load_run(workdir, rundir.parse_step(step))
