@@ -10,7 +10,7 @@ import functools
 import os
 import sys
 
-from absl import logging
+from absl import app, logging
 
 from cotlab_jax import config as config_lib
 
@@ -47,7 +47,8 @@ def quiet_libraries() -> None:
 
 
 def one_line(main):
-    """Wraps a command's `main(argv)` (see the module docstring)."""
+    """Wraps a command's `main(argv)` (see the module docstring); a missing or unexpected
+    argument (`app.UsageError`) is one line too."""
 
     @functools.wraps(main)
     def wrapped(argv):
@@ -56,6 +57,8 @@ def one_line(main):
             return main(argv)
         except KNOWN_ERRORS as error:
             sys.exit(f"error: {describe(error)}")
+        except app.UsageError as error:  # absl would print the module's docstring first
+            sys.exit(f"error: {error} (--help lists the flags)")
 
     return wrapped
 

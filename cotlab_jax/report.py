@@ -681,6 +681,8 @@ def run(workdir: str, out_dir: str | None = None) -> int:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
     sys.exit(run(flags.FLAGS.workdir, flags.FLAGS.out_dir))
 
 
@@ -695,5 +697,4 @@ if __name__ == "__main__":
         "Default: beside WORKDIR, in WORKDIR_report (for a sweep's member, "
         "SWEEP_report/<member dir>).",
     )
-    flags.mark_flag_as_required("workdir")
     app.run(main)

@@ -428,3 +428,16 @@ def test_more_commands_answer_bad_input_in_one_line(run_copy, tmp_path):
             command("cotlab_jax.prune", f"--workdir={run_copy}", f"--out={out}"), fragment
         )
     assert not os.path.exists(os.path.join(run_copy, "pruned"))
+
+
+@pytest.mark.parametrize(
+    "module, flags, fragment",
+    [
+        ("cotlab_jax.main", [], "--config=configs/<file>.py is required"),
+        ("cotlab_jax.report", [], "--workdir is required"),
+        ("cotlab_jax.report", ["--workdir=x", "extra"], "unexpected arguments"),
+    ],
+)
+def test_missing_or_unexpected_arguments_are_one_line(module, flags, fragment):
+    """Not absl's usage text (the module's docstring) before the message."""
+    one_line_error(command(module, *flags), fragment, "--help lists the flags")
