@@ -4,8 +4,9 @@ prompts (no CoT, no special tokens); a depth-4, hidden-2048 Llama (245M paramete
 5e-5, batch 64, 3.2M tasks (50k steps), eval and checkpoint every 500 steps. A GPU/TPU job.
 
 The reference's batch is per DDP rank: `--config.train.reference_world_size=W` reproduces a run
-it made on W GPUs (global batch 64 x W, 50k / W steps). This lab computes in bfloat16 by default
-(the reference in float32: `--config.model.dtype=float32`); docs/tasks.md lists the differences.
+it made on W GPUs (global batch 64 x W, 50k / W steps). It computes in float32 at full precision,
+as the reference; `--config.model.dtype=bfloat16` is this lab's faster option on accelerators.
+docs/tasks.md lists where this lab differs.
 
 `python -m cotlab_jax.main --config=configs/default.py`
 """

@@ -170,7 +170,6 @@ CPU_SCALE = {
     "model.num_attention_heads": 4,
     "model.num_key_value_heads": 2,
     "model.head_dim": 16,
-    "model.dtype": "float32",
     "train.lr": 1e-3,
     "train.warmup_steps": 100,
     "train.lr_schedule": "cosine",
@@ -183,10 +182,17 @@ CPU_PER_DEVICE_BATCH = 32
 # Upper bounds at the cpu scale (a card's shorter run stays as it is).
 CPU_CAPS = {"train.n_tasks": 32 * 1000, "eval.n_eval_tasks": 256}
 SCALES = ("paper", "cpu")
-# For the printed estimate: sustained training throughput, FLOP/s. Paper scale: one H100 at
-# about 40% of its dense bfloat16 peak; cpu scale: the quickstart's whole-run rate on this lab's
-# 2-core CPU (6.7 TFLOP of training in 6 min 11 s).
-ASSUMED_FLOPS = {"paper": (4e14, "one H100 at ~40% MFU"), "cpu": (2e10, "a 2-core CPU")}
+# For the printed estimate: sustained training throughput, FLOP/s, by scale and compute dtype.
+# Paper scale: one H100 at about 40% of its dense peak (true float32, as the reference: 67
+# TFLOP/s; bfloat16: 989); cpu scale: the quickstart's whole-run rate on this lab's 2-core CPU
+# (6.7 TFLOP of training in 6 min 11 s, float32).
+ASSUMED_FLOPS = {
+    "paper": {
+        "float32": (2.7e13, "one H100 in float32 (~40% of its peak)"),
+        "bfloat16": (4e14, "one H100 in bfloat16 (~40% MFU)"),
+    },
+    "cpu": {"float32": (2e10, "a 2-core CPU"), "bfloat16": (2e10, "a 2-core CPU")},
+}
 
 
 def _apply(config, fields: dict) -> None:
@@ -203,7 +209,10 @@ def _usage(arg) -> str:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.2g} h" if seconds >= 3600 else f"{seconds / 60:.2g} min"
+    hours = seconds / 3600
+    if hours >= 10:
+        return f"{hours:,.0f} h"
+    return f"{hours:.2g} h" if hours >= 1 else f"{seconds / 60:.2g} min"
 
 
 def get_config(arg=None):
@@ -255,7 +264,7 @@ def describe(config, scale: str) -> str:
         )
         steps.add(member_steps)
         batches.add(member.train.batch_size)
-    rate, device = ASSUMED_FLOPS[scale]
+    rate, device = ASSUMED_FLOPS[scale][config.model.dtype]
     n_members = math.prod(len(values) for _, values in axes)
     swept = " x ".join(f"{path.split('.')[-1]} {tuple(values)}" for path, values in axes)
     return (

@@ -26,8 +26,8 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cotlab_jax import cli_errors, data, experiment, model, sharding
 from cotlab_jax import config as config_lib
-from cotlab_jax import data, experiment, model, sharding
 
 GiB = 1024**3
 
@@ -199,6 +199,7 @@ def write_json(result: dict, path: str) -> None:
         f.write("\n")
 
 
+@cli_errors.one_line  # a missing --config or an unwritable --out ends in one line
 def main(argv) -> None:
     from absl import app
 

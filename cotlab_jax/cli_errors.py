@@ -1,14 +1,16 @@
 """The commands' handling of what goes wrong: `@one_line` on a command's `main(argv)` turns the
 errors a user can cause (a damaged or missing run, a bad config, an unwritable path) into one
 line `error: ...` and a non-zero exit, no traceback, and keeps library INFO logs (orbax logs
-every checkpoint it opens) off the terminal; warnings and errors still show.
+every checkpoint it opens) off the terminal; warnings and errors still show. The write checks
+run before a command's work; the commands that read runs (`evaluate`, `export`, `report`) never
+write into a run or sweep directory, which may be training.
 """
 
 import functools
 import os
 import sys
 
-from absl import logging
+from absl import app, logging
 
 from cotlab_jax import config as config_lib
 
@@ -45,7 +47,8 @@ def quiet_libraries() -> None:
 
 
 def one_line(main):
-    """Wraps a command's `main(argv)` (see the module docstring)."""
+    """Wraps a command's `main(argv)` (see the module docstring); a missing or unexpected
+    argument (`app.UsageError`) is one line too."""
 
     @functools.wraps(main)
     def wrapped(argv):
@@ -54,6 +57,8 @@ def one_line(main):
             return main(argv)
         except KNOWN_ERRORS as error:
             sys.exit(f"error: {describe(error)}")
+        except app.UsageError as error:  # absl would print the module's docstring first
+            sys.exit(f"error: {error} (--help lists the flags)")
 
     return wrapped
 
@@ -91,3 +96,44 @@ def check_writable_dir(flag: str, path: str) -> None:
     why = _unwritable(path)
     if why:
         sys.exit(f"error: {flag}={path}: cannot write there ({why})")
+
+
+def is_run_directory(path: str) -> bool:
+    """Whether `path` holds a run (or a sweep) that a command must not write into."""
+    return any(
+        os.path.exists(os.path.join(path, name))
+        for name in ("config.json", "checkpoints", "metrics.jsonl", "sweep.json")
+    )
+
+
+def inside_run_directory(path: str) -> str | None:
+    """The run directory `path` is, or lies in (None if none)."""
+    path = os.path.abspath(path)
+    while True:
+        if os.path.isdir(path) and is_run_directory(path):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def outermost_run_directory(path: str) -> str:
+    """The outermost run or sweep directory that `path` lies in (a sweep holds its members' run
+    directories, at any depth); `path` itself (absolute) when none holds it."""
+    path = top = os.path.abspath(path)
+    while (parent := os.path.dirname(path)) != path:
+        path = parent
+        if is_run_directory(path):
+            top = path
+    return top
+
+
+def check_outside_runs(flag: str, path: str) -> None:
+    """Exits with one line if `path` is, or lies in, a run or sweep directory."""
+    run_dir = inside_run_directory(path)
+    if run_dir is not None:
+        sys.exit(
+            f"error: {flag}={path}: {run_dir} is a run directory, which this command never "
+            f"writes into; choose a path outside it"
+        )

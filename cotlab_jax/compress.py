@@ -213,7 +213,7 @@ def check_pipeline(workdir: str, config: ml_collections.ConfigDict) -> None:
     (the fields a run's relaunch may change excepted)."""
     path = os.path.join(workdir, PIPELINE_FILE)
     current = json.loads(config.to_json())
-    if not os.path.exists(path) and os.path.isdir(workdir) and rundir.is_run_directory(workdir):
+    if not os.path.exists(path) and os.path.isdir(workdir) and cli_errors.is_run_directory(workdir):
         raise rundir.RunError(
             f"--workdir={workdir} holds a run or a sweep; a pipeline needs a directory of its own"
         )

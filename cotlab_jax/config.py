@@ -66,8 +66,9 @@ def data_config() -> ml_collections.ConfigDict:
 
 def model_config() -> ml_collections.ConfigDict:
     """The Llama decoder. Defaults: the reference's depth-4, hidden-2048 model (its `Args()` and
-    `transformers.LlamaConfig`'s defaults); `dtype` is this lab's (the reference computes in
-    float32)."""
+    `transformers.LlamaConfig`'s defaults), computed as the reference computes, in float32 at
+    full precision (no autocast; torch's float32 matmuls are not TF32 by default). bfloat16
+    compute (`dtype="bfloat16"`) is faster on accelerators, and this lab's option."""
     return ml_collections.ConfigDict(
         dict(
             num_hidden_layers=4,
@@ -87,7 +88,7 @@ def model_config() -> ml_collections.ConfigDict:
             ),
             tie_word_embeddings=True,
             initializer_range=0.02,
-            dtype="bfloat16",  # compute dtype; parameters are always float32
+            dtype="float32",  # compute dtype ("float32" or "bfloat16"); parameters: float32
             remat_policy="none",  # "none", "full", or a jax.checkpoint_policies name
             attention_impl="auto",  # "auto" (cuDNN where offered), "xla", "cudnn"
             # "auto" (= "highest", true float32, with float32 dtype; JAX's default with bfloat16),

@@ -79,7 +79,7 @@ def load_checkpoint(workdir: str, step: int | str = "latest"):
 def check_export_target(out: str, overwrite: bool) -> None:
     """Exits with one line if `out` is (or lies in) a run directory, is a non-empty directory
     (unless `overwrite`), or cannot be written; checked before the checkpoint is read."""
-    run_dir = rundir.inside_run_directory(out)
+    run_dir = cli_errors.inside_run_directory(out)
     if run_dir is not None:
         raise SystemExit(f"--out={out}: {run_dir} is a run directory; export writes elsewhere")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:

@@ -84,11 +84,15 @@ class MetricsWriter:
     A failed write (a full disk) raises `MetricsWriteError`; the records written before it stay
     in the file (a partly written line is skipped when the file is read back)."""
 
-    def __init__(self, workdir: str, resume_step: int, tensorboard: bool = True):
+    def __init__(self, workdir: str, resume_step: int | None, tensorboard: bool = True):
+        """`resume_step`: the checkpoint the run goes on from (the records up to it are kept),
+        or None for a run that starts afresh and writes every record again, its step-0
+        records included."""
         self.path = os.path.join(workdir, "metrics.jsonl")
-        # A run (re)starting at step 0 writes its step-0 records again, so none is kept.
         kept = (
-            [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
+            []
+            if resume_step is None
+            else [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         )
         tmp = self.path + ".tmp"
         try:  # a new file replaces the old one whole, or not at all
@@ -105,8 +109,9 @@ class MetricsWriter:
         if tensorboard:  # imported here: tensorboardX pulls in torch, seconds of start-up
             from tensorboardX import SummaryWriter
         # purge_step hides events of an earlier attempt past the resume point.
+        purge_step = 0 if resume_step is None else resume_step + 1
         self._tb = (
-            SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
+            SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge_step)
             if tensorboard
             else None
         )

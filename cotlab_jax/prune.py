@@ -105,7 +105,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from cotlab_jax import data, experiment, export, model, rundir
+from cotlab_jax import cli_errors, data, experiment, export, model, rundir
 from cotlab_jax.config import ConfigError
 
 METHODS = ("osscar", "magnitude", "magnitude_refit")
@@ -785,12 +785,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("calibration_seed", 0, "The calibration tasks' key.")
 
 
+@cli_errors.one_line  # library logs off the terminal; a failed write ends in one line
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     if not f.workdir or not f.out:
         raise SystemExit("prune needs --workdir and --out")
+    export.check_export_target(f.out, overwrite=False)  # never into a run; before the work
     try:
         report = prune_run(
             f.workdir,

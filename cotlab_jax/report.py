@@ -1,8 +1,11 @@
 """`python -m cotlab_jax.report --workdir=DIR [--out_dir=OUT]`: a sweep's table and plots.
 
 DIR holds `sweep.json` (axes and members, each member a run directory) or is a single run
-(`config.json` + `metrics.jsonl`, reported as a one-member sweep with no axes). Writes to
-`DIR/report/` (or OUT): `summary.md` and `summary.csv` (one row per member: its swept values,
+(`config.json` + `metrics.jsonl`, reported as a one-member sweep with no axes). The command
+writes beside DIR, never into it (a run may be training there): to `DIR_report/` (for a sweep's
+member, `SWEEP_report/<member dir>/`), or to OUT, which must lie outside every run directory. A
+sweep's trainer writes its own final report into `DIR/report/`. The report: `summary.md` and
+`summary.csv` (one row per member: its swept values,
 status, steps, the last eval record's metrics, analysis metrics, train loss, parameters) and PNG
 plots: `accuracy_vs_steps.png`, `final_accuracy.png`, and where the runs logged them
 `accuracy_vs_k.png`, `analysis_over_steps.png` and `dag_heatmap_<member>.png`.
@@ -617,14 +620,25 @@ def write_plots(sweep: Sweep, out_dir: str) -> dict[str, str]:
     return {name: path for name, path in plots.items() if path is not None}
 
 
+def default_out_dir(workdir: str) -> str:
+    """Where the command writes unless told: beside the run or sweep, never in it:
+    `<WORKDIR>_report`, and for a member of a sweep `<SWEEP>_report/<member dir>`."""
+    path = os.path.abspath(workdir)
+    top = cli_errors.outermost_run_directory(path)
+    if top == path:
+        return top + "_report"
+    return os.path.join(top + "_report", os.path.relpath(path, top))
+
+
 def write_report(workdir: str, out_dir: str | None = None) -> dict:
-    """Writes the table (Markdown, CSV) and plots of the sweep or run in `workdir`.
+    """Writes the table (Markdown, CSV) and plots of the sweep or run in `workdir` to `out_dir`
+    (default: `default_out_dir(workdir)`).
 
     Returns {"out_dir", "markdown", "csv", "plots": {name: path}, "rows": table rows,
     "table": the table as text}. Raises ReportError if `workdir` holds no sweep and no run.
     """
     sweep = load_sweep(workdir)
-    out_dir = out_dir or os.path.join(workdir, "report")
+    out_dir = out_dir or default_out_dir(workdir)
     os.makedirs(out_dir, exist_ok=True)
     rows = _rows(sweep)
     table = markdown_table(rows)
@@ -640,7 +654,10 @@ def write_report(workdir: str, out_dir: str | None = None) -> dict:
 
 
 def run(workdir: str, out_dir: str | None = None) -> int:
-    """The command: writes the report and prints the table and where it went; 1 on error."""
+    """The command: writes the report (never into a run directory) and prints the table and
+    where it went; 1 on error."""
+    out_dir = out_dir or default_out_dir(workdir)
+    cli_errors.check_outside_runs("--out_dir", out_dir)
     try:
         report = write_report(workdir, out_dir)
     except ReportError as e:
@@ -648,7 +665,7 @@ def run(workdir: str, out_dir: str | None = None) -> int:
         return 1
     except OSError as e:  # an unwritable --out_dir
         print(
-            f"error: cannot write the report to {out_dir or workdir}: {cli_errors.describe(e)}",
+            f"error: cannot write the report to {out_dir}: {cli_errors.describe(e)}",
             file=sys.stderr,
         )
         return 1
@@ -664,6 +681,8 @@ def run(workdir: str, out_dir: str | None = None) -> int:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
     sys.exit(run(flags.FLAGS.workdir, flags.FLAGS.out_dir))
 
 
@@ -671,6 +690,11 @@ if __name__ == "__main__":
     # Flags are defined only when run as a command, so the trainer (whose main defines its own
     # --workdir) can import write_report.
     flags.DEFINE_string("workdir", None, "A sweep directory (sweep.json) or a single run.")
-    flags.DEFINE_string("out_dir", None, "Where to write the report; default WORKDIR/report.")
-    flags.mark_flag_as_required("workdir")
+    flags.DEFINE_string(
+        "out_dir",
+        None,
+        "Where to write the report, outside every run directory (a run may be training there). "
+        "Default: beside WORKDIR, in WORKDIR_report (for a sweep's member, "
+        "SWEEP_report/<member dir>).",
+    )
     app.run(main)

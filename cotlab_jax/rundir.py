@@ -194,19 +194,40 @@ def restore_state(manager: ocp.CheckpointManager, step: int, exp: experiment.Exp
     """(graphdef, the train state of checkpoint `step`) laid out over `exp.mesh`, whatever mesh
     wrote it: orbax reads each array into the target's sharding."""
     graphdef, target = experiment.abstract_state(exp)
+    _drop_abandoned_read_errors()
     try:
         return graphdef, manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as error:  # orbax and TensorStore report damage with many exception types
         lines = str(error).strip().splitlines()
+        # TensorStore appends its JSON specs to the message: the reason comes before them.
+        reason = (lines[0] if lines else "").split(" [tensorstore_spec")[0]
         raise DamagedCheckpointError(
             f"checkpoint step {step} in {manager.directory} is damaged or incomplete "
-            f"({type(error).__name__}: {lines[0] if lines else ''})"
+            f"({type(error).__name__}: {reason})"
         ) from None
 
 
+def _drop_abandoned_read_errors() -> None:
+    """When a restore fails, the TensorStore reads still in flight call back into orbax's event
+    loop, which is closed by then, and each prints a traceback ("Event loop is closed"). Those
+    errors, and only those, are dropped (installed once, before the first restore)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_errors", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook
+
+
 def restore_newest_valid(manager: ocp.CheckpointManager, workdir: str, exp: experiment.Experiment):
-    """(step, graphdef, state) of the newest checkpoint that restores; (0, None, None) if none
-    is left. Damaged newer ones are moved to `workdir/damaged_checkpoints` (kept for
+    """(step, graphdef, state) of the newest checkpoint that restores; (None, None, None) if
+    none is left. Damaged newer ones are moved to `workdir/damaged_checkpoints` (kept for
     inspection, out of the way of the saves that replace them) with a warning naming the steps
     to be recomputed."""
     for step in sorted(manager.all_steps(), reverse=True):
@@ -227,7 +248,7 @@ def restore_newest_valid(manager: ocp.CheckpointManager, workdir: str, exp: expe
             manager.reload()
             continue
         return step, graphdef, state
-    return 0, None, None
+    return None, None, None
 
 
 def frozen_eval_set(workdir: str, exp: experiment.Experiment) -> dict[str, np.ndarray]:
@@ -306,26 +327,6 @@ def load_run(
         world=world,
         workdir=workdir,
     )
-
-
-def is_run_directory(path: str) -> bool:
-    """Whether `path` holds a run (or a sweep) that a command must not write into."""
-    return any(
-        os.path.exists(os.path.join(path, name))
-        for name in ("config.json", "checkpoints", "metrics.jsonl", "sweep.json")
-    )
-
-
-def inside_run_directory(path: str) -> str | None:
-    """The run directory `path` is, or lies in (None if none)."""
-    path = os.path.abspath(path)
-    while True:
-        if os.path.isdir(path) and is_run_directory(path):
-            return path
-        parent = os.path.dirname(path)
-        if parent == path:
-            return None
-        path = parent
 
 
 def parse_step(step: str) -> int | str:

@@ -209,7 +209,7 @@ def write_index(config: ml_collections.ConfigDict, members: list[Member], workdi
         members=[dict(index=m.index, dir=m.name, values=m.values) for m in members],
     )
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
+        rundir.make_workdir(workdir)  # one line if it cannot be (a file, unwritable)
         rundir.write_json(os.path.join(workdir, "sweep.json"), index)
 
 
@@ -254,7 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if all(s != "pending" for _, s in final) and jax.process_index() == 0:
         from cotlab_jax import report as report_lib  # matplotlib, only when a report is due
 
-        report = report_lib.write_report(workdir)
+        report = report_lib.write_report(workdir, os.path.join(workdir, "report"))
         if config.sweep.packing == "size":
             evaluation = sweep_eval.evaluate_sweep(
                 workdir,

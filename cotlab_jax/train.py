@@ -41,8 +41,8 @@ def _write_failed(what: str, step: int, error: OSError, manager) -> WriteFailedE
     kept = manager.latest_step()
     return WriteFailedError(
         f"{what} at step {step} failed: {why}. Stopped; the run is intact up to "
-        f"{f'checkpoint {kept}' if kept else 'its start'}: free space and relaunch the same "
-        f"command to go on from there"
+        f"{'its start' if kept is None else f'checkpoint {kept}'}: free space and relaunch the "
+        f"same command to go on from there"
     )
 
 
@@ -71,22 +71,36 @@ class _Member:
         self.exp, self.workdir = exp, workdir
         self.eval_set = rundir.frozen_eval_set(workdir, exp)
         self.manager = rundir.checkpoint_manager(workdir, exp.config.train.keep_checkpoints)
-        # The newest checkpoint that restores (damaged newer ones are set aside, with a warning).
+        # The newest checkpoint that restores (damaged newer ones are set aside, with a warning);
+        # None: the run starts afresh. A step-0 checkpoint holds the initial state, a function
+        # of the seed that the program makes again, so only later ones are used.
         with jax.set_mesh(exp.mesh):
-            self.start, graphdef, state = rundir.restore_newest_valid(self.manager, workdir, exp)
-        self.restored = (graphdef, state) if self.start else None
+            self.checkpoint, graphdef, state = rundir.restore_newest_valid(
+                self.manager, workdir, exp
+            )
+        self.restored = (graphdef, state) if self.checkpoint else None
         self.writer = None
         self.failure = None  # the message, once the state went non-finite
         self.failed_step = None
         self.world = None  # made when the analyses first need it
         self.last_acc = "nan"  # for the progress bar
 
+    @property
+    def start(self) -> int:
+        """The step this run goes on from."""
+        return self.checkpoint or 0
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing of this run is kept: it evaluates and checkpoints its initial state first."""
+        return self.checkpoint is None
+
     def open_metrics(self) -> None:
         if jax.process_index() == 0:
             self.writer = MetricsWriter(
-                self.workdir, self.start, tensorboard=self.exp.config.log.tensorboard
+                self.workdir, self.checkpoint, tensorboard=self.exp.config.log.tensorboard
             )
-        if self.start == 0:  # a property of the task distribution, known before training
+        if self.fresh:  # a property of the task distribution, known before training
             coverage = analysis.eval_set_coverage(self.eval_set, self.exp.spec)
             self.log(0, "data", dict(token_coverage=coverage))
 
@@ -101,11 +115,16 @@ class _Member:
 
     def save(self, step: int, state) -> None:
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state))
+            saved = self.manager.save(step, args=ocp.args.StandardSave(state))
         except OSError as error:
             raise _write_failed(
                 f"saving the checkpoint of {self.workdir}", step, error, self.manager
             ) from None
+        if not saved:  # orbax skips a step at or before its newest checkpoint
+            raise rundir.RunError(
+                f"the checkpoint of step {step} in {self.workdir} was not saved: orbax "
+                f"declined it (checkpoints there: {sorted(self.manager.all_steps())})"
+            )
 
     def evaluate(self, graphdef, params, step: int, final: bool) -> None:
         """Logs the evaluation on the frozen eval set (at the end also over example counts),
@@ -216,7 +235,7 @@ def _single_program(member: _Member, build_step: StepBuilder) -> experiment.Prog
             (graphdef, state), member.restored = member.restored, None
         else:
             graphdef, state = experiment.init_state(exp)
-        state, step_fn = build_step(exp, graphdef, state, bool(member.start))
+        state, step_fn = build_step(exp, graphdef, state, member.start > 0)
     return experiment.Program(
         graphdef=graphdef,
         state=state,
@@ -294,21 +313,13 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
     for config, workdir in runs:
         rundir.prepare_workdir(workdir, config, allow_config_change)
     members = [_Member(exp, workdir) for exp, (_, workdir) in zip(exps, runs, strict=True)]
-    starts = sorted({m.start for m in members})
-    if len(starts) > 1:
-        raise rundir.RunError(
-            f"members packed together must resume from one step; their "
-            f"checkpoints are at steps {starts}"
-        )
-    start = starts[0]
+    start = _align_pack(members)
     exp = exps[0]  # the schedule and the mesh are shared
     if len(members) > 1 and build_step is not train_step_builder:
         raise ValueError("a pack of runs trains with the train step only")
     if len(members) == 1:
         program = _single_program(members[0], build_step)
     else:
-        for m in members:
-            m.restored = None  # the pack restores its stacked state itself
         program = packed.program(exps, [m.manager for m in members], start)
     periods = dict(
         log=exp.config.train.log_every_n_steps,
@@ -317,6 +328,7 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
     )
     for m in members:
         m.open_metrics()
+    fresh = [i for i, m in enumerate(members) if m.fresh]
     bar = tqdm(
         total=exp.total_steps,
         initial=start,
@@ -325,15 +337,23 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
         disable=not exp.config.log.progress_bar or jax.process_index() != 0,
     )
     state, step = program.state, start
-    window_start = time.perf_counter()
     try:
         with _Preemption() as preemption, jax.set_mesh(exp.mesh):
+            # As the reference, a fresh run is evaluated and checkpointed at step 0, before its
+            # first step (a relaunch after that checkpoint keeps the step-0 records).
+            if fresh:
+                member_states = {i: program.member_state(state, i) for i in fresh}
+                _evaluate_and_save(members, member_states, program.graphdef, 0, {"eval", "save"})
+            window_start = time.perf_counter()
             while step < exp.total_steps and any(m.failure is None for m in members):
                 state = program.step(state)
                 step += 1
                 bar.update(1)
                 due = due_actions(step, exp.total_steps, periods)
-                if preemption.requested:
+                # Read once: a SIGTERM handled later in this iteration (at the blocking reads
+                # below) waits for the next step, so the message below never goes unsaved.
+                preempted = preemption.requested
+                if preempted:
                     due.add("save")
                 if not due:
                     continue
@@ -349,26 +369,12 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
                 ]
                 if "log" in due:
                     window_start = _log_windows(members, active, own, step, window_start, bar)
-                member_states = (
-                    {i: program.member_state(state, i) for i in active}
-                    if due & {"eval", "save"}
-                    else {}
-                )
-                # Evaluate before checkpointing: a run resumed from step s has its records up
-                # to s, the evaluation at s included.
-                if "eval" in due:
-                    for i in active:
-                        members[i].evaluate(
-                            program.graphdef,
-                            member_states[i]["params"],
-                            step,
-                            final=step == exp.total_steps,
-                        )
+                if due & {"eval", "save"}:
+                    member_states = {i: program.member_state(state, i) for i in active}
+                    final = step == exp.total_steps
+                    _evaluate_and_save(members, member_states, program.graphdef, step, due, final)
                     window_start = time.perf_counter()  # keeps eval time out of tokens/s
-                if "save" in due:
-                    for i in active:
-                        members[i].save(step, member_states[i])
-                if preemption.requested:
+                if preempted:
                     for m in members:
                         m.manager.wait_until_finished()
                     bar.close()
@@ -389,6 +395,50 @@ def _train_locked(runs, exps, build_step: StepBuilder, allow_config_change: bool
         else rundir.write_results(m.exp.config, m.workdir, step, n_params)
         for m in members
     ]
+
+
+def _align_pack(members: list[_Member]) -> int:
+    """The step the members go on from together: the newest step that every one of them has
+    a checkpoint of, no later than any member's newest valid one. Members can stand at other
+    steps when a damaged checkpoint was set aside; one ahead removes its newer checkpoints
+    (the pack recomputes them, with the same numbers), with a warning naming the steps."""
+    if len(members) == 1:
+        return members[0].start
+    newest = min(m.start for m in members)
+    shared = set.intersection(*(set(m.manager.all_steps()) for m in members))
+    start = max((s for s in shared if s <= newest), default=0)
+    for m in members:
+        ahead = sorted(s for s in m.manager.all_steps() if s > start)
+        if ahead:
+            rundir.warn(
+                f"{m.workdir}: going back to step {start}, the newest checkpoint that every "
+                f"member of its pack has: steps {start + 1}-{m.start} are recomputed (its "
+                f"newer checkpoints, {', '.join(map(str, ahead))}, are removed)"
+            )
+            for step in ahead:
+                m.manager.delete(step)
+        m.checkpoint = start if start in m.manager.all_steps() else None
+        m.restored = None  # the pack restores its stacked state itself
+    return start
+
+
+def _evaluate_and_save(
+    members: list[_Member],
+    member_states: dict,
+    graphdef,
+    step: int,
+    due: set[str],
+    final: bool = False,
+) -> None:
+    """The due evaluations and checkpoints of step `step` for the members in `member_states`
+    (index -> its state). Evaluations come first: a run resumed from checkpoint s has its
+    records up to s, the evaluation at s included."""
+    if "eval" in due:
+        for i, member_state in member_states.items():
+            members[i].evaluate(graphdef, member_state["params"], step, final=final)
+    if "save" in due:
+        for i, member_state in member_states.items():
+            members[i].save(step, member_state)
 
 
 def _log_windows(

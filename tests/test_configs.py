@@ -562,6 +562,10 @@ def test_default_is_the_reference_run():
     assert (config.train.lr, config.train.weight_decay) == (5e-5, 0.01)
     shapes = jax.eval_shape(lambda: model.init(exp.model_config, experiment.model_key(0))[1])
     assert round(model.count_params(shapes) / 1e6) == 245  # the reference's depth-4 model
+    # The reference's arithmetic: float32 compute, every product at full float32 precision.
+    assert exp.model_config.dtype == "float32"
+    assert exp.model_config.resolved_matmul_precision == "highest"
+    assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {np.dtype("float32")}
 
 
 def test_quickstart_dag_is_the_documented_one():

@@ -100,7 +100,7 @@ def test_export_refuses_a_damaged_checkpoint(exported, tmp_path, damage):
 def test_export_refuses_missing_runs_and_steps(exported, tmp_path):
     with pytest.raises(SystemExit, match="no such directory"):
         export.export_run(str(tmp_path / "nothing"), str(tmp_path / "hf"))
-    with pytest.raises(SystemExit, match=r"no checkpoint at step 7; it has \[10\]"):
+    with pytest.raises(SystemExit, match=r"no checkpoint at step 7; it has \[0, 10\]"):
         export.export_run(exported[0], str(tmp_path / "hf"), step=7)
 
 
@@ -123,5 +123,5 @@ def test_command_line_refuses_in_one_line(exported, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr  # above it, only orbax's log lines
     assert result.stderr.strip().splitlines()[-1] == (
-        f"cannot load the run: {exported[0]} has no checkpoint at step 3; it has [10]"
+        f"cannot load the run: {exported[0]} has no checkpoint at step 3; it has [0, 10]"
     )

@@ -112,7 +112,9 @@ def test_relaunch_after_a_damaged_checkpoint_and_metrics_line_ends_as_uninterrup
     """A garbled metrics line and a truncated latest checkpoint: the relaunch falls back to
     checkpoint 30, recomputes 31-40 and ends with the uninterrupted run's records and results."""
     metrics_path = os.path.join(run_copy, "metrics.jsonl")
-    garble_line(metrics_path, 3)  # the step-10 train record
+    with open(metrics_path) as f:
+        line = 1 + [json.loads(x)["step"] for x in f].index(10)  # the step-10 train record
+    garble_line(metrics_path, line)
     checkpoint = os.path.join(run_copy, "checkpoints", "40")
     for directory, _, names in os.walk(checkpoint):  # every array data file, cut to a third
         for name in names:
@@ -123,7 +125,7 @@ def test_relaunch_after_a_damaged_checkpoint_and_metrics_line_ends_as_uninterrup
     os.remove(os.path.join(run_copy, "results.json"))
     train.train_and_evaluate(tiny_config(), run_copy)
     err = capfd.readouterr().err
-    assert "skipped unreadable line(s) 3 " in err, err
+    assert f"skipped unreadable line(s) {line} " in err, err
     assert "checkpoint step 40" in err and "steps 31-40 are recomputed" in err, err
     expected = [r for r in records(trained_run) if not (r["step"] == 10 and r["kind"] == "train")]
     assert records(run_copy) == expected, err
@@ -188,6 +190,30 @@ def test_readers_never_touch_a_save_in_progress(run_copy, tmp_path):
     assert result["step"] == 40
     assert os.path.isdir(in_progress)
     assert not filecmp.dircmp(os.path.join(checkpoints, "40"), in_progress).diff_files
+
+
+def _snapshot(directory) -> dict:
+    """Every file (its bytes) and directory under `directory`, by relative path."""
+    tree = {}
+    for where, dirs, names in os.walk(directory):
+        for name in dirs:
+            tree[os.path.relpath(os.path.join(where, name), directory)] = "dir"
+        for name in names:
+            path = os.path.join(where, name)
+            with open(path, "rb") as f:
+                tree[os.path.relpath(path, directory)] = f.read()
+    return tree
+
+
+def test_evaluate_export_and_report_leave_the_run_byte_identical(run_copy, tmp_path, capsys):
+    before = _snapshot(run_copy)
+    assert evaluate_cli.run_cli(run_copy, "latest")["step"] == 40
+    export.export_run(run_copy, str(tmp_path / "hf"))
+    assert report.run(run_copy) == 0  # by default beside the run
+    assert f"Report written to {run_copy}_report " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="is a run directory, which this command never"):
+        report.run(run_copy, os.path.join(run_copy, "report"))
+    assert _snapshot(run_copy) == before
 
 
 def test_evaluate_on_a_run_without_checkpoints_writes_nothing(run_copy):
@@ -378,3 +404,40 @@ def test_evaluate_keeps_library_logs_off_the_terminal(run_copy, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.strip() == "", result.stderr[-3000:]
+
+
+def test_more_commands_answer_bad_input_in_one_line(run_copy, tmp_path):
+    """Found by probing: a sweep whose workdir is a file, evaluate --out into the run, prune
+    --out into the run or under a file."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    sweep_config = os.path.join(ROOT, "tests", "configs", "tiny_sweep.py")
+    one_line_error(
+        command("cotlab_jax.main", f"--config={sweep_config}", f"--workdir={blocker}"),
+        f"cannot write to workdir {blocker}",
+    )
+    inside = os.path.join(run_copy, "result.json")
+    with pytest.raises(SystemExit, match="is a run directory, which this command never"):
+        evaluate_cli.run_cli(run_copy, "latest", out=inside)
+    assert not os.path.exists(inside)
+    for out, fragment in (
+        (os.path.join(run_copy, "pruned"), "is a run directory"),
+        (str(blocker / "pruned"), "cannot write there"),
+    ):
+        one_line_error(
+            command("cotlab_jax.prune", f"--workdir={run_copy}", f"--out={out}"), fragment
+        )
+    assert not os.path.exists(os.path.join(run_copy, "pruned"))
+
+
+@pytest.mark.parametrize(
+    "module, flags, fragment",
+    [
+        ("cotlab_jax.main", [], "--config=configs/<file>.py is required"),
+        ("cotlab_jax.report", [], "--workdir is required"),
+        ("cotlab_jax.report", ["--workdir=x", "extra"], "unexpected arguments"),
+    ],
+)
+def test_missing_or_unexpected_arguments_are_one_line(module, flags, fragment):
+    """Not absl's usage text (the module's docstring) before the message."""
+    one_line_error(command(module, *flags), fragment, "--help lists the flags")

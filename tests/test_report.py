@@ -293,9 +293,9 @@ def test_plots(sweep):
     }
     assert set(out["plots"]) == expected
     for name, path in out["plots"].items():
-        assert path == os.path.join(root, "report", name + ".png")
+        assert path == os.path.join(f"{root}_report", name + ".png")  # beside the sweep
         assert_png(path)
-    assert sorted(os.listdir(os.path.join(root, "report"))) == sorted(
+    assert sorted(os.listdir(f"{root}_report")) == sorted(
         [n + ".png" for n in expected] + ["summary.csv", "summary.md"]
     )
 
@@ -375,3 +375,32 @@ def test_cli(sweep, tmp_path):
     assert result.returncode == 0, result.stderr
     assert out["table"] in result.stdout and f"Report written to {tmp_path}" in result.stdout
     assert _text(tmp_path / "summary.csv") == _text(out["csv"])
+
+
+def _snapshot(directory) -> dict:
+    """Every file (its bytes) and directory under `directory`, by relative path."""
+    tree = {}
+    for where, dirs, names in os.walk(directory):
+        for name in dirs:
+            tree[os.path.relpath(os.path.join(where, name), directory)] = "dir"
+        for name in names:
+            path = os.path.join(where, name)
+            with open(path, "rb") as f:
+                tree[os.path.relpath(path, directory)] = f.read()
+    return tree
+
+
+def test_the_command_writes_beside_a_sweep_and_its_members_never_in_them(tmp_path, capsys):
+    root = tmp_path / "vocab"
+    write_sweep(str(root))
+    before = _snapshot(root)
+    assert report.run(str(root)) == 0
+    assert f"Report written to {root}_report " in capsys.readouterr().out
+    assert os.path.exists(f"{root}_report/summary.csv")
+    member = root / "members" / "000"
+    assert report.run(str(member)) == 0
+    assert os.path.exists(f"{root}_report/members/000/summary.csv")
+    for inside in (root / "report", member / "plots"):
+        with pytest.raises(SystemExit, match="is a run directory, which this command never"):
+            report.run(str(member), str(inside))
+    assert _snapshot(root) == before

@@ -88,7 +88,7 @@ def test_run_directory_and_metrics(finished_run):
     assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.3
     assert all(r["n_cot"] > 0 and r["n_direct"] == 0 for r in train_recs)
     eval_recs = [r for r in recs if r["kind"] == "eval"]
-    assert [r["step"] for r in eval_recs] == [20, 40]
+    assert [r["step"] for r in eval_recs] == [0, 20, 40]  # step 0: before training
     with open(os.path.join(finished_run, "results.json")) as f:
         results = json.load(f)
     assert results["step"] == 40
@@ -164,6 +164,43 @@ def test_sigterm_saves_and_exits_cleanly(finished_run, tmp_path):
     saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert saved[-1] == step > 10
     assert max(r["step"] for r in records(workdir)) <= step
+
+
+# Runs the main command in a process that sends itself SIGTERM while the loop reads step 15's
+# training window (its third log step, not a checkpoint step): the moment a signal lands when
+# a step's blocking reads wait on the device.
+_SIGTERM_AT_STEP_15 = """
+import os, runpy, signal, sys
+import jax
+real_device_get, reads = jax.device_get, []
+def device_get(tree):
+    host = real_device_get(tree)
+    if isinstance(tree, dict) and "nonfinite_step" in tree:
+        reads.append(1)
+        if len(reads) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return host
+jax.device_get = device_get
+sys.argv = ["main"] + sys.argv[1:]
+runpy.run_module("cotlab_jax.main", run_name="__main__")
+"""
+
+
+def test_sigterm_landing_mid_step_saves_the_step_it_reports(tmp_path):
+    workdir = str(tmp_path / "preempted")
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AT_STEP_15, *main_command(workdir)[3:]],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    step = int(result.stdout.split("Preempted (SIGTERM) at step ")[1].split(";")[0])
+    assert step == 16  # the signal is acted on at the next step
+    assert rundir.latest_checkpoint(workdir) == step
+    assert max(r["step"] for r in records(workdir)) == 15  # nothing logged at 16
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -436,8 +473,9 @@ def test_standalone_evaluation_on_a_tfds_dataset(special_token_run, tmp_path):
 
 
 def test_metrics_writer_keeps_each_step_once(tmp_path):
-    """A run restarted from step 0 (killed before its first checkpoint) rewrites its step-0
-    records; a resumed one keeps them and drops what came after its checkpoint."""
+    """A run started afresh (killed before its step-0 checkpoint) rewrites its step-0 records;
+    a resumed one, from checkpoint 0 too, keeps them and drops what came after its
+    checkpoint."""
     from cotlab_jax.metrics import MetricsWriter
 
     def attempt(resume_step, steps):
@@ -447,6 +485,40 @@ def test_metrics_writer_keeps_each_step_once(tmp_path):
         writer.close()
         return [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))]
 
-    assert attempt(0, [0, 5, 10]) == [0, 5, 10]
-    assert attempt(0, [0, 5]) == [0, 5]
+    assert attempt(None, [0, 5, 10]) == [0, 5, 10]
+    assert attempt(None, [0, 5]) == [0, 5]
+    assert attempt(0, [5]) == [0, 5]
     assert attempt(5, [10, 15]) == [0, 5, 10, 15]
+
+
+class _KilledError(Exception):
+    """Stands for a kill right after the step-0 checkpoint, before the first step."""
+
+
+def _dies_at_the_first_step(exp, graphdef, state, resumed):
+    def die(*args):
+        raise _KilledError
+
+    return state, die
+
+
+def test_step_0_is_evaluated_and_checkpointed_once(tmp_path):
+    """As the reference, a run evaluates and checkpoints its initial state before the first
+    step; one killed right after resumes from checkpoint 0 without evaluating it again and
+    ends with the uninterrupted run's records."""
+    config = tiny_config()
+    config.train.n_tasks = 8 * 20
+    uninterrupted, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    train.train_and_evaluate(config, uninterrupted)
+    with pytest.raises(_KilledError):
+        train.train_and_evaluate(config, killed, _dies_at_the_first_step)
+    assert rundir.latest_checkpoint(killed) == 0
+    assert [(r["step"], r["kind"]) for r in records(killed)] == [(0, "data"), (0, "eval")]
+    initial = rundir.load_run(killed, step=0).params
+    _, state = experiment.init_state(experiment.setup(config))
+    fresh = jax.tree.leaves(state["params"])
+    for saved, made in zip(jax.tree.leaves(initial), fresh, strict=True):
+        np.testing.assert_array_equal(np.asarray(saved), np.asarray(made))
+    train.train_and_evaluate(config, killed)
+    assert records(killed) == records(uninterrupted)
+    assert [r["step"] for r in records(killed) if r["kind"] == "eval"] == [0, 20]

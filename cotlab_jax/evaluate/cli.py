@@ -296,6 +296,7 @@ def run_cli(
     if eval_dataset is not None and not os.path.isdir(eval_dataset):
         raise SystemExit(f"--eval_dataset={eval_dataset}: no such directory")
     if out is not None:
+        cli_errors.check_outside_runs("--out", out)
         cli_errors.check_writable_file("--out", out)
     try:
         loaded = rundir.load_run(workdir, rundir.parse_step(step))
@@ -437,7 +438,7 @@ def run_sweep_cli(sweep_dir: str, step: str, out: str | None, **options) -> dict
         example_counts = ",".join(example_counts)  # --example_counts is a list of strings
     if out is not None:
         cli_errors.check_writable_file("--out", out)
-        inside = rundir.inside_run_directory(os.path.dirname(os.path.abspath(out)))
+        inside = cli_errors.inside_run_directory(os.path.dirname(os.path.abspath(out)))
         if inside is not None:
             raise SystemExit(
                 f"--out={out} lies in the run or sweep directory {inside}; evaluation never "
