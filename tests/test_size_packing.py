@@ -285,7 +285,7 @@ def test_a_depth_sweep_evaluated_size_packed_equals_each_member_alone(depth_swee
 
 def test_sweep_evaluation_refuses_to_write_into_the_sweep(depth_sweep_dir):
     out = os.path.join(depth_sweep_dir, "result.json")
-    with pytest.raises(SystemExit, match="evaluation never writes there"):
+    with pytest.raises(SystemExit, match="never writes into"):
         evaluate_cli.run_sweep_cli(depth_sweep_dir, "latest", out, answer_rule="reference")
     assert not os.path.exists(out)
 

@@ -438,12 +438,7 @@ def run_sweep_cli(sweep_dir: str, step: str, out: str | None, **options) -> dict
         example_counts = ",".join(example_counts)  # --example_counts is a list of strings
     if out is not None:
         cli_errors.check_writable_file("--out", out)
-        inside = cli_errors.inside_run_directory(os.path.dirname(os.path.abspath(out)))
-        if inside is not None:
-            raise SystemExit(
-                f"--out={out} lies in the run or sweep directory {inside}; evaluation never "
-                f"writes there: choose a path outside it"
-            )
+        cli_errors.check_outside_runs("--out", out)
     try:
         rundir.parse_step(step)
         result = sweep_eval.evaluate_sweep(
