@@ -145,7 +145,7 @@ class LlamaConfig:
     rope_scaling: Llama3RopeScaling | None = Llama3RopeScaling()
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
-    dtype: str = "bfloat16"
+    dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str = "auto"
     matmul_precision: str = "auto"
@@ -484,7 +484,9 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs.params(), (d, kv, hd), ("embed", "kv_heads", "head_dim"), std)
         self.o_proj = _param(rngs.params(), (h, hd, d), ("heads", "head_dim", "embed"), std)
 
-    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention, cpu, sizes):
+    def __call__(
+        self, x, positions, mask, kv_cache, cache_index, return_attention, cpu, sizes=None
+    ):
         """x [B, L, D]; mask [B, 1, L, S] (True = attend); kv_cache None or (k, v) [B, S, KV, hd].
 
         Without a cache the keys are this call's tokens (S = L); with one, this call's keys and
@@ -563,7 +565,9 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, positions, mask, kv_cache, cache_index, return_attention, cpu, sizes):
+    def __call__(
+        self, x, positions, mask, kv_cache, cache_index, return_attention, cpu, sizes=None
+    ):
         width = None if sizes is None else sizes.hidden_size
         attended, kv, probs = self.self_attn(
             self.input_layernorm(x, width),

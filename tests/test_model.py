@@ -24,7 +24,7 @@ def test_from_config_gives_the_reference_model():
     assert sizes == (4, 2048, 8192)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (32, 8, 64)
     assert config.rope_scaling == model.Llama3RopeScaling(1.0, 1.0, 4.0, 1000)
-    assert config.tie_word_embeddings and config.dtype == "bfloat16"
+    assert config.tie_word_embeddings and config.dtype == "float32"
 
 
 def test_from_config_reads_default_rope_and_derives_head_dim():
