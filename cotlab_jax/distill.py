@@ -51,8 +51,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
-from cotlab_jax import config as config_lib
 from cotlab_jax import (
+    cli_errors,
     config_flag,
     data,
     decode,
@@ -65,6 +65,7 @@ from cotlab_jax import (
     sharding,
     train,
 )
+from cotlab_jax import config as config_lib
 
 # fold_in tag of distillation's own randomness (which steps are on policy, their samples).
 DISTILL_STREAM = 17
@@ -502,4 +503,7 @@ def main(argv, flag_values: dict) -> None:
 
 if __name__ == "__main__":
     _FLAGS = define_flags()
-    app.run(functools.partial(main, flag_values=_FLAGS), flags_parser=config_flag.parse_flags)
+    app.run(
+        cli_errors.one_line(functools.partial(main, flag_values=_FLAGS)),
+        flags_parser=config_flag.parse_flags,
+    )

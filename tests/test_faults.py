@@ -436,8 +436,18 @@ def test_more_commands_answer_bad_input_in_one_line(run_copy, tmp_path):
         ("cotlab_jax.main", [], "--config=configs/<file>.py is required"),
         ("cotlab_jax.report", [], "--workdir is required"),
         ("cotlab_jax.report", ["--workdir=x", "extra"], "unexpected arguments"),
+        ("cotlab_jax.distill", [], "--config is required"),
     ],
 )
 def test_missing_or_unexpected_arguments_are_one_line(module, flags, fragment):
     """Not absl's usage text (the module's docstring) before the message."""
     one_line_error(command(module, *flags), fragment, "--help lists the flags")
+
+
+@pytest.mark.parametrize("flag", ["--batch_size=0", "--repeats=-3", "--batch_size=many"])
+def test_benchmark_counts_must_be_positive(flag):
+    """An empty or zero-division table is not a measurement: argparse's one usage error."""
+    result = command("cotlab_jax.bench", "sampler", flag)
+    assert result.returncode == 2
+    assert "expected a positive integer" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from cotlab_jax.bench import positive_int
+
 # label -> (benchmark, flags); each writes <out_dir>/<label>.json.
 PLANS = {
     "cpu": {
@@ -148,7 +150,7 @@ def main(argv):
     )
     parser.add_argument("--size", default="auto", choices=("auto", *PLANS))
     parser.add_argument("--only", default="", help="comma-separated labels of the plan to run")
-    parser.add_argument("--timeout_s", type=int, default=900, help="per benchmark")
+    parser.add_argument("--timeout_s", type=positive_int, default=900, help="per benchmark")
     parser.add_argument("--out_dir", default="bench_results")
     args = parser.parse_args(argv[1:])
     devices = probe_devices()

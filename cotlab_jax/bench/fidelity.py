@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cotlab_jax import data, evaluate, experiment, torch_twin
+from cotlab_jax.bench import positive_int
 from cotlab_jax.bench.train import load_config
 
 
@@ -37,15 +38,17 @@ def main(argv):
     )
     parser.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="train steps (default: the config's); the schedule spans them",
     )
-    parser.add_argument("--evals", type=int, default=4, help="evaluations after step 0")
-    parser.add_argument("--n_eval_tasks", type=int, default=None, help="overrides the config's")
+    parser.add_argument("--evals", type=positive_int, default=4, help="evaluations after step 0")
+    parser.add_argument(
+        "--n_eval_tasks", type=positive_int, default=None, help="overrides the config's"
+    )
     parser.add_argument(
         "--torch_threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch's intra-op threads (more spin against JAX's on a busy CPU)",
     )

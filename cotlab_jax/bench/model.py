@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from cotlab_jax import data, decode, model, sharding
+from cotlab_jax.bench import positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +288,9 @@ def main(argv: list[str]) -> None:
         action="store_true",
         help="side by side with PyTorch on the CPU, float32 (needs torch and transformers)",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs after the warm-up")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed runs after the warm-up"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(model.DTYPES))
     parser.add_argument("--remat_policy", default="none", choices=model.REMAT_POLICIES)
     parser.add_argument("--attention_impl", default="auto", choices=model.ATTENTION_IMPLS)

@@ -23,6 +23,7 @@ import numpy as np
 
 from cotlab_jax import config as config_lib
 from cotlab_jax import model, prune
+from cotlab_jax.bench import positive_int
 
 
 def random_model(config: model.LlamaConfig, seed: int):
@@ -90,11 +91,15 @@ def main(argv):
         default="1024,2048,4096,8192",
         help="comma-separated MLP widths (intermediate_size)",
     )
-    parser.add_argument("--layers", type=int, default=1, help="model depth (4: the 245M model)")
-    parser.add_argument("--tasks", type=int, default=128, help="calibration tasks")
+    parser.add_argument(
+        "--layers", type=positive_int, default=1, help="model depth (4: the 245M model)"
+    )
+    parser.add_argument("--tasks", type=positive_int, default=128, help="calibration tasks")
     parser.add_argument("--mlp_keep", type=float, default=0.5)
     parser.add_argument("--method", default="osscar", choices=prune.METHODS)
-    parser.add_argument("--chunk_size", type=int, default=16, help="tasks per forward call")
+    parser.add_argument(
+        "--chunk_size", type=positive_int, default=16, help="tasks per forward call"
+    )
     parser.add_argument("--dtype", default="float32", choices=sorted(model.DTYPES))
     parser.add_argument("--out", default="bench_results/prune.json")
     args = parser.parse_args(argv[1:])

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from cotlab_jax import decode, model, quantize
+from cotlab_jax.bench import positive_int
 from cotlab_jax.bench.model import SHAPES, llama_config
 
 DENSE = "dense"
@@ -32,7 +33,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--schemes", default=",".join(quantize.SCHEMES), help="comma-separated, besides dense"
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed rounds after the warm-up"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(model.DTYPES))
     parser.add_argument("--attention_impl", default="auto", choices=model.ATTENTION_IMPLS)
     parser.add_argument("--out", default="bench_results/quantize.json")

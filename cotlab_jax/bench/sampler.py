@@ -17,6 +17,7 @@ import numpy as np
 
 from cotlab_jax import config as config_lib
 from cotlab_jax import data, numpy_reference
+from cotlab_jax.bench import positive_int
 
 RECIPE = {"type": "power_law", "initial_prob": 0.0, "final_prob": 1.0, "alpha": 1.0, "scale": 1.0}
 
@@ -78,10 +79,16 @@ def time_numpy(spec, n_tasks, repeats):
 
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m cotlab_jax.bench sampler")
-    parser.add_argument("--batch_size", type=int, default=1024, help="tasks per jitted call")
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls; the median counts")
-    parser.add_argument("--numpy_tasks", type=int, default=20, help="tasks per NumPy repeat")
-    parser.add_argument("--numpy_repeats", type=int, default=3)
+    parser.add_argument(
+        "--batch_size", type=positive_int, default=1024, help="tasks per jitted call"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=7, help="timed calls; the median counts"
+    )
+    parser.add_argument(
+        "--numpy_tasks", type=positive_int, default=20, help="tasks per NumPy repeat"
+    )
+    parser.add_argument("--numpy_repeats", type=positive_int, default=3)
     parser.add_argument("--out", default="bench_results/sampler.json")
     args = parser.parse_args(argv[1:])
 

@@ -33,6 +33,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cotlab_jax import aot, config, data, evaluate, losses, model, sharding, size_packing
+from cotlab_jax.bench import positive_int
 
 WIDTHS = {
     "cpu": dict(
@@ -301,11 +302,15 @@ def main(argv):
     parser = argparse.ArgumentParser(prog="python -m cotlab_jax.bench size_packing")
     parser.add_argument("--depths", default="4,8,12")
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--batch_size", type=int, default=4, help="eval tasks per member (CPU)")
-    parser.add_argument("--train_batch_size", type=int, default=4)
-    parser.add_argument("--aot_batch_size", type=int, default=64, help="eval tasks, TPU AOT")
+    parser.add_argument(
+        "--batch_size", type=positive_int, default=4, help="eval tasks per member (CPU)"
+    )
+    parser.add_argument("--train_batch_size", type=positive_int, default=4)
+    parser.add_argument(
+        "--aot_batch_size", type=positive_int, default=64, help="eval tasks, TPU AOT"
+    )
     parser.add_argument("--topology", default="v5e:2x2")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--out", default="bench_results/size_packing.json")
     args = parser.parse_args(argv[1:])
     cases = args.cases.split(",")

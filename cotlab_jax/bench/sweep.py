@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from cotlab_jax import data, experiment, packed
+from cotlab_jax.bench import positive_int
 from cotlab_jax.bench.train import load_config
 
 
@@ -30,18 +31,23 @@ def _time(fn, state, steps: int):
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m cotlab_jax.bench sweep")
     parser.add_argument("--config", default="configs/quickstart.py")
-    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--members", type=positive_int, default=8)
     parser.add_argument(
         "--hidden_size",
-        type=int,
+        type=positive_int,
         default=64,
         help="overrides the config's model width (small models gain most)",
     )
     parser.add_argument(
-        "--num_hidden_layers", type=int, default=None, help="overrides the config's model depth"
+        "--num_hidden_layers",
+        type=positive_int,
+        default=None,
+        help="overrides the config's model depth",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; medians count")
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed rounds; medians count"
+    )
+    parser.add_argument("--steps", type=positive_int, default=3, help="steps per timed round")
     parser.add_argument("--out", default="bench_results/sweep.json")
     args = parser.parse_args(argv[1:])
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from cotlab_jax import cli_errors, data, experiment
+from cotlab_jax.bench import positive_int
 
 
 def load_config(path: str):
@@ -29,9 +30,13 @@ def load_config(path: str):
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m cotlab_jax.bench train")
     parser.add_argument("--config", default="configs/quickstart.py")
-    parser.add_argument("--batch_size", type=int, default=None, help="overrides the config's")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; medians count")
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument(
+        "--batch_size", type=positive_int, default=None, help="overrides the config's"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=7, help="timed rounds; medians count"
+    )
+    parser.add_argument("--steps", type=positive_int, default=5, help="steps per timed round")
     parser.add_argument("--out", default="bench_results/train.json")
     args = parser.parse_args(argv[1:])
 
