@@ -307,3 +307,30 @@ def test_a_finished_size_packed_sweep_writes_its_evaluation(depth_sweep_dir, tmp
     assert written["programs"] == expected["programs"]
     # The same programs on the same inputs: the same numbers (JSON keeps floats exactly).
     assert written["members"] == expected["members"]
+
+
+def test_a_masked_layer_is_the_identity_whatever_it_holds():
+    """The layer mask, not zero padding, makes a padded layer the identity: random weights in
+    the shallow member's padded layer leave its logits as they were alone."""
+    shallow = dataclasses.replace(BASE, num_hidden_layers=1)
+    configs = [shallow, dataclasses.replace(BASE, num_hidden_layers=2)]
+    members = [(c, random_params(c, i)) for i, c in enumerate(configs)]
+    pack = size_packing.pack(members)
+    rng = np.random.default_rng(11)
+
+    def fill_padded_layer(path, leaf):
+        if "layers" not in jax.tree_util.keystr(path):
+            return leaf
+        return leaf.at[0, 1].set(jnp.asarray(rng.standard_normal(leaf.shape[2:]), leaf.dtype))
+
+    params = jax.tree_util.tree_map_with_path(fill_padded_layer, pack.params)
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, pack.params))
+    ids, mask, positions = inputs(len(members))
+    packed = jax.jit(size_packing.apply, static_argnums=0)(
+        pack.graphdef, params, pack.sizes, ids, positions, mask
+    )
+    alone = jax.jit(model.apply, static_argnums=0)(
+        graphdef_of(shallow), members[0][1], ids[0], positions[0], mask[0]
+    )
+    tolerance = logits_tolerance(pack.config, float(jnp.abs(alone).max()))
+    np.testing.assert_allclose(packed[0], alone, rtol=0, atol=tolerance)
